@@ -1,0 +1,591 @@
+"""Generator checkpoints: PanoHead .pkl (read safely), .pth state dicts, and our .safetensors + JSON.
+
+An official PanoHead snapshot is a pickle whose modules rebuild themselves by exec()-ing the
+source code stored inside the file (``torch_utils.persistence``). Loading it that way runs
+whatever the file's author wrote, so here a restricted unpickler resolves only an allow-list
+of globals and turns every persistent module into an inert record of its ``__dict__``; the
+stored source is never compiled. Parameters and persistent buffers are then collected in
+``state_dict()`` order and loaded into our re-implementation (``TriPlaneGenerator``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from headstyle.export import atomic_path
+
+FORMAT_NAME = "headstyle.generator"
+FORMAT_VERSION = 1
+PANOHEAD_CLASS = "training.triplane.TriPlaneGenerator"
+# TriPlaneGenerator's positional parameters, to name a pickle's _init_args.
+_POSITIONAL = (
+    "z_dim",
+    "c_dim",
+    "w_dim",
+    "img_resolution",
+    "img_channels",
+    "sr_num_fp16_res",
+    "mapping_kwargs",
+    "rendering_kwargs",
+    "sr_kwargs",
+)
+
+# The released PanoHead generator (train.py's kwargs for the README command, dataset 512 px, c_dim 25);
+# the default base configuration for .pth state dicts that carry no configuration of their own.
+RELEASED_RENDERING_KWARGS: dict[str, Any] = {
+    "image_resolution": 512,
+    "disparity_space_sampling": False,
+    "clamp_mode": "softplus",
+    "superresolution_module": "training.superresolution.SuperresolutionHybrid8XDC",
+    "c_gen_conditioning_zero": False,
+    "gpc_reg_prob": 0.7,
+    "c_scale": 1.0,
+    "superresolution_noise_mode": "none",
+    "density_reg": 0.0,
+    "density_reg_p_dist": 0.004,
+    "reg_type": "l1",
+    "decoder_lr_mul": 1.0,
+    "decoder_activation": "none",
+    "use_torgb_raw": True,
+    "triplane_size": 256,
+    "triplane_depth": 3,
+    "trans_reg": 10.0,
+    "use_background": True,
+    "sr_antialias": True,
+    "depth_resolution": 48,
+    "depth_resolution_importance": 48,
+    "ray_start": 2.25,
+    "ray_end": 3.3,
+    "box_warp": 1,
+    "avg_camera_radius": 2.7,
+    "avg_camera_pivot": [0, 0, 0.2],
+}
+RELEASED_INIT_KWARGS: dict[str, Any] = {
+    "z_dim": 512,
+    "w_dim": 512,
+    "mapping_kwargs": {"num_layers": 2},
+    "architecture": "skip",
+    "channel_base": 32768,
+    "channel_max": 512,
+    "fused_modconv_default": "inference_only",
+    "rendering_kwargs": RELEASED_RENDERING_KWARGS,
+    "num_fp16_res": 0,
+    "sr_num_fp16_res": 4,
+    "sr_kwargs": {"channel_base": 32768, "channel_max": 512, "fused_modconv_default": "inference_only"},
+    "c_dim": 25,
+    "img_resolution": 512,
+    "img_channels": 3,
+}
+RELEASED_NEURAL_RENDERING_RESOLUTION = 64
+
+
+class CheckpointError(ValueError):
+    """A generator checkpoint that cannot be read; the message names the file and the problem."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle that asks for a global outside the allow-list; nothing of it was executed."""
+
+
+@dataclass
+class GeneratorConfig:
+    """Everything besides the weights needed to rebuild a TriPlaneGenerator.
+
+    init_kwargs: the constructor kwargs (PanoHead's ``_init_kwargs``, class_name removed).
+    rendering_kwargs: the live ``G.rendering_kwargs`` (the checkpoint's authority at render time).
+    neural_rendering_resolution: the raw render size, a plain attribute of G, not a constructor kwarg.
+    """
+
+    init_kwargs: dict[str, Any]
+    rendering_kwargs: dict[str, Any]
+    neural_rendering_resolution: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "class_name": PANOHEAD_CLASS,
+            "init_kwargs": self.init_kwargs,
+            "rendering_kwargs": self.rendering_kwargs,
+            "neural_rendering_resolution": self.neural_rendering_resolution,
+        }
+
+    @classmethod
+    def from_init_kwargs(
+        cls, kwargs: Mapping[str, Any], neural_rendering_resolution: int, rendering_kwargs: Mapping | None = None
+    ) -> GeneratorConfig:
+        init = {k: v for k, v in copy.deepcopy(dict(kwargs)).items() if k != "class_name"}
+        rk = copy.deepcopy(dict(rendering_kwargs if rendering_kwargs is not None else init.get("rendering_kwargs", {})))
+        return cls(init, rk, int(neural_rendering_resolution))
+
+
+def released_config() -> GeneratorConfig:
+    """The configuration of the released PanoHead generator (512 px, tri-grid 256 x 3, 48 + 48 samples)."""
+    return GeneratorConfig.from_init_kwargs(RELEASED_INIT_KWARGS, RELEASED_NEURAL_RENDERING_RESOLUTION)
+
+
+@dataclass
+class GeneratorCheckpoint:
+    """Weights and configuration read from a file, before a module is built."""
+
+    config: GeneratorConfig
+    state_dict: OrderedDict[str, Tensor]
+    source: Path
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Restricted unpickling of torch_utils.persistence snapshots
+
+
+@dataclass
+class PersistentRecord:
+    """What ``_reconstruct_persistent_obj(meta)`` would have built, without building it."""
+
+    class_name: str
+    state: dict[str, Any]
+
+
+class ModuleRecord:
+    """Inert stand-in for a module class referenced by name (torch.nn.* or PanoHead's non-persistent ones)."""
+
+    qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        # BUILD passes __dict__, or (__dict__, slots) for classes with __slots__.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"module {self.qualname} has a non-dict state ({type(state).__name__})")
+        self.state = state
+
+
+class _EasyDict(dict):
+    """dnnlib.util.EasyDict, read as a dict (it only adds attribute access)."""
+
+
+def _record_persistent(meta: Any) -> PersistentRecord:
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("persistent object without a class state")
+    # meta["module_src"] holds the class's source code: deliberately never compiled.
+    return PersistentRecord(class_name=str(meta.get("class_name")), state=meta["state"])
+
+
+def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored: Any) -> Tensor:
+    """torch._utils._rebuild_tensor_v2 without requires_grad/backward hooks (a checkpoint carries no graph)."""
+    if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    dtype = storage.dtype if isinstance(storage, torch.TypedStorage) else torch.uint8
+    return torch.empty(0, dtype=dtype).set_(storage, int(offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data: Any, *_ignored: Any) -> Tensor:
+    if not isinstance(data, Tensor):
+        raise pickle.UnpicklingError("parameter rebuilt from something that is not a tensor")
+    return data
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return {
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "scalar"): scalar,
+        ("numpy._core.multiarray", "scalar"): scalar,
+    }
+
+
+_TORCH_DTYPES = frozenset(
+    ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+)
+# Module paths whose classes become inert ModuleRecords: torch's own layers and PanoHead's
+# non-persistent nn.Modules (e.g. RaySampler), which a snapshot references by name.
+_MODULE_PREFIXES = ("torch.nn.modules.", "training.")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals a PanoHead snapshot needs; everything else is refused."""
+
+    _ALLOWED: dict[tuple[str, str], Any] = {  # noqa: RUF012 (read-only table)
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _record_persistent,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("collections", "OrderedDict"): OrderedDict,
+        ("dnnlib.util", "EasyDict"): _EasyDict,
+        ("dnnlib.EasyDict", "EasyDict"): _EasyDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("torch", "Size"): torch.Size,
+    }
+
+    def __init__(self, file: Any, source: Path) -> None:
+        super().__init__(file)
+        self.source = source
+        self._module_stubs: dict[str, type[ModuleRecord]] = {}
+        self._allowed = {**self._ALLOWED, **_numpy_globals(), ("torch.storage", "_load_from_bytes"): self._load_storage}
+
+    def _load_storage(self, data: bytes) -> Any:
+        """torch.storage._load_from_bytes, but through torch's weights-only unpickler."""
+        if not isinstance(data, bytes | bytearray):
+            raise pickle.UnpicklingError("storage payload is not bytes")
+        try:
+            storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafePickleError(
+                f"{self.source}: a tensor storage was refused by torch's weights-only loader; nothing of it was "
+                f"executed ({str(exc).splitlines()[0]})"
+            ) from exc
+        if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
+            raise pickle.UnpicklingError(f"storage payload decoded to {type(storage).__name__}, not a storage")
+        return storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if module == "torch" and name in _TORCH_DTYPES:
+            return getattr(torch, name)
+        qualname = f"{module}.{name}"
+        if module.startswith(_MODULE_PREFIXES) and name.isidentifier() and not name.startswith("_"):
+            if qualname not in self._module_stubs:
+                self._module_stubs[qualname] = type(name, (ModuleRecord,), {"qualname": qualname})
+            return self._module_stubs[qualname]
+        raise UnsafePickleError(
+            f"{self.source}: refused to load global {qualname!r}: it is not on the allow-list of a PanoHead "
+            "snapshot (tensors, persistent modules, dicts); the file may be hostile and nothing of it was executed"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.source}: persistent id {pid!r} in a pickle that should have none")
+
+
+def _plain(obj: Any) -> Any:
+    """EasyDicts -> dicts, recursively through containers (records are walked separately)."""
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, _plain(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
+def safe_unpickle(path: str | os.PathLike) -> Any:
+    """Read a torch_utils.persistence pickle without executing anything in it.
+
+    Modules come back as PersistentRecord / ModuleRecord objects holding their ``__dict__``.
+    """
+    path = Path(path)
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        try:
+            return RestrictedUnpickler(f, path).load()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable PanoHead pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def _module_state(module: Any) -> dict[str, Any]:
+    if isinstance(module, PersistentRecord | ModuleRecord):
+        return module.state
+    raise TypeError(f"not a module record: {type(module).__name__}")
+
+
+def module_state_dict(module: Any, prefix: str = "") -> OrderedDict[str, Tensor]:
+    """``state_dict()`` of a module record: parameters, then persistent buffers, then children."""
+    state = _module_state(module)
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    non_persistent = state.get("_non_persistent_buffers_set", set())
+    tensors = [*state.get("_parameters", {}).items()]
+    tensors += [(k, v) for k, v in state.get("_buffers", {}).items() if k not in non_persistent]
+    for name, value in tensors:
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+        out[prefix + name] = value
+    for name, child in state.get("_modules", {}).items():
+        if child is not None:
+            out.update(module_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+def _config_from_record(record: PersistentRecord, source: Path) -> GeneratorConfig:
+    state = record.state
+    args = state.get("_init_args", ())
+    kwargs = _plain(state.get("_init_kwargs", {}))
+    if not isinstance(kwargs, dict) or not isinstance(args, tuple | list) or len(args) > len(_POSITIONAL):
+        raise CheckpointError(f"{source}: G_ema has malformed _init_args/_init_kwargs")
+    init = {**dict(zip(_POSITIONAL, args, strict=False)), **kwargs}
+    if "rendering_kwargs" not in init and "rendering_kwargs" not in state:
+        raise CheckpointError(f"{source}: G_ema carries no rendering_kwargs; is it a PanoHead/EG3D generator?")
+    nrr = state.get("neural_rendering_resolution", RELEASED_NEURAL_RENDERING_RESOLUTION)
+    return GeneratorConfig.from_init_kwargs(init, int(nrr), _plain(state.get("rendering_kwargs")))
+
+
+def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> GeneratorCheckpoint:
+    """Weights and config of ``data[key]`` in an official PanoHead snapshot, read without executing it."""
+    path = Path(path)
+    data = safe_unpickle(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict snapshot with G_ema, found {type(data).__name__}")
+    if key not in data:
+        raise CheckpointError(f"{path}: no {key!r} in the snapshot (keys: {', '.join(map(str, data))})")
+    record = data[key]
+    if not isinstance(record, PersistentRecord):
+        raise CheckpointError(f"{path}: {key} is a {type(record).__name__}, not a persistent PanoHead module")
+    if record.class_name != PANOHEAD_CLASS:
+        raise CheckpointError(f"{path}: {key} is a {record.class_name}, expected {PANOHEAD_CLASS}")
+    config = _config_from_record(record, path)
+    try:
+        state_dict = module_state_dict(record)
+    except (TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: malformed module tree in {key}: {exc}") from exc
+    extras = {"training_set_kwargs": _plain(data.get("training_set_kwargs"))}
+    return GeneratorCheckpoint(config, state_dict, path, extras)
+
+
+# ---------------------------------------------------------------------------------------------
+# .pth state dicts, our .safetensors + JSON, the parity fixture folder
+
+
+def _as_state_dict(obj: Any, path: Path) -> OrderedDict[str, Tensor]:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return OrderedDict(obj)
+    if isinstance(obj, Mapping):
+        for key in ("G_ema", "state_dict", "generator", "G"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return _as_state_dict(obj[key], path)
+    raise CheckpointError(f"{path}: expected a PanoHead generator state_dict (a dict of tensors), got {type(obj)}")
+
+
+def read_state_dict_pth(path: str | os.PathLike) -> OrderedDict[str, Tensor]:
+    """A plain torch state_dict (.pth/.pt), read with torch.load(weights_only=True)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickleError(f"{path}: refused by torch's weights-only loader: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    return _as_state_dict(obj, path)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON config that accompanies ``NAME.safetensors``: ``NAME.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the JSON config that goes with the weights)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def config_from_json(data: Mapping[str, Any], path: Path) -> GeneratorConfig:
+    """Our sidecar format, or the parity fixture's config.json (its "reduced" entry)."""
+    try:
+        return _config_from_json(data, path)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed generator config ({type(exc).__name__}: {exc})") from exc
+
+
+def _config_from_json(data: Mapping[str, Any], path: Path) -> GeneratorConfig:
+    if data.get("format") == FORMAT_NAME:
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: format version {data['format_version']} is newer than this headstyle reads "
+                f"({FORMAT_VERSION}); upgrade headstyle"
+            )
+        return GeneratorConfig(
+            dict(data["init_kwargs"]), dict(data["rendering_kwargs"]), int(data["neural_rendering_resolution"])
+        )
+    if "reduced" in data and "G_kwargs" in data["reduced"]:
+        entry = data["reduced"]
+        return GeneratorConfig.from_init_kwargs(
+            {**entry["G_kwargs"], **entry["common_kwargs"]}, entry["neural_rendering_resolution"]
+        )
+    raise CheckpointError(f"{path}: not a headstyle generator config (no 'format': '{FORMAT_NAME}')")
+
+
+def read_safetensors(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> GeneratorCheckpoint:
+    """Our format: ``NAME.safetensors`` weights with the ``NAME.json`` config beside them."""
+    path = Path(path)
+    cfg_path = Path(config_path) if config_path is not None else sidecar_path(path)
+    config = config_from_json(_read_json(cfg_path), cfg_path)
+    try:
+        state = OrderedDict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return GeneratorCheckpoint(config, state, path)
+
+
+def read_config(path: str | os.PathLike) -> GeneratorConfig:
+    """A base configuration from a JSON config, a PanoHead .pkl, a .safetensors save or a fixture folder."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return config_from_json(_read_json(path), path)
+    return read_checkpoint(path, config=None).config
+
+
+def read_checkpoint(
+    path: str | os.PathLike, config: str | os.PathLike | GeneratorConfig | None = None
+) -> GeneratorCheckpoint:
+    """Read weights and configuration from any supported file, picking the format by suffix and content.
+
+    ``config`` is the base configuration for a bare .pth state dict (a path or a GeneratorConfig);
+    without it the released PanoHead configuration is assumed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        weights = path / "params.safetensors"
+        if weights.is_file() and (path / "config.json").is_file():
+            return read_safetensors(weights, path / "config.json")
+        saves = sorted(p for p in path.glob("*.safetensors") if sidecar_path(p).is_file())
+        if len(saves) == 1:
+            return read_safetensors(saves[0])
+        raise CheckpointError(
+            f"{path}: a folder must hold params.safetensors + config.json, or one NAME.safetensors + NAME.json"
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix in (".pth", ".pt") or head.startswith(b"PK\x03\x04"):
+        base = config if isinstance(config, GeneratorConfig) else read_config(config) if config else released_config()
+        return GeneratorCheckpoint(base, read_state_dict_pth(path), path)
+    if suffix == ".pkl" or head[:1] == b"\x80":
+        return read_panohead_pickle(path)
+    raise CheckpointError(
+        f"{path}: unsupported checkpoint type {suffix!r} (use .pkl, .pth/.pt, .safetensors or a folder)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, loading and saving generators
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], source: Path | str) -> None:
+    """Raise CheckpointError naming the first missing / unexpected / mis-shaped keys, if any."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch (checkpoint vs config): {_first(shapes, 3)}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the configured generator; " + "; ".join(problems))
+
+
+def build_generator(config: GeneratorConfig) -> nn.Module:
+    """A TriPlaneGenerator from a configuration (random weights), in eval mode."""
+    from headstyle.generator.triplane import TriPlaneGenerator
+
+    G = TriPlaneGenerator(**copy.deepcopy(config.init_kwargs))
+    if not isinstance(getattr(G, "init_kwargs", None), Mapping):
+        G.init_kwargs = copy.deepcopy(config.init_kwargs)  # what save_generator writes back
+    G.rendering_kwargs = copy.deepcopy(config.rendering_kwargs)
+    G.neural_rendering_resolution = config.neural_rendering_resolution
+    return G.eval()
+
+
+def generator_config(G: nn.Module) -> GeneratorConfig:
+    """The configuration of a built generator (constructor kwargs as recorded at construction)."""
+    init = getattr(G, "init_kwargs", None)
+    if not isinstance(init, Mapping):
+        raise TypeError(f"{type(G).__name__} does not record its init_kwargs; cannot describe it for saving")
+    return GeneratorConfig.from_init_kwargs(init, int(G.neural_rendering_resolution), G.rendering_kwargs)
+
+
+def load_generator(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    config: str | os.PathLike | GeneratorConfig | None = None,
+    neural_rendering_resolution: int | None = None,
+    rendering_overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Load a PanoHead-compatible generator from a .pkl, .pth, .safetensors (+ .json) or fixture folder.
+
+    ``config`` is the base configuration for bare .pth state dicts (default: the released PanoHead);
+    ``neural_rendering_resolution`` and ``rendering_overrides`` (e.g. depth_resolution) change how
+    it renders, not its weights. Returns the generator in eval mode on ``device``.
+    """
+    ckpt = read_checkpoint(path, config)
+    cfg = ckpt.config
+    if neural_rendering_resolution is not None:
+        cfg.neural_rendering_resolution = int(neural_rendering_resolution)
+    cfg.rendering_kwargs.update(rendering_overrides or {})
+    G = build_generator(cfg)
+    check_state_dict(G, ckpt.state_dict, ckpt.source)
+    G.load_state_dict(ckpt.state_dict, strict=True)
+    return G.to(device)
+
+
+def _json_value(obj: Any) -> Any:
+    """numpy scalars (e.g. from a pickle's init kwargs) and sets as JSON values."""
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():
+        return obj.item()
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_generator(G: nn.Module, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Save ``NAME.safetensors`` (weights) and ``NAME.json`` (config), each written atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: generator saves end in .safetensors")
+    config = generator_config(G)
+    # safetensors refuses shared storage; contiguous copies detach a saved state from live views.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in G.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    side = sidecar_path(path)
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps(config.to_json(), indent=1, default=_json_value))
+    return path, side
