@@ -526,8 +526,6 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
     from headstyle.generator.triplane import TriPlaneGenerator
 
     G = TriPlaneGenerator(**copy.deepcopy(config.init_kwargs))
-    if not isinstance(getattr(G, "init_kwargs", None), Mapping):
-        G.init_kwargs = copy.deepcopy(config.init_kwargs)  # what save_generator writes back
     G.rendering_kwargs = copy.deepcopy(config.rendering_kwargs)
     G.neural_rendering_resolution = config.neural_rendering_resolution
     return G.eval()

@@ -6,6 +6,7 @@ G_ema state_dict loads with strict=True and the constructor takes the init kwarg
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -107,10 +108,28 @@ class TriPlaneGenerator(nn.Module):
         **synthesis_kwargs: Any,
     ) -> None:
         super().__init__()
+        # The constructor kwargs, as PanoHead's persistence records them: what save_generator writes back.
+        self.init_kwargs = copy.deepcopy(
+            dict(
+                z_dim=z_dim,
+                c_dim=c_dim,
+                w_dim=w_dim,
+                img_resolution=img_resolution,
+                img_channels=img_channels,
+                sr_num_fp16_res=sr_num_fp16_res,
+                mapping_kwargs=dict(mapping_kwargs or {}),
+                rendering_kwargs=dict(rendering_kwargs or {}),
+                sr_kwargs=dict(sr_kwargs or {}),
+                **synthesis_kwargs,
+            )
+        )
         mapping_kwargs = dict(mapping_kwargs or {})
         rendering_kwargs = dict(rendering_kwargs or {})
-        missing = [k for k in ("triplane_size", "triplane_depth", "superresolution_module", "sr_antialias",
-                               "decoder_activation") if k not in rendering_kwargs]
+        missing = [
+            k
+            for k in ("triplane_size", "triplane_depth", "superresolution_module", "sr_antialias", "decoder_activation")
+            if k not in rendering_kwargs
+        ]
         if missing:
             raise ValueError(f"rendering_kwargs lacks {missing}: pass the rendering_kwargs stored in the checkpoint")
         self.z_dim = z_dim
@@ -126,28 +145,47 @@ class TriPlaneGenerator(nn.Module):
         self.register_buffer("dataset_label_std", torch.zeros(c_dim))
         self.renderer = ImportanceRenderer()
         self.backbone = StyleGAN2Backbone(
-            z_dim, c_dim, w_dim, img_resolution=rendering_kwargs["triplane_size"],
+            z_dim,
+            c_dim,
+            w_dim,
+            img_resolution=rendering_kwargs["triplane_size"],
             img_channels=FEATURE_CHANNELS * TRIGRID_PLANES * self.triplane_depth,
-            mapping_kwargs=mapping_kwargs, **synthesis_kwargs,
+            mapping_kwargs=mapping_kwargs,
+            **synthesis_kwargs,
         )
         self.superresolution = _build_superresolution(
-            rendering_kwargs["superresolution_module"], channels=FEATURE_CHANNELS, img_resolution=img_resolution,
-            sr_num_fp16_res=sr_num_fp16_res, sr_antialias=rendering_kwargs["sr_antialias"], **(sr_kwargs or {}),
+            rendering_kwargs["superresolution_module"],
+            channels=FEATURE_CHANNELS,
+            img_resolution=img_resolution,
+            sr_num_fp16_res=sr_num_fp16_res,
+            sr_antialias=rendering_kwargs["sr_antialias"],
+            **(sr_kwargs or {}),
         )
-        self.decoder = OSGDecoder(FEATURE_CHANNELS, lr_multiplier=rendering_kwargs.get("decoder_lr_mul", 1),
-                                  output_dim=FEATURE_CHANNELS, activation=rendering_kwargs["decoder_activation"])
+        self.decoder = OSGDecoder(
+            FEATURE_CHANNELS,
+            lr_multiplier=rendering_kwargs.get("decoder_lr_mul", 1),
+            output_dim=FEATURE_CHANNELS,
+            activation=rendering_kwargs["decoder_activation"],
+        )
         self.torgb = ToRGBLayer(FEATURE_CHANNELS, 3, w_dim) if rendering_kwargs.get("use_torgb_raw", False) else None
         if rendering_kwargs.get("use_background", False):
             bcg_kwargs = dict(synthesis_kwargs)
             # Half the backbone's channel base (32768 is SynthesisNetwork's default).
             bcg_kwargs["channel_base"] = bcg_kwargs.get("channel_base", 32768) // 2
-            self.bcg_synthesis = SynthesisNetwork(w_dim, img_resolution=self.superresolution.input_resolution,
-                                                  img_channels=FEATURE_CHANNELS, **bcg_kwargs)
+            self.bcg_synthesis = SynthesisNetwork(
+                w_dim, img_resolution=self.superresolution.input_resolution, img_channels=FEATURE_CHANNELS, **bcg_kwargs
+            )
         else:
             self.bcg_synthesis = None
         # Self-adaptive camera offset: a small mapping network predicting a translation delta (w_dim 3).
-        self.t_mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=3, num_ws=1, last_activation="linear",
-                                        **{**mapping_kwargs, "lr_multiplier": 1.0})
+        self.t_mapping = MappingNetwork(
+            z_dim=z_dim,
+            c_dim=c_dim,
+            w_dim=3,
+            num_ws=1,
+            last_activation="linear",
+            **{**mapping_kwargs, "lr_multiplier": 1.0},
+        )
 
     @property
     def num_ws(self) -> int:
@@ -165,16 +203,18 @@ class TriPlaneGenerator(nn.Module):
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> Tensor:
         """z (N, z_dim), camera label c (N, 25) -> ws (N, num_ws, w_dim), truncated toward w_avg."""
-        return self.backbone.mapping(z, self._label(c) * self.c_scale, truncation_psi=truncation_psi,
-                                     truncation_cutoff=truncation_cutoff)
+        return self.backbone.mapping(
+            z, self._label(c) * self.c_scale, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff
+        )
 
     def apply_delta_c(
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """Camera with PanoHead's learned offset added to the translation entries 3, 7, 11 -> (c_new, delta_c)."""
         c = self._label(c)
-        delta_c = self.t_mapping(z, c * self.c_scale, truncation_psi=truncation_psi,
-                                 truncation_cutoff=truncation_cutoff).squeeze(1)
+        delta_c = self.t_mapping(
+            z, c * self.c_scale, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff
+        ).squeeze(1)
         c_new = c.clone()
         c_new[:, [3, 7, 11]] = c_new[:, [3, 7, 11]] + delta_c
         return c_new, delta_c
@@ -184,12 +224,18 @@ class TriPlaneGenerator(nn.Module):
         planes = self.backbone.synthesis(ws, noise_mode=noise_mode, generator=generator)
         return planes.view(len(planes), TRIGRID_PLANES, FEATURE_CHANNELS * self.triplane_depth, *planes.shape[-2:])
 
-    def background(self, ws: Tensor, size: int, noise_mode: NoiseMode = "const",
-                   generator: torch.Generator | None = None) -> Tensor:
+    def background(
+        self, ws: Tensor, size: int, noise_mode: NoiseMode = "const", generator: torch.Generator | None = None
+    ) -> Tensor:
         """Background features (N, 32, size, size) from ws[:, :12] (last w repeated if fewer)."""
         bcg = self.bcg_synthesis(pad_ws(ws, self.bcg_synthesis.num_ws), noise_mode=noise_mode, generator=generator)
-        return F.interpolate(bcg, size=(size, size), mode="bilinear", align_corners=False,
-                             antialias=self.rendering_kwargs["sr_antialias"])
+        return F.interpolate(
+            bcg,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=self.rendering_kwargs["sr_antialias"],
+        )
 
     def synthesis(
         self,
@@ -216,8 +262,9 @@ class TriPlaneGenerator(nn.Module):
         ray_origins, ray_directions = ray_sampler(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3), resolution)
         planes = self.trigrid(ws, noise_mode=noise_mode, generator=generator)
         grid = planes.view(n, TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
-        features, depth, weights_sum = self.renderer(grid, self.decoder, ray_origins, ray_directions,
-                                                     self.rendering_kwargs, draws=draws, generator=generator)
+        features, depth, weights_sum = self.renderer(
+            grid, self.decoder, ray_origins, ray_directions, self.rendering_kwargs, draws=draws, generator=generator
+        )
 
         feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], resolution, resolution)
         depth_image = depth.permute(0, 2, 1).reshape(n, 1, resolution, resolution)
@@ -234,9 +281,13 @@ class TriPlaneGenerator(nn.Module):
 
         image = None
         if render_sr:
-            image = self.superresolution(rgb_image, feature_image, ws,
-                                         noise_mode=self.rendering_kwargs.get("superresolution_noise_mode", "none"),
-                                         generator=generator)
+            image = self.superresolution(
+                rgb_image,
+                feature_image,
+                ws,
+                noise_mode=self.rendering_kwargs.get("superresolution_noise_mode", "none"),
+                generator=generator,
+            )
         mask = weights_image * (1 + 2 * 0.001) - 0.001
         return RenderOutput(image=image, image_raw=rgb_image, depth=depth_image, mask=mask, planes=planes)
 
@@ -255,9 +306,15 @@ class TriPlaneGenerator(nn.Module):
         """mapping -> apply_delta_c -> synthesis at the offset camera, as PanoHead's G(z, c)."""
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         c_new, _ = self.apply_delta_c(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, c_new, noise_mode=noise_mode, render_sr=render_sr,
-                              neural_rendering_resolution=neural_rendering_resolution, draws=draws,
-                              generator=generator)
+        return self.synthesis(
+            ws,
+            c_new,
+            noise_mode=noise_mode,
+            render_sr=render_sr,
+            neural_rendering_resolution=neural_rendering_resolution,
+            draws=draws,
+            generator=generator,
+        )
 
     def trainable_parameters(
         self, modules: tuple[str, ...] = ("backbone.synthesis", "superresolution"), train_biases: bool = False
@@ -270,6 +327,7 @@ class TriPlaneGenerator(nn.Module):
             top = [n for n, _ in self.named_children()]
             raise ValueError(f"unknown modules {unknown}; top-level modules are {top}")
         return [
-            p for name, p in self.named_parameters()
+            p
+            for name, p in self.named_parameters()
             if any(name.startswith(m + ".") for m in modules) and (train_biases or not name.endswith(".bias"))
         ]
