@@ -224,6 +224,21 @@ def test_fixed_generator_seed_renders_identically(G: TriPlaneGenerator, io: dict
     assert not torch.equal(a.image_raw, other.image_raw)
 
 
+def test_without_background_equals_a_zero_background(
+    G: TriPlaneGenerator, io: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws, c = io["case1.ws"], io["case1.c"]
+
+    def render(**kwargs):
+        return G.synthesis(ws, c, render_sr=False, draws=_draws(io, "case1"), **kwargs)
+
+    with_bcg, without = render(), render(generate_background=False)
+    assert torch.equal(with_bcg.mask, without.mask) and torch.equal(with_bcg.depth, without.depth)
+    assert (with_bcg.image_raw - without.image_raw).abs().max() > 1e-3
+    monkeypatch.setattr(G, "background", lambda ws, size, **_: torch.zeros(ws.shape[0], 32, size, size))
+    assert torch.equal(render().image_raw, without.image_raw)
+
+
 def test_noise_modes_agree_when_noise_strength_is_zero(G: TriPlaneGenerator, io: dict) -> None:
     ws, c, draws = io["case0.ws"], io["case0.c"], _draws(io, "case0")
     const = G.synthesis(ws, c, noise_mode="const", render_sr=False, draws=draws).image_raw

@@ -246,6 +246,7 @@ class TriPlaneGenerator(nn.Module):
         neural_rendering_resolution: int | None = None,
         draws: RenderDraws | None = None,
         generator: torch.Generator | None = None,
+        generate_background: bool = True,
     ) -> RenderOutput:
         """Render ws (N, num_ws, w_dim) at cameras c (N, 25).
 
@@ -254,6 +255,7 @@ class TriPlaneGenerator(nn.Module):
         same). ``draws`` injects the renderer's two random tensors; otherwise they come from
         ``generator`` (or the global RNG), which also drives noise_mode='random'. The SR always uses
         rendering_kwargs['superresolution_noise_mode'], whatever noise_mode says.
+        generate_background=False skips the background network, as the LD script renders its training views.
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"c must be (N, 25) camera labels [cam2world (16), intrinsics (9)], got {tuple(c.shape)}")
@@ -271,7 +273,7 @@ class TriPlaneGenerator(nn.Module):
         weights_image = weights_sum.permute(0, 2, 1).reshape(n, 1, resolution, resolution)
         if self.decoder.activation == "sigmoid":
             feature_image = feature_image * 2 - 1
-        if self.bcg_synthesis is not None:
+        if self.bcg_synthesis is not None and generate_background:
             bcg = self.background(ws, resolution, noise_mode=noise_mode, generator=generator)
             feature_image = feature_image + (1 - weights_image) * bcg
         if self.torgb is not None:
