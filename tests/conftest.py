@@ -12,6 +12,14 @@ PARITY = SHARED / "fixtures" / "panohead_parity"
 
 
 @pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny real SD-1.5-layout models (UNet, VAE, CLIP, canny/depth ControlNets) saved once per session."""
+    from headstyle.testing import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.getbasetemp() / "tiny_sd")
+
+
+@pytest.fixture(scope="session")
 def parity_dir() -> Path:
     if not PARITY.is_dir():
         raise FileNotFoundError(f"{PARITY} is missing: CI and developers keep ../shared beside the checkout")

@@ -17,7 +17,7 @@ from headstyle.attention import (
     self_attention_layers,
     write_bank,
 )
-from headstyle.testing import CROSS_ATTENTION_DIM, build_tiny_sd
+from headstyle.testing import CROSS_ATTENTION_DIM
 
 LATENT_HW = (16, 12)  # non-square, so each layer's token grid must be recovered with the right aspect
 
@@ -32,9 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def unet(tmp_path_factory) -> UNet2DConditionModel:
-    tiny = build_tiny_sd(tmp_path_factory.getbasetemp() / "tiny_sd")  # shared with the other tiny-SD tests
-    return UNet2DConditionModel.from_pretrained(tiny.model / "unet").eval()
+def unet(tiny_sd) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_sd.model / "unet").eval()
 
 
 def _latents(seed: int, n: int = 1) -> torch.Tensor:

@@ -6,15 +6,16 @@ import torch
 from headstyle.distill.objectives import DistillTarget, cfg, dds, ids, ld
 from headstyle.priors.base import Branch, Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
-from headstyle.testing import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
+from headstyle.testing import IMAGE_SIZE, LATENT_SIZE
 
 LAT = (4, LATENT_SIZE, LATENT_SIZE)
 
 
 @pytest.fixture(scope="module")
-def prior(tmp_path_factory) -> DiffusersPrior:
-    tiny = build_tiny_sd(tmp_path_factory.getbasetemp() / "tiny_sd")
-    return DiffusersPrior.from_pretrained(tiny.model, vae=None, controlnets=tiny.controlnets, latent_sample="mean")
+def prior(tiny_sd) -> DiffusersPrior:
+    return DiffusersPrior.from_pretrained(
+        tiny_sd.model, vae=None, controlnets=tiny_sd.controlnets, latent_sample="mean"
+    )
 
 
 @pytest.fixture

@@ -11,11 +11,6 @@ from headstyle.priors.diffusers_prior import DEFAULT_MODEL, DiffusersPrior, Prio
 from headstyle.testing import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.getbasetemp() / "tiny_sd")
-
-
 @pytest.fixture(scope="module")
 def prior(tiny_sd) -> DiffusersPrior:
     return DiffusersPrior.from_pretrained(

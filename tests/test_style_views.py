@@ -15,7 +15,7 @@ from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior
 from headstyle.cli import app, main
 from headstyle.priors.base import Branch, ScorePrior
 from headstyle.priors.diffusers_prior import DiffusersPrior
-from headstyle.testing import LATENT_SIZE, build_tiny_sd
+from headstyle.testing import LATENT_SIZE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,11 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.getbasetemp() / "tiny_sd")  # shared with the other tiny-SD tests
 
 
 @pytest.fixture(scope="module")
