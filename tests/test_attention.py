@@ -22,15 +22,6 @@ from headstyle.testing import CROSS_ATTENTION_DIM
 LATENT_HW = (16, 12)  # non-square, so each layer's token grid must be recovered with the right aspect
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet(tiny_sd) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(tiny_sd.model / "unet").eval()

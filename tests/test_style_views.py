@@ -18,15 +18,6 @@ from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.testing import LATENT_SIZE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prior(tiny_sd) -> DiffusersPrior:
     return DiffusersPrior.from_pretrained(tiny_sd.model, vae=None, controlnets={}, latent_sample="mean")
