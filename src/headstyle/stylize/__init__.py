@@ -1,0 +1,31 @@
+"""The domain-adaptation trainer (`headstyle stylize`): config, presets, regularisers, checkpoints, the loop."""
+
+from headstyle.stylize.config import (
+    ConfigError,
+    StylizeConfig,
+    apply_overrides,
+    load_config,
+    resolve_config,
+    save_config,
+)
+from headstyle.stylize.presets import PROMPTS, preset, preset_names
+from headstyle.stylize.regularisers import relative_distance
+from headstyle.stylize.trainer import NonFiniteError, Stylizer, TrainResult, build_from_config, run_stylize
+
+__all__ = [
+    "PROMPTS",
+    "ConfigError",
+    "NonFiniteError",
+    "StylizeConfig",
+    "Stylizer",
+    "TrainResult",
+    "apply_overrides",
+    "build_from_config",
+    "load_config",
+    "preset",
+    "preset_names",
+    "relative_distance",
+    "resolve_config",
+    "run_stylize",
+    "save_config",
+]

@@ -1,0 +1,208 @@
+"""Training-state checkpoints that resume a run exactly, with no pickle anywhere.
+
+A checkpoint is a folder ``<run>/checkpoints/iter_XXXXXXX/``:
+  trainable.safetensors   the trainable generator parameters, by name
+  optimizer.safetensors   the optimizer's per-parameter tensors (Adam: step, exp_avg, exp_avg_sq)
+  state.json              iteration, counters, the optimizer's param_groups and non-tensor state
+  rank{r}.safetensors     per process: torch CPU/CUDA RNG states, owned torch.Generators, and
+                          tensors the trainer carries over (the previous identity's tri-grids)
+  rank{r}.json            per process: numpy and python RNG states
+  config.toml             the resolved config
+Every process writes into a hidden temp folder; after a barrier the main process renames it
+into place (os.replace), so a checkpoint folder either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from headstyle.stylize.config import atomic_write_text
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^iter_(\d{7})$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (other process count, other trainable parameters)."""
+
+
+@dataclass
+class RankState:
+    """What one process carries between iterations besides the shared weights and optimizer."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> RankState:
+    """Every RNG state a run draws from: torch CPU (the renderer's jitter), CUDA, numpy, python, owned generators."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    for name, g in generators.items():
+        tensors[f"rng.gen.{name}"] = g.get_state()
+    # The legacy global numpy RNG is what libraries draw from, so its state is what a resume needs.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+    return RankState(tensors, meta)
+
+
+def restore_rng(state: RankState, generators: dict[str, torch.Generator]) -> None:
+    """Inverse of capture_rng; a generator missing from the checkpoint is an error, not a silent reseed."""
+    torch.set_rng_state(state.tensors["rng.torch_cpu"])
+    cuda = sorted(k for k in state.tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.tensors[k] for k in cuda])
+    for name, g in generators.items():
+        key = f"rng.gen.{name}"
+        if key not in state.tensors:
+            raise KeyError(f"checkpoint has no RNG state for generator {name!r}")
+        g.set_state(state.tensors[key])
+    n = state.meta["numpy"]
+    keys = np.asarray(n["keys"], dtype=np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))  # noqa: NPY002
+    p = state.meta["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(idx), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "plain_state": plain}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["plain_state"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint). Raises FileNotFoundError with the fix."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint folder (with state.json) nor a run folder with {CHECKPOINT_DIR}/iter_*; "
+            "pass the --out folder of an earlier run or one of its checkpoints"
+        )
+    return found[-1]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    iteration: int,
+    trainable: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    rank_state: RankState,
+    shared_meta: dict[str, Any],
+    config_text: str,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    keep_last: int = 3,
+) -> Path:
+    """Write one checkpoint (all processes call this); returns its final path."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / checkpoint_name(iteration)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_file(rank_state.tensors, str(tmp / f"rank{rank}.safetensors"))
+    atomic_write_text(tmp / f"rank{rank}.json", json.dumps(rank_state.meta))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        meta = {"iteration": iteration, "world_size": world_size, "optimizer": opt_meta, **shared_meta}
+        atomic_write_text(tmp / "config.toml", config_text)
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    iteration: int
+    meta: dict[str, Any]
+    trainable: dict[str, Tensor]
+    optimizer_tensors: dict[str, Tensor]
+    rank_state: RankState
+
+
+def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
+    """Read a checkpoint for process ``rank`` (safetensors + JSON only; nothing is executed)."""
+    path = resolve_checkpoint(path)
+    meta = json.loads((path / "state.json").read_text())
+    if meta["world_size"] != world_size:
+        raise ResumeError(
+            f"{path} was written by {meta['world_size']} processes and is resumed with {world_size}; "
+            "an exact resume needs the same number of processes "
+            f"(accelerate launch --num_processes {meta['world_size']})"
+        )
+    rank_state = RankState(
+        load_file(str(path / f"rank{rank}.safetensors")), json.loads((path / f"rank{rank}.json").read_text())
+    )
+    return LoadedCheckpoint(
+        path=path,
+        iteration=int(meta["iteration"]),
+        meta=meta,
+        trainable=load_file(str(path / "trainable.safetensors")),
+        optimizer_tensors=load_file(str(path / "optimizer.safetensors")),
+        rank_state=rank_state,
+    )

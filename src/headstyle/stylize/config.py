@@ -1,0 +1,378 @@
+"""Typed configuration of a stylisation run, saved as TOML/JSON beside every run and checkpoint.
+
+Defaults follow the LD paper's training script (train_LD.py); see
+../shared/reference/likelihood-distillation.md. Every switch of an ablation is a field, and
+``apply_overrides`` turns ``section.field=value`` strings (CLI flags) into a new config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from headstyle.distill.objectives import LD_WEIGHTINGS, SDS_WEIGHTINGS
+from headstyle.export import atomic_path
+from headstyle.priors.diffusers_prior import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
+
+
+@dataclass
+class ModelConfig:
+    """Where the generator and the prior come from. Empty strings mean "not used"."""
+
+    generator: str = ""
+    # An SD 1.5-family diffusers folder or hub id (code using other priors passes them to Stylizer).
+    prior: str = DEFAULT_MODEL
+    vae: str = DEFAULT_VAE  # "" = the model's own vae/ folder
+    canny_controlnet: str = DEFAULT_CONTROLNETS["canny"]  # "" = no ControlNet on the single view
+    depth_controlnet: str = DEFAULT_CONTROLNETS["depth"]  # "" = no ControlNet on the grid
+    # A local Depth Anything checkpoint for the grid's depth control; "" uses the frozen generator's depth.
+    depth_estimator: str = ""
+    # Renders are resized to this size before prior.encode; 0 = the prior's own (SD 1.5: 512).
+    prior_image_size: int = 0
+    # The script renders without PanoHead's background network (synthesis(..., generate_background=False));
+    # passed to generators whose synthesis takes that argument.
+    background: bool = False
+    # Weights dtype of the prior's UNet/ControlNets: fp32, fp16 or bf16 (the VAE stays fp32).
+    prior_dtype: str = "fp16"
+
+
+@dataclass
+class PromptConfig:
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5  # omega
+
+
+@dataclass
+class LatentConfig:
+    """z ~ N(0, I) -> ws through the frozen mapping, conditioned on a fixed camera."""
+
+    truncation_psi: float = 0.75
+    truncation_cutoff: int = 14
+    cond_yaw: float = 0.0
+    cond_pitch: float = 0.2
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which distillation gradient and at which timesteps."""
+
+    name: str = "ld"  # ld | sds | nfsd | dds | ids (distill/objectives.py)
+    # ld: "script" = sqrt(alphas_cumprod[s]) indexed by the DDIM step INDEX s (the script's quirk,
+    # ~0.98, effectively constant), "paper" = sqrt(alphas_cumprod[t]), "none".
+    # sds: "script" (the LD script's SDS switch), "sds" = 1 - abar_t, "uniform", "fantasia3d".
+    weighting: str = "script"
+    # dds / ids: the source prompt describing the frozen renders.
+    source_prompt: str = "a photo of a face"
+    fpr_iterations: int = 3
+    fpr_lambda: float = 1.0
+    num_inference_steps: int = 50
+    min_step_index: int = 35
+    max_step_index: int = 49
+    # random: fresh eps; fixed: one eps per batch slot and rank; mv_nrs: multi-view noise resampling
+    # on the grid (anchor noise warped cell to cell with the frozen depth, resampled candidate and
+    # anchor in the same prior call, the better-aligned gradient kept per cell).
+    noise: str = "random"
+    mv_nrs_sigma: float = 0.5
+
+
+@dataclass
+class ShapingConfig:
+    """Post-processing of every latent gradient, as the script does it."""
+
+    use_mask: bool = True
+    scale: float = 1000.0  # grad /= scale
+    clamp: float = 1.0  # grad = clamp(grad, -clamp, clamp)
+
+
+@dataclass
+class SingleViewConfig:
+    """The 512 px single view with canny control, rank re-weighting and mirror injection."""
+
+    enabled: bool = True
+    weight: float = 1.0
+    yaw_range: float = math.pi / 3
+    pitch_range: float = math.pi / 6
+    canny_low: float = 50.0
+    canny_high: float = 250.0
+    control_scale: float = 1.0
+    rank_weights: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # () disables rank re-weighting
+    restandardize: bool = True
+    mirror: bool = True
+    base_weight: float = 0.75
+    mirror_weight: float = 0.25
+
+
+@dataclass
+class GridConfig:
+    """2x2 grid of raw (pre-SR) renders from 360-degree cameras with depth control."""
+
+    enabled: bool = True
+    weight: float = 1.0
+    pitch_range: float = math.pi / 6
+    control_scale: float = 1.0
+
+
+@dataclass
+class RegulariserConfig:
+    relative_distance: float = 1.0
+    # The script's 0.1 * MSE(Tweedie target x0_hat of the single view, render); 0 turns it off.
+    tweedie_mse: float = 0.1
+    # The script's 0.05 * LPIPS-alex(Tweedie target, render); needs local weights: a torchvision
+    # AlexNet state dict and the lpips package's weights/v0.1/alex.pth (.pth or .safetensors).
+    lpips: float = 0.0
+    lpips_alexnet: str = ""
+    lpips_linear: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    train_modules: tuple[str, ...] = ("backbone.synthesis", "superresolution")
+    train_biases: bool = False
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/stylize"
+    iterations: int = 10_000
+    batch_size: int = 1  # identities per process per iteration
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_last: int = 3
+    sample_every: int = 250
+    sample_identities: int = 4
+    sample_yaws: tuple[float, ...] = (-math.pi / 2, -math.pi / 6, 0.0, math.pi / 6, math.pi / 2)
+    sample_pitch: float = math.radians(10)
+    turntable_identities: int = 2
+    # Previews and turntables through the super-resolution (slow on CPU); false shows the raw renders.
+    preview_sr: bool = True
+    turntable_frames: int = 36
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_nonfinite_in_row: int = 10
+    log_every: int = 1
+    device: str = ""  # "" = accelerate's choice; "cpu" forces CPU
+
+
+@dataclass
+class StylizeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    single: SingleViewConfig = field(default_factory=SingleViewConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    regularisers: RegulariserConfig = field(default_factory=RegulariserConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or holds a value of the wrong type."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.prior_dtype": ("fp32", "fp16", "bf16"),
+    "objective.name": ("ld", "sds", "nfsd", "dds", "ids"),
+    "objective.noise": ("random", "fixed", "mv_nrs"),
+    "run.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def to_dict(cfg: StylizeConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples become lists) for TOML/JSON."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(cfg):
+        values = dataclasses.asdict(getattr(cfg, section.name))
+        out[section.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_hint, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item_hint, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+
+
+def from_dict(data: dict[str, Any], base: StylizeConfig | None = None) -> StylizeConfig:
+    """Build a config from a (possibly partial) nested dict on top of ``base`` (defaults if None)."""
+    cfg = base if base is not None else StylizeConfig()
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    new_sections = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a table of fields")
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        changes = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config field {name}.{key}; known: {', '.join(hints)}")
+            changes[key] = _coerce(value, hints[key], f"{name}.{key}")
+        new_sections[name] = dataclasses.replace(section, **changes)
+    out = dataclasses.replace(cfg, **new_sections)
+    validate(out)
+    return out
+
+
+def validate(cfg: StylizeConfig) -> None:
+    """Raise ConfigError for values that are well-typed but meaningless."""
+    flat = {f"{s}.{k}": v for s, values in to_dict(cfg).items() for k, v in values.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(allowed)}")
+    o = cfg.objective
+    weightings = {"ld": LD_WEIGHTINGS, "sds": SDS_WEIGHTINGS}.get(o.name)
+    if weightings is not None and o.weighting not in weightings:
+        raise ConfigError(f"objective.weighting = {o.weighting!r} is not one of {', '.join(weightings)} for {o.name}")
+    if not 0 <= o.min_step_index <= o.max_step_index < o.num_inference_steps:
+        raise ConfigError(
+            f"objective step indices must satisfy 0 <= min_step_index <= max_step_index < num_inference_steps, "
+            f"got {o.min_step_index}, {o.max_step_index}, {o.num_inference_steps}"
+        )
+    for key in (
+        "run.iterations",
+        "run.batch_size",
+        "run.checkpoint_every",
+        "run.keep_last",
+        "run.max_nonfinite_in_row",
+    ):
+        if flat[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
+    if not (cfg.single.enabled or cfg.grid.enabled):
+        raise ConfigError("single.enabled and grid.enabled are both false: nothing to distil; enable one of them")
+    r = cfg.regularisers
+    if r.lpips > 0 and not (r.lpips_alexnet and r.lpips_linear):
+        raise ConfigError(
+            "regularisers.lpips > 0 needs local LPIPS weights: set regularisers.lpips_alexnet (a torchvision AlexNet "
+            "state dict) and regularisers.lpips_linear (lpips' weights/v0.1/alex.pth), or use lpips=0"
+        )
+    if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):
+        raise ConfigError(f"single.rank_weights must be >= 0, got {cfg.single.rank_weights}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'objective.name=sds' -> ('objective', 'name', 'sds'). Values are TOML literals; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.field=value (e.g. optim.lr=5e-5)")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.field (e.g. run.iterations)")
+    section, name = key.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, name, value
+
+
+def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
+    """Apply ``section.field=value`` overrides in order; a str field takes the raw text as is."""
+    data: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        section_obj = getattr(cfg, section, None)
+        if section_obj is not None and name in typing.get_type_hints(type(section_obj)):
+            if typing.get_type_hints(type(section_obj))[name] is str:
+                value = text.split("=", 1)[1].strip()
+        data.setdefault(section, {})[name] = value
+    return from_dict(data, cfg)
+
+
+def dumps(cfg: StylizeConfig, fmt: str = "toml") -> str:
+    data = to_dict(cfg)
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    return tomli_w.dumps(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text through export.atomic_path: readers never see a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_config(cfg: StylizeConfig, path: str | Path) -> None:
+    """Save as TOML (.toml) or JSON (.json)."""
+    path = Path(path)
+    fmt = "json" if path.suffix == ".json" else "toml"
+    atomic_write_text(path, dumps(cfg, fmt))
+
+
+def load_config(path: str | Path, base: StylizeConfig | None = None) -> StylizeConfig:
+    """Load a TOML or JSON config (partial files fill in from ``base`` or the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    return from_dict(data, base)
+
+
+def resolve_config(
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> StylizeConfig:
+    """The run's config: defaults, or the resumed checkpoint's config; then a preset, a file, overrides.
+
+    Later sources win. A resumed run keeps writing into the checkpoint's run folder unless run.out
+    is overridden.
+    """
+    from headstyle.stylize.checkpointing import resolve_checkpoint
+    from headstyle.stylize.presets import preset
+
+    cfg = StylizeConfig()
+    if resume is not None:
+        ckpt_dir = resolve_checkpoint(resume)
+        cfg = load_config(ckpt_dir / "config.toml")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(ckpt_dir.parent.parent)))
+    if preset_name:
+        try:
+            cfg = preset(preset_name, cfg)
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+    if config_file is not None:
+        cfg = load_config(config_file, cfg)
+    return apply_overrides(cfg, overrides or [])

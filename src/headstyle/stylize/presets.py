@@ -1,0 +1,38 @@
+"""Presets for the LD paper's six styles: the prompts and settings a user starts a run from.
+
+The paper does not print its prompts; its training script's default prompt is "Portrait of a
+werewolf", and the other five follow that form. Everything else is the script's defaults
+(config.py) with 10,000 iterations and a checkpoint every 250.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from headstyle.stylize.config import StylizeConfig
+
+PROMPTS: dict[str, str] = {
+    "pixar": "Portrait of a Pixar character",
+    "joker": "Portrait of the Joker",
+    "zombie": "Portrait of a zombie",
+    "statue": "Portrait of a marble statue",
+    "werewolf": "Portrait of a werewolf",
+    "sketch": "Portrait of a pencil sketch",
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PROMPTS)
+
+
+def preset(name: str, base: StylizeConfig | None = None) -> StylizeConfig:
+    """The config for a named style on top of ``base`` (defaults if None)."""
+    key = name.strip().lower()
+    if key not in PROMPTS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    cfg = base if base is not None else StylizeConfig()
+    return dataclasses.replace(
+        cfg,
+        prompt=dataclasses.replace(cfg.prompt, prompt=PROMPTS[key], negative_prompt="", guidance_scale=7.5),
+        run=dataclasses.replace(cfg.run, iterations=10_000, checkpoint_every=250, out=f"runs/{key}"),
+    )
