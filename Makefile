@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/headstyle render --generator ../shared/fixtures/panohead_parity \
-		--seeds 0,1 --yaws -90,-30,0,30,90 --pitch 10 --turntable 24 --out runs/demo
+	$(VENV)/bin/headstyle demo --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
