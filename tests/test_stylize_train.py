@@ -86,8 +86,16 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_controls):
     """6 iterations straight == 3, Ctrl-C (checkpoint + clean stop), resume 3: bitwise-identical weights."""
-    base = apply_overrides(StylizeConfig(), [*FAST_RUN, "run.iterations=6", "run.checkpoint_every=4",
-                                             "run.sample_every=100", "single.rank_weights=[1, 0.5, 0.25]"])
+    base = apply_overrides(
+        StylizeConfig(),
+        [
+            *FAST_RUN,
+            "run.iterations=6",
+            "run.checkpoint_every=4",
+            "run.sample_every=100",
+            "single.rank_weights=[1, 0.5, 0.25]",
+        ],
+    )
     original = _state(lab_generator())
 
     straight = Stylizer(apply_overrides(base, [f"run.out={tmp_path / 'a'}"]), lab_generator(), prior_no_controls)
@@ -139,8 +147,9 @@ def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_contr
     ],
 )
 def test_one_prior_call_and_one_backward_per_iteration(tmp_path, prior, overrides, unet_calls, unet_batch):
-    cfg = apply_overrides(StylizeConfig(), [*FAST_RUN, f"run.out={tmp_path}", "single.rank_weights=[1, 0.5]",
-                                            *overrides])
+    cfg = apply_overrides(
+        StylizeConfig(), [*FAST_RUN, f"run.out={tmp_path}", "single.rank_weights=[1, 0.5]", *overrides]
+    )
     stylizer = Stylizer(cfg, lab_generator(), prior)
     batches: list[int] = []
     hook = prior.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
@@ -192,13 +201,37 @@ def test_cli_end_to_end_panohead(tmp_path, tiny_sd, tiny_panohead):
     """`headstyle stylize` through the CLI on a PanoHead generator and tiny SD + ControlNets (grid branch)."""
     out = tmp_path / "run"
     args = [
-        "stylize", "--preset", "zombie", "--generator", str(tiny_panohead), "--prior", str(tiny_sd.model),
-        "--vae", "", "--canny-controlnet", str(tiny_sd.controlnets["canny"]),
-        "--depth-controlnet", str(tiny_sd.controlnets["depth"]), "--out", str(out), "--iterations", "2",
-        "--no-progress", "--set", "single.enabled=false", "--set", "run.checkpoint_every=1",
-        "--set", "run.keep_last=1", "--set", "run.sample_every=2",
+        "stylize",
+        "--preset",
+        "zombie",
+        "--generator",
+        str(tiny_panohead),
+        "--prior",
+        str(tiny_sd.model),
+        "--vae",
+        "",
+        "--canny-controlnet",
+        str(tiny_sd.controlnets["canny"]),
+        "--depth-controlnet",
+        str(tiny_sd.controlnets["depth"]),
+        "--out",
+        str(out),
+        "--iterations",
+        "2",
+        "--no-progress",
+        "--set",
+        "single.enabled=false",
+        "--set",
+        "run.checkpoint_every=1",
+        "--set",
+        "run.keep_last=1",
+        "--set",
+        "run.sample_every=2",
         *[x for kv in FAST_RUN[1:] for x in ("--set", kv)],
-        "--set", "run.turntable_identities=1", "--set", "run.turntable_frames=4",
+        "--set",
+        "run.turntable_identities=1",
+        "--set",
+        "run.turntable_frames=4",
     ]
     printed = CliRunner().invoke(app, [*args, "--print-config"])
     assert printed.exit_code == 0, printed.output
@@ -230,8 +263,19 @@ def test_cli_end_to_end_panohead(tmp_path, tiny_sd, tiny_panohead):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("backbone.synthesis.") and not k.endswith(".bias") for k in changed)
 
-    render = CliRunner().invoke(app, ["render", "--generator", str(out / "generator.safetensors"), "--out",
-                                      str(tmp_path / "render"), "--yaws", "0", "--raw-only"])
+    render = CliRunner().invoke(
+        app,
+        [
+            "render",
+            "--generator",
+            str(out / "generator.safetensors"),
+            "--out",
+            str(tmp_path / "render"),
+            "--yaws",
+            "0",
+            "--raw-only",
+        ],
+    )
     assert render.exit_code == 0, render.output
 
     # Resuming a finished run with more iterations continues from its last checkpoint.
@@ -259,11 +303,42 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_sd, tiny_panohead):
     # accelerate's own --cpu launcher needs MPI for several processes; --multi_gpu launches them with
     # torchrun, and run.device=cpu makes each Accelerator join a gloo process group on the CPU.
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "headstyle", "stylize",
-        "--prompt", "a pixar face", "--generator", str(tiny_panohead), "--prior", str(tiny_sd.model), "--vae", "",
-        "--depth-controlnet", str(tiny_sd.controlnets["depth"]), "--canny-controlnet", "", "--out", str(out),
-        "--iterations", "2", "--no-progress", "--set", "single.enabled=false", "--set", "run.sample_every=100",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "headstyle",
+        "stylize",
+        "--prompt",
+        "a pixar face",
+        "--generator",
+        str(tiny_panohead),
+        "--prior",
+        str(tiny_sd.model),
+        "--vae",
+        "",
+        "--depth-controlnet",
+        str(tiny_sd.controlnets["depth"]),
+        "--canny-controlnet",
+        "",
+        "--out",
+        str(out),
+        "--iterations",
+        "2",
+        "--no-progress",
+        "--set",
+        "single.enabled=false",
+        "--set",
+        "run.sample_every=100",
         *[x for kv in FAST_RUN[1:] for x in ("--set", kv)],
     ]
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
@@ -299,9 +374,27 @@ def test_sigterm_checkpoints_and_exits_zero_with_resume_hint(tmp_path, tiny_sd, 
 
     monkeypatch.setattr(Stylizer, "step", step_then_sigterm)
     args = [
-        "stylize", "--prompt", "a pixar face", "--generator", str(tiny_panohead), "--prior", str(tiny_sd.model),
-        "--vae", "", "--canny-controlnet", "", "--depth-controlnet", "", "--out", str(out), "--iterations", "1000",
-        "--no-progress", "--set", "single.enabled=false", *[x for kv in FAST_RUN[1:] for x in ("--set", kv)],
+        "stylize",
+        "--prompt",
+        "a pixar face",
+        "--generator",
+        str(tiny_panohead),
+        "--prior",
+        str(tiny_sd.model),
+        "--vae",
+        "",
+        "--canny-controlnet",
+        "",
+        "--depth-controlnet",
+        "",
+        "--out",
+        str(out),
+        "--iterations",
+        "1000",
+        "--no-progress",
+        "--set",
+        "single.enabled=false",
+        *[x for kv in FAST_RUN[1:] for x in ("--set", kv)],
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -310,3 +403,51 @@ def test_sigterm_checkpoints_and_exits_zero_with_resume_hint(tmp_path, tiny_sd, 
     assert (out / "checkpoints" / "iter_0000002" / "state.json").is_file()
     assert not (out / "generator.safetensors").exists()  # an interrupted run is not a finished one
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+
+
+def test_style_image_target_uses_each_samples_frozen_render_as_content(tmp_path, prior_no_controls, monkeypatch):
+    """style.image wraps the prior in Style Fusion Attention; every iteration hands it one content reference
+    per sample (the frozen render, in branch order). That a style changes eps is tested in test_style_views."""
+    from headstyle.stylize.trainer import style_fusion_prior
+
+    pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    imageio.v3.imwrite(tmp_path / "style.png", pixels)
+    cfg = apply_overrides(
+        StylizeConfig(),
+        [
+            *FAST_RUN,
+            "objective.name=sds",
+            "objective.weighting=sds",
+            "run.iterations=1",
+            f"run.out={tmp_path / 'run'}",
+            f"style.image={tmp_path / 'style.png'}",
+        ],
+    )
+    encoded, contents = [], []
+    encode = prior_no_controls.encode
+    monkeypatch.setattr(prior_no_controls, "encode", lambda x, **kw: encoded.append(encode(x, **kw)) or encoded[-1])
+    sfa = style_fusion_prior(cfg, prior_no_controls)
+    set_content = sfa.set_content
+    monkeypatch.setattr(sfa, "set_content", lambda x, **kw: contents.append((x, kw)) or set_content(x, **kw))
+    trainer = Stylizer(cfg, lab_generator(), sfa)
+    encoded.clear()
+    trainer.step()
+
+    # One encode: single view + mirror, grid, then the frozen sources of single view and grid (1 identity).
+    (latents,) = encoded
+    assert latents.shape[0] == 5
+    ((content, kw),) = contents
+    assert kw == {"images_per_group": 1} and torch.equal(content, latents[3:].float())
+    assert all(torch.isfinite(p.grad).all() for p in trainer.optimizer.param_groups[0]["params"])
+
+
+def test_style_image_needs_sds_with_a_timestep_weighting():
+    from headstyle.stylize.config import ConfigError
+
+    for objective in (["objective.name=ld"], ["objective.name=sds"], ["objective.name=ids"]):
+        with pytest.raises(ConfigError, match=r"style\.image needs objective\.name=sds"):
+            apply_overrides(StylizeConfig(), ["style.image=x.png", *objective])
+    cfg = apply_overrides(StylizeConfig(), ["style.image=x.png", "objective.name=sds", "objective.weighting=sds"])
+    assert cfg.style.image == "x.png"
+    with pytest.raises(ConfigError, match=r"style\.image_2 is set without style\.image"):
+        apply_overrides(StylizeConfig(), ["style.image_2=x.png"])

@@ -112,6 +112,8 @@ def stylize(
     canny_controlnet: str | None = typer.Option(None, help="Canny ControlNet for the single view ('' = none)."),
     depth_controlnet: str | None = typer.Option(None, help="Depth ControlNet for the 2x2 grid ('' = none)."),
     out: str | None = typer.Option(None, help="Run folder: config, logs, samples, checkpoints, final generator."),
+    style_image: str | None = typer.Option(None, help="Style IMAGE as the target (Style Fusion Attention); needs "
+                                           "--set objective.name=sds --set objective.weighting=sds."),
     iterations: int | None = typer.Option(None, help="Training iterations (presets: 10000)."),
     seed: int | None = typer.Option(None, help="Run seed (each process draws from its own stream)."),
     device: str | None = typer.Option(None, help="'cpu' forces CPU; default: accelerate's choice."),
@@ -129,7 +131,7 @@ def stylize(
     flags = {"prompt.prompt": prompt, "model.generator": generator, "model.prior": prior, "model.vae": vae,
              "model.canny_controlnet": canny_controlnet, "model.depth_controlnet": depth_controlnet,
              "run.out": out, "run.iterations": iterations, "run.seed": seed, "run.device": device,
-             "run.mixed_precision": mixed_precision}
+             "run.mixed_precision": mixed_precision, "style.image": style_image}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_)
     try:
         cfg = resolve_config(preset, config, resume, overrides)
@@ -138,9 +140,9 @@ def stylize(
     if print_config:
         typer.echo(dumps(cfg), nl=False)
         return
-    if not cfg.prompt.prompt:
-        raise UserError("no prompt: give --prompt TEXT or --preset NAME (pixar, joker, zombie, statue, werewolf, "
-                        "sketch)")
+    if not (cfg.prompt.prompt or cfg.style.image):
+        raise UserError("no prompt: give --prompt TEXT, --preset NAME (pixar, joker, zombie, statue, werewolf, "
+                        "sketch) or --style-image IMG")
     if not cfg.model.generator:
         raise UserError("no generator: give --generator PATH (a PanoHead .pkl/.pth or a .safetensors save)")
 

@@ -22,6 +22,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from headstyle.attention.layers import LAYER_SETS
+from headstyle.attention.prior import REFERENCE_MODES
+from headstyle.attention.processors import PAIRINGS
 from headstyle.distill.objectives import LD_WEIGHTINGS, SDS_WEIGHTINGS
 from headstyle.export import atomic_path
 from headstyle.priors.diffusers_prior import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
@@ -169,6 +172,25 @@ class RunConfig:
 
 
 @dataclass
+class StyleImageConfig:
+    """A style IMAGE as the distillation target: DiffStyle360's Style Fusion Attention on the prior's UNet.
+
+    image = "" distils the text prompt alone (the LD paper). An image needs SDS with a w(t) weighting
+    (eps_cfg - eps keeps eps_uncond, through which the style acts). Every sample's content
+    reference is the frozen generator's render of the same view, so the target keeps the identity;
+    image_2 blends a second style with alpha. tau, pairing, layers, reference: attention/prior.py.
+    """
+
+    image: str = ""
+    image_2: str = ""
+    alpha: float = 0.5
+    tau: float = 1.05
+    pairing: str = "paper"
+    layers: str = "all"
+    reference: str = "noised"
+
+
+@dataclass
 class StylizeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -180,6 +202,7 @@ class StylizeConfig:
     regularisers: RegulariserConfig = field(default_factory=RegulariserConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    style: StyleImageConfig = field(default_factory=StyleImageConfig)
 
 
 class ConfigError(ValueError):
@@ -191,6 +214,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.name": ("ld", "sds", "nfsd", "dds", "ids"),
     "objective.noise": ("random", "fixed", "mv_nrs"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
+    "style.pairing": PAIRINGS,
+    "style.layers": LAYER_SETS,
+    "style.reference": REFERENCE_MODES,
 }
 
 
@@ -283,6 +309,15 @@ def validate(cfg: StylizeConfig) -> None:
         raise ConfigError(
             "regularisers.lpips > 0 needs local LPIPS weights: set regularisers.lpips_alexnet (a torchvision AlexNet "
             "state dict) and regularisers.lpips_linear (lpips' weights/v0.1/alex.pth), or use lpips=0"
+        )
+    if cfg.style.image_2 and not cfg.style.image:
+        raise ConfigError("style.image_2 is set without style.image: give the first style image too")
+    if cfg.style.image and (o.name != "sds" or o.weighting == "script"):
+        # LD and the script's SDS keep only omega (eps_c - eps_u): the fused style shifts both and cancels.
+        raise ConfigError(
+            "style.image needs objective.name=sds with objective.weighting sds, uniform or fantasia3d "
+            f"(got {o.name}/{o.weighting}): LD and the script's SDS use only eps_cond - eps_uncond, where the style "
+            "image, fused into both predictions, cancels"
         )
     if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):
         raise ConfigError(f"single.rank_weights must be >= 0, got {cfg.single.rank_weights}")

@@ -273,8 +273,10 @@ class Stylizer:
 
         self.prompt = prior.embed_prompts(cfg.prompt.prompt, cfg.prompt.negative_prompt)
         self.source_prompt = None
-        self._need_source = cfg.objective.name in ("dds", "ids")
-        if self._need_source:
+        # A prior with content references (Style Fusion Attention) reads each sample's frozen render.
+        self._style_content = callable(getattr(prior, "set_content", None))
+        self._need_source = cfg.objective.name in ("dds", "ids") or self._style_content
+        if cfg.objective.name in ("dds", "ids"):
             self.source_prompt = prior.embed_prompts(cfg.objective.source_prompt, cfg.prompt.negative_prompt)
         self.timesteps = prior.inference_timesteps(cfg.objective.num_inference_steps).long().cpu()
         self.c_cond = cameras.cameras(cfg.latent.cond_yaw, cfg.latent.cond_pitch)
@@ -433,6 +435,9 @@ class Stylizer:
             b.latents, b.latents_mirror = (chunks[i][:n], chunks[i][n:]) if mirrored else (chunks[i], None)
             b.source_latents = chunks[len(branches) + i] if sources else None
         targets, anchors = self._targets(branches)
+        if self._style_content:
+            order = list(range(len(branches))) + list(anchors)
+            self.prior.set_content(torch.cat([branches[i].source_latents for i in order]), images_per_group=1)
         # ONE prior call for every branch (IDS: N fixed-point calls + 1); MV-NRS's anchor twins ride along.
         with self._autocast():
             results = run_objective(
@@ -830,9 +835,24 @@ def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.prior_dtype]
     if device.type == "cpu":
         dtype = torch.float32  # half-precision convolutions are slow or missing on CPU
-    return DiffusersPrior.from_pretrained(
+    prior = DiffusersPrior.from_pretrained(
         m.prior, vae=m.vae or None, controlnets=controlnets, device=device, dtype=dtype
     )
+    return style_fusion_prior(cfg, prior) if cfg.style.image else prior
+
+
+def style_fusion_prior(cfg: StylizeConfig, prior: ScorePrior) -> ScorePrior:
+    """``prior`` with Style Fusion Attention reading cfg.style's image(s) (DiffStyle360) as the target's style."""
+    from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior, load_image
+
+    s = cfg.style
+    size = prior_image_size(prior)
+    with torch.no_grad():
+        styles = [
+            prior.encode(load_image(path, size).to(prior.device)) if path else None for path in (s.image, s.image_2)
+        ]
+    fusion = StyleFusionConfig(tau=s.tau, alpha=s.alpha, pairing=s.pairing, layers=s.layers, reference=s.reference)
+    return StyleFusionPrior(prior, styles[0], styles[1], fusion, seed=cfg.run.seed)
 
 
 def build_from_config(cfg: StylizeConfig, accelerator: Any = None) -> Stylizer:
