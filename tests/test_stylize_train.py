@@ -80,6 +80,15 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath}
 
 
+def model_args(tiny_panohead: Path, tiny_sd, canny: bool = False, depth: bool = True) -> list[str]:
+    """`headstyle stylize` flags naming the tiny PanoHead and tiny SD (no separate VAE), ControlNets by choice."""
+    return [
+        "--generator", str(tiny_panohead), "--prior", str(tiny_sd.model), "--vae", "",
+        "--canny-controlnet", str(tiny_sd.controlnets["canny"]) if canny else "",
+        "--depth-controlnet", str(tiny_sd.controlnets["depth"]) if depth else "",
+    ]  # fmt: skip
+
+
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -204,16 +213,7 @@ def test_cli_end_to_end_panohead(tmp_path, tiny_sd, tiny_panohead):
         "stylize",
         "--preset",
         "zombie",
-        "--generator",
-        str(tiny_panohead),
-        "--prior",
-        str(tiny_sd.model),
-        "--vae",
-        "",
-        "--canny-controlnet",
-        str(tiny_sd.controlnets["canny"]),
-        "--depth-controlnet",
-        str(tiny_sd.controlnets["depth"]),
+        *model_args(tiny_panohead, tiny_sd, canny=True),
         "--out",
         str(out),
         "--iterations",
@@ -320,16 +320,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_sd, tiny_panohead):
         "stylize",
         "--prompt",
         "a pixar face",
-        "--generator",
-        str(tiny_panohead),
-        "--prior",
-        str(tiny_sd.model),
-        "--vae",
-        "",
-        "--depth-controlnet",
-        str(tiny_sd.controlnets["depth"]),
-        "--canny-controlnet",
-        "",
+        *model_args(tiny_panohead, tiny_sd),
         "--out",
         str(out),
         "--iterations",
@@ -377,16 +368,7 @@ def test_sigterm_checkpoints_and_exits_zero_with_resume_hint(tmp_path, tiny_sd, 
         "stylize",
         "--prompt",
         "a pixar face",
-        "--generator",
-        str(tiny_panohead),
-        "--prior",
-        str(tiny_sd.model),
-        "--vae",
-        "",
-        "--canny-controlnet",
-        "",
-        "--depth-controlnet",
-        "",
+        *model_args(tiny_panohead, tiny_sd, depth=False),
         "--out",
         str(out),
         "--iterations",
