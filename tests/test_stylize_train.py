@@ -433,3 +433,24 @@ def test_style_image_needs_sds_with_a_timestep_weighting():
     assert cfg.style.image == "x.png"
     with pytest.raises(ConfigError, match=r"style\.image_2 is set without style\.image"):
         apply_overrides(StylizeConfig(), ["style.image_2=x.png"])
+
+
+def test_single_view_on_panohead_trains_backbone_and_super_resolution(tmp_path, prior, tiny_panohead):
+    """One iteration of the single-view branch (512 px SR render + its mirror, canny control) on PanoHead:
+    the gradient reaches the SR and the synthesis backbone; biases and every frozen module stay put."""
+    from headstyle.generator.checkpoint import load_generator
+
+    G = load_generator(tiny_panohead)
+    before = _state(G)
+    cfg = apply_overrides(
+        StylizeConfig(),
+        [*FAST_RUN, "grid.enabled=false", "run.iterations=1", f"run.out={tmp_path}", "run.sample_every=100"],
+    )
+    trainer = Stylizer(cfg, G, prior)
+    metrics = trainer.step()
+    assert 1 <= metrics["single_t"] <= 281 and metrics["single_nonfinite"] == 0
+    moved = {k for k, v in G.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("superresolution.") for k in moved)
+    assert any(k.startswith("backbone.synthesis.") for k in moved)
+    assert all(k.startswith(("superresolution.", "backbone.synthesis.")) and not k.endswith(".bias") for k in moved)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.frozen.state_dict().items())
