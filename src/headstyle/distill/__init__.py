@@ -45,6 +45,7 @@ from headstyle.distill.shaping import (
     postprocess,
     rank_reweight,
     resize_mask,
+    resize_to,
     tile_2x2,
     untile_2x2,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "rank_reweight",
     "resample_noise",
     "resize_mask",
+    "resize_to",
     "retain_better_aligned",
     "run_objective",
     "sample_annealed_t",

@@ -92,6 +92,13 @@ def untile_2x2(grid: Tensor) -> list[Tensor]:
     return [*top.split(ww // 2, dim=-1), *bottom.split(ww // 2, dim=-1)]
 
 
+def resize_to(images: Tensor, size: int) -> Tensor:
+    """Renders -> the prior's image size (bilinear, antialiased when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     """(N, 1, h, w) render mask -> (N, 1, *size), bilinear with align_corners=True (the LD script's resize)."""
     m = mask.float()

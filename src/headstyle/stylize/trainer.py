@@ -114,13 +114,6 @@ def prior_image_size(prior: ScorePrior) -> int:
     raise ValueError("cannot tell the prior's image size: set model.prior_image_size")
 
 
-def resize_to(images: Tensor, size: int) -> Tensor:
-    """Renders -> the prior's image size (bilinear, antialiased when shrinking)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 def grid_image(views: Tensor, size: int) -> Tensor:
     """(N*4, C, h, w) renders, 4 per identity -> (N, C, size, size) 2x2 grids ("grid denoising").
 
@@ -347,10 +340,10 @@ class Stylizer:
             fro = self.frozen.synthesis(ws, c.to(dev), noise_mode="const", render_sr=True, **kw)
         return _Branch(
             kind="single",
-            images=resize_to(out.image.float(), self.image_size),
+            images=shaping.resize_to(out.image.float(), self.image_size),
             mask=out.mask.detach().float(),
             control=self._control("canny", lambda: self._canny(fro.image), cfg.single.control_scale),
-            source=resize_to(fro.image.float(), self.image_size) if self._need_source else None,
+            source=shaping.resize_to(fro.image.float(), self.image_size) if self._need_source else None,
             planes=None if out.planes is None else (fro.planes, out.planes[:n]),
         )
 
@@ -543,7 +536,9 @@ class Stylizer:
     def _canny(self, image: Tensor) -> Tensor:
         """Canny edges of the frozen render's red channel (thresholds from the config), at the prior's size."""
         s = self.cfg.single
-        return controls.canny_control(resize_to(image.float(), self.image_size), low=s.canny_low, high=s.canny_high)
+        return controls.canny_control(
+            shaping.resize_to(image.float(), self.image_size), low=s.canny_low, high=s.canny_high
+        )
 
     def _depth(self, fro: RenderOutput, size: int) -> Tensor:
         """Depth control of the grid: per frozen view a near-bright map in [0, 1], tiled 2x2.
