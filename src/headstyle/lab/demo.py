@@ -58,13 +58,16 @@ def _frames(G: LabGenerator, z: Tensor, cams: Tensor) -> Tensor:
     return lab_eval.render_views(G, z[None], cams).image[0]
 
 
-def _summary_png(rows: list[tuple[str, dict[str, float]]], sheet: np.ndarray, title: str, path: Path) -> None:
-    """A one-page PNG: title, the metrics table (one fixed-width cell per column) and the view sheet."""
+def _summary_png(
+    rows: list[tuple[str, dict[str, float]]], sheet: np.ndarray, row_labels: list[str], title: str, path: Path
+) -> None:
+    """A one-page PNG: title, the metrics table (one fixed-width cell per column) and the view sheet,
+    each of its rows labelled."""
     table = [["", *(h for _, h, _ in COLUMNS[:-1])]]
     table += [[name, *(format(m[k], f) for k, _, f in COLUMNS[:-1])] for name, m in rows]
     line_h, first_w, cell_w = 14, 130, 80
     text_h = line_h * (len(table) + 3)
-    width = max(sheet.shape[1], first_w + cell_w * (len(table[0]) - 1) + 20)
+    width = max(first_w + sheet.shape[1], first_w + cell_w * (len(table[0]) - 1) + 20)
     page = Image.new("RGB", (width, text_h + sheet.shape[0]), "white")
     draw = ImageDraw.Draw(page)
     draw.text((10, 6), title, fill="black")
@@ -73,7 +76,10 @@ def _summary_png(rows: list[tuple[str, dict[str, float]]], sheet: np.ndarray, ti
         draw.text((10, y), row[0], fill="black")
         for j, cell in enumerate(row[1:]):
             draw.text((10 + first_w + j * cell_w, y), cell, fill="black")
-    page.paste(Image.fromarray(sheet), (0, text_h))
+    row_h = sheet.shape[0] / len(row_labels)
+    for r, label in enumerate(row_labels):
+        draw.text((10, text_h + int((r + 0.5) * row_h) - line_h // 2), label, fill="black")
+    page.paste(Image.fromarray(sheet), (first_w, text_h))
     export.save_image(np.asarray(page), path)
 
 
@@ -173,5 +179,6 @@ def run_demo(
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     rows = [("untrained", results["untrained"]), ("LD (paper recipe)", results["ld"]), ("SDS", results["sds"])]
     _summary_html(rows, title, {"note": note, "identities": len(ev.z)}, out / "summary.html")
-    _summary_png(rows, sheet, title, out / "summary.png")
+    row_labels = [f"{i}: {panel}" for i in range(len(ev.z)) for panel in PANELS]
+    _summary_png(rows, sheet, row_labels, title, out / "summary.png")
     return metrics
