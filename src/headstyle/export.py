@@ -50,6 +50,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text through atomic_path: readers never see a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """[-1, 1] images (3, H, W) or (N, 3, H, W) -> uint8 arrays (H, W, 3) or (N, H, W, 3)."""
     if images.ndim not in (3, 4) or images.shape[-3] not in (1, 3):

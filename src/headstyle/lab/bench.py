@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from headstyle.export import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import LabPrior, build_lab_prior
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
-from headstyle.stylize.config import StylizeConfig, apply_overrides, atomic_write_text
+from headstyle.stylize.config import StylizeConfig, apply_overrides
 
 # name -> overrides of the lab recipe. "ld" is the paper's recipe.
 VARIANTS: dict[str, tuple[str, ...]] = {

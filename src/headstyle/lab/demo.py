@@ -31,7 +31,6 @@ from headstyle.lab.bench import COLUMNS, LabSettings, new_generator, train_varia
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import build_lab_prior
 from headstyle.lab.world import STYLES
-from headstyle.stylize.config import atomic_write_text
 
 SHEET_YAWS_DEGREES = (-90, -30, 0, 30, 90, 180)
 PANELS = ("before", "LD (paper recipe)", "SDS", "ground truth")
@@ -104,7 +103,7 @@ img{{image-rendering:pixelated;margin:2px}}</style></head><body>
 <h2>Definitions</h2><ul>{defs}</ul>
 </body></html>
 """
-    atomic_write_text(path, page)
+    export.atomic_write_text(path, page)
 
 
 def run_demo(
@@ -176,7 +175,7 @@ def run_demo(
         "definitions": DEFINITIONS,
         "note": note,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    export.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     rows = [("untrained", results["untrained"]), ("LD (paper recipe)", results["ld"]), ("SDS", results["sds"])]
     _summary_html(rows, title, {"note": note, "identities": len(ev.z)}, out / "summary.html")
     row_labels = [f"{i}: {panel}" for i in range(len(ev.z)) for panel in PANELS]

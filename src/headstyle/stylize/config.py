@@ -26,7 +26,7 @@ from headstyle.attention.layers import LAYER_SETS
 from headstyle.attention.prior import REFERENCE_MODES
 from headstyle.attention.processors import PAIRINGS
 from headstyle.distill.objectives import LD_WEIGHTINGS, SDS_WEIGHTINGS
-from headstyle.export import atomic_path
+from headstyle.export import atomic_write_text
 from headstyle.priors.diffusers_prior import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
 
 
@@ -356,12 +356,6 @@ def dumps(cfg: StylizeConfig, fmt: str = "toml") -> str:
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     return tomli_w.dumps(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text through export.atomic_path: readers never see a half-written file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def save_config(cfg: StylizeConfig, path: str | Path) -> None:

@@ -54,7 +54,7 @@ from headstyle.generator.checkpoint import load_generator, save_generator
 from headstyle.priors import controls
 from headstyle.priors.base import Control, ScorePrior
 from headstyle.stylize import checkpointing
-from headstyle.stylize.config import StylizeConfig, atomic_write_text, dumps
+from headstyle.stylize.config import StylizeConfig, dumps
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 
 
@@ -156,14 +156,14 @@ class MetricsLog:
         """Drop entries written after the checkpoint we resume from (they are recomputed)."""
         if self.jsonl.is_file():
             keep = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
-            atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
+            export.atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
         if self.csv.is_file():
             with self.csv.open(newline="") as fh:
                 rows = list(csv.reader(fh))
             out = io.StringIO()
             writer = csv.writer(out)
             writer.writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= iteration])
-            atomic_write_text(self.csv, out.getvalue())
+            export.atomic_write_text(self.csv, out.getvalue())
 
     def write(self, metrics: dict[str, Any]) -> None:
         with self.jsonl.open("a") as fh:
@@ -752,7 +752,7 @@ class Stylizer:
         resumed = self.load_checkpoint(resume) if resume is not None else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
+            export.atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
         log = MetricsLog(self.run_dir, self.iteration if resumed else None) if self.is_main else None
         if self.is_main and self.iteration == 0:
             self.write_samples()
