@@ -1,0 +1,86 @@
+"""`headstyle render`: PNGs, sheets, turntables and depth maps of a generator's heads."""
+
+from __future__ import annotations
+
+import typer
+
+from headstyle.cli.common import UserError, app
+
+
+@app.command()
+def render(
+    generator: str = typer.Option(..., help="Generator: PanoHead .pkl, .pth state dict, .safetensors (+ .json) or "
+                                  "a folder (params.safetensors + config.json, e.g. the parity fixture)."),
+    out: str = typer.Option(..., help="Output folder (created)."),
+    seeds: str | None = typer.Option(None, help="Comma-separated latent seeds, e.g. 0,1 (default 0)."),
+    w_npz: str | None = typer.Option(None, help="W+ codes instead of seeds: npz with 'w' of shape (N, num_ws, 512) "
+                                     "(PanoHead's projector: (1, 14, 512)); a code with another number of ws is "
+                                     "refused, not cut: its ws belong to another network's layers."),
+    yaws: str = typer.Option("-90,-30,0,30,90", help="View yaws in degrees (0 = front)."),
+    pitch: float = typer.Option(0.0, help="View pitch in degrees (offset from pi/2, as in PanoHead's scripts)."),
+    turntable: int = typer.Option(0, help="Frames of a 360-degree turntable GIF (+ MP4); 0 = none."),
+    fps: float = typer.Option(24.0, help="Turntable frames per second."),
+    truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
+    truncation_cutoff: int = typer.Option(14, help="Number of ws truncated."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    raw_only: bool = typer.Option(False, help="Write the raw neural renders (no super-resolution): much faster."),
+    depth: bool = typer.Option(False, help="Also write a grey depth map per view (near = white)."),
+    config: str | None = typer.Option(None, help="Base config for a bare .pth (default: released PanoHead)."),
+    neural_rendering_resolution: int | None = typer.Option(None, help="Override the raw render size."),
+    depth_samples: int | None = typer.Option(None, help="Override coarse and importance samples per ray."),
+) -> None:
+    """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from headstyle.cameras import parse_angles_degrees
+    from headstyle.export import export_renders, latents_from_npz, latents_from_seeds
+    from headstyle.generator.checkpoint import CheckpointError, load_generator
+
+    if seeds is not None and w_npz is not None:
+        raise UserError("give either --seeds or --w-npz, not both")
+    try:
+        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
+        yaw_list = parse_angles_degrees(yaws)
+    except ValueError as exc:
+        raise UserError(f"{exc}; seeds are integers like 0,1 and yaws degrees like -90,0,90") from None
+    if any(not 0 <= s < 2**32 for s in seed_list) or (seeds is not None and not seed_list):
+        raise UserError(f"--seeds must be integers in [0, 2**32), got {seeds!r}")
+    if turntable < 0 or (turntable == 0 and not yaw_list):
+        raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
+    for name, value, low in (("fps", fps, 1e-3), ("neural-rendering-resolution", neural_rendering_resolution, 4),
+                             ("depth-samples", depth_samples, 2)):
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if not (math.isfinite(truncation) and math.isfinite(pitch)):
+        raise UserError("--truncation and --pitch must be finite numbers")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"--device {device!r} is not usable here ({exc}); try --device cpu") from None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if w_npz is not None and not Path(w_npz).is_file():
+        raise UserError(f"--w-npz {w_npz}: no such file")
+
+    overrides = {"depth_resolution": depth_samples, "depth_resolution_importance": depth_samples}
+    try:
+        G = load_generator(generator, device=dev, config=config,
+                           neural_rendering_resolution=neural_rendering_resolution,
+                           rendering_overrides=overrides if depth_samples else None)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    if w_npz is not None:
+        try:
+            latents = latents_from_npz(w_npz, G.num_ws, G.w_dim, device=dev)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
+    paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
+                           render_sr=not raw_only, depth=depth)
+    typer.echo(f"wrote {len(paths)} files to {out}")
+

@@ -1,0 +1,74 @@
+"""`headstyle stylize`: fine-tune a generator towards a style (the trainer behind a command)."""
+
+from __future__ import annotations
+
+import typer
+
+from headstyle.cli.common import UserError, app
+
+
+@app.command()
+def stylize(
+    preset: str | None = typer.Option(None, help="Start from a paper style: pixar, joker, zombie, statue, werewolf, "
+                                      "sketch."),
+    prompt: str | None = typer.Option(None, help="Target text prompt (overrides the preset's)."),
+    generator: str | None = typer.Option(None, help="Generator to stylise: PanoHead .pkl, .pth, our .safetensors "
+                                         "(+ .json) or a fixture folder."),
+    prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id."),
+    vae: str | None = typer.Option(None, help="Separate VAE folder or hub id ('' = the model's own)."),
+    canny_controlnet: str | None = typer.Option(None, help="Canny ControlNet for the single view ('' = none)."),
+    depth_controlnet: str | None = typer.Option(None, help="Depth ControlNet for the 2x2 grid ('' = none)."),
+    out: str | None = typer.Option(None, help="Run folder: config, logs, samples, checkpoints, final generator."),
+    style_image: str | None = typer.Option(None, help="Style IMAGE as the target (Style Fusion Attention); needs "
+                                           "--set objective.name=sds --set objective.weighting=sds."),
+    iterations: int | None = typer.Option(None, help="Training iterations (presets: 10000)."),
+    seed: int | None = typer.Option(None, help="Run seed (each process draws from its own stream)."),
+    device: str | None = typer.Option(None, help="'cpu' forces CPU; default: accelerate's choice."),
+    mixed_precision: str | None = typer.Option(None, help="no, fp16 or bf16 (GPU autocast; loss math stays fp32)."),
+    config: str | None = typer.Option(None, help="TOML/JSON config file; its fields override the preset's."),
+    set_: list[str] = typer.Option([], "--set", help="Override any field: section.field=value (repeatable), e.g. "
+                                   "--set objective.name=sds --set single.mirror=false."),
+    resume: str | None = typer.Option(None, help="Continue a run exactly from its folder or one of its checkpoints."),
+    print_config: bool = typer.Option(False, help="Print the resolved config as TOML and exit."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
+    from headstyle.stylize.config import ConfigError, dumps, resolve_config
+
+    flags = {"prompt.prompt": prompt, "model.generator": generator, "model.prior": prior, "model.vae": vae,
+             "model.canny_controlnet": canny_controlnet, "model.depth_controlnet": depth_controlnet,
+             "run.out": out, "run.iterations": iterations, "run.seed": seed, "run.device": device,
+             "run.mixed_precision": mixed_precision, "style.image": style_image}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_)
+    try:
+        cfg = resolve_config(preset, config, resume, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    if print_config:
+        typer.echo(dumps(cfg), nl=False)
+        return
+    if not (cfg.prompt.prompt or cfg.style.image):
+        raise UserError("no prompt: give --prompt TEXT, --preset NAME (pixar, joker, zombie, statue, werewolf, "
+                        "sketch) or --style-image IMG")
+    if not cfg.model.generator:
+        raise UserError("no generator: give --generator PATH (a PanoHead .pkl/.pth or a .safetensors save)")
+
+    from headstyle.generator.checkpoint import CheckpointError
+    from headstyle.priors.diffusers_prior import PriorLoadError
+    from headstyle.stylize.checkpointing import ResumeError
+    from headstyle.stylize.trainer import NonFiniteError, run_stylize
+
+    try:
+        result = run_stylize(cfg, resume=resume, progress=progress)
+    except (CheckpointError, PriorLoadError, ResumeError) as exc:
+        raise UserError(str(exc)) from None
+    except NonFiniteError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
+    if result.interrupted:
+        typer.echo(f"interrupted at iteration {result.iteration}; checkpoint: {result.checkpoint}\n"
+                   f"resume with: headstyle stylize --resume {cfg.run.out}")
+    elif result.generator_path is not None:
+        typer.echo(f"done: {result.iteration} iterations ({result.skipped_steps} skipped); stylised generator: "
+                   f"{result.generator_path} (headstyle render --generator {result.generator_path})")
+
