@@ -4,14 +4,12 @@ from headstyle import cameras
 from headstyle.distill.noise import (
     identity_noise,
     init_anchor_noise,
-    pixel_rays,
-    project,
     random_noise,
     resample_noise,
     retain_better_aligned,
-    splat_to_view,
     warp_noise,
 )
+from headstyle.geometry import pixel_rays, project, splat_to_view
 
 CENTRE = torch.tensor([0.0, 0.0, 0.0])
 RADIUS = 0.35

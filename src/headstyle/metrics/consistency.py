@@ -2,7 +2,7 @@
 
 For a source view A and a target view B of the same head (PanoHead cameras (N, 25), images in
 [-1, 1], ray depths and masks), every foreground pixel of A is lifted to 3D along its ray at A's
-depth and splatted into B (nearest pixel, z-buffer: headstyle.distill.noise.splat_to_view).
+depth and splatted into B (nearest pixel, z-buffer: headstyle.geometry.splat_to_view).
 A pixel of B is co-visible when a point landed on it, B's mask there is >= 0.5, and the landed
 point's distance to B's camera agrees with B's depth within ``tolerance`` (world units; this
 rejects points of A that B sees occluded). The photometric error is the mean |A_warped - B| / 2
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headstyle.distill.noise import pixel_rays, splat_to_view
+from headstyle.geometry import pixel_rays, splat_to_view
 from headstyle.metrics.identity import FOREGROUND
 
 

@@ -523,7 +523,7 @@ class Stylizer:
         cand_eps, anc_eps = shaping.untile_2x2(cand_noise), shaping.untile_2x2(anchor_noise)
         kept, kept_candidate = [cand[0]], float(cand[0].shape[0])
         for k in range(1, 4):
-            driving, _ = noise.splat_to_view(kept[-1], depth[k - 1], cams[k - 1], cams[k], mask[k - 1])
+            driving, _ = geometry.splat_to_view(kept[-1], depth[k - 1], cams[k - 1], cams[k], mask[k - 1])
             choice = noise.retain_better_aligned(driving, cand_eps[k], cand[k], anc_eps[k], anc[k])
             kept.append(choice.grad)
             kept_candidate += float(choice.keep_candidate.sum())
