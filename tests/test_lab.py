@@ -88,7 +88,7 @@ def test_grid_branches_are_scored_tile_by_tile():
     single = torch.randn(2, 3, 2 * RES, 2 * RES, generator=g)
     t = torch.tensor([101, 201])
     (su, sc), (gu, gc) = prior.predict_noise(
-        [Branch(single, t, embeds), Branch(grid, t, embeds, Control(GRID_CONTROL, grid))]
+        [Branch(single, t, embeds), Branch(grid, t, embeds, Control(GRID_CONTROL, grid), layout="grid")]
     )
     ref_single = prior.single.predict_noise([Branch(single, t, embeds)])[0]
     assert torch.allclose(su, ref_single[0]) and torch.allclose(sc, ref_single[1])

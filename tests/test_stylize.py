@@ -20,6 +20,7 @@ from headstyle.stylize.config import (
     resolve_config,
     save_config,
 )
+from headstyle.stylize.factory import build_lpips
 from headstyle.stylize.presets import PROMPTS, preset
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 from headstyle.stylize.trainer import Stylizer
@@ -234,8 +235,8 @@ def test_trainer_on_an_analytic_prior_with_tweedie_losses(tmp_path):
         "regularisers.lpips=0.05", f"regularisers.lpips_alexnet={alex}",
         f"regularisers.lpips_linear={lin}",
     ])
-    stylizer = Stylizer(cfg, G, prior)
-    assert stylizer.image_size == 64 and stylizer.controlnets == set()
+    stylizer = Stylizer(cfg, G, prior, lpips=build_lpips(cfg, torch.device("cpu")))
+    assert stylizer.ctx.image_size == 64 and prior.control_names == frozenset()
     metrics = stylizer.step()
     assert metrics["tweedie_mse"] > 0 and metrics["tweedie_lpips"] > 0 and metrics["skipped"] == 0
     assert metrics["single_grad_norm"] > 0 and metrics["grid_grad_norm"] > 0

@@ -390,7 +390,7 @@ def test_sigterm_checkpoints_and_exits_zero_with_resume_hint(tmp_path, tiny_sd, 
 def test_style_image_target_uses_each_samples_frozen_render_as_content(tmp_path, prior_no_controls, monkeypatch):
     """style.image wraps the prior in Style Fusion Attention; every iteration hands it one content reference
     per sample (the frozen render, in branch order). That a style changes eps is tested in test_style_views."""
-    from headstyle.stylize.trainer import style_fusion_prior
+    from headstyle.stylize.factory import style_fusion_prior
 
     pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
     imageio.v3.imwrite(tmp_path / "style.png", pixels)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from headstyle.attention.banks import ReferenceBank, reference_latents, write_ba
 from headstyle.attention.install import install_style_fusion
 from headstyle.attention.layers import LAYER_SETS, LayerSet
 from headstyle.attention.processors import PAIRINGS, Pairing, StyleFusionState
-from headstyle.priors.base import Branch
+from headstyle.priors.base import Branch, PromptEmbeds
+from headstyle.priors.diffusers_prior import DiffusersPrior
 
 REFERENCE_MODES: tuple[str, ...] = ("noised", "clean")
 
@@ -70,8 +71,8 @@ def load_image(path: str | os.PathLike, size: int, mode: str = "RGB") -> Tensor:
 class StyleFusionPrior:
     """eps predictions with Style Fusion Attention reading content and style reference banks.
 
-    prior: a DiffusersPrior (anything with .unet, .encode, .embed_prompts, .alphas_cumprod and
-    .predict_noise). style_latents / style_latents_2: (n, C, h, w) latents of the style image(s)
+    prior: the DiffusersPrior whose UNet gets the fusion processors.
+    style_latents / style_latents_2: (n, C, h, w) latents of the style image(s)
     (n = 2 for front and back views); a second style is blended with config.alpha. The content
     reference is set with set_content. style_mask: (H, W) in [0, 1], 1 where to stylise.
     content_unet / style_unet: the appearance modules (default: the prior's own UNet).
@@ -80,7 +81,7 @@ class StyleFusionPrior:
 
     def __init__(
         self,
-        prior: Any,
+        prior: DiffusersPrior,
         style_latents: Tensor,
         style_latents_2: Tensor | None = None,
         config: StyleFusionConfig | None = None,
@@ -104,12 +105,43 @@ class StyleFusionPrior:
         self.content_per_group = 1
         self.generator = torch.Generator(device=style_latents.device).manual_seed(seed)
 
-    def __getattr__(self, name: str) -> Any:
-        # The rest of the ScorePrior seam (alphas_cumprod, encode, decode, embed_prompts, ...) and the
-        # prior's extras (image_size, controlnets, scheduler, unet) are the wrapped prior's.
-        if name == "prior":
-            raise AttributeError(name)
-        return getattr(self.prior, name)
+    # The rest of the ScorePrior seam is the wrapped prior's.
+    takes_content = True
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.prior.alphas_cumprod
+
+    @property
+    def latent_channels(self) -> int:
+        return self.prior.latent_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.prior.image_size
+
+    @property
+    def control_names(self) -> frozenset[str]:
+        return self.prior.control_names
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.device
+
+    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
+        return self.prior.inference_timesteps(num_inference_steps)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.prior.add_noise(x0, eps, t)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.prior.encode(images)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.prior.decode(latents)
+
+    def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        return self.prior.embed_prompts(prompt, negative_prompt)
 
     def set_content(self, latents: Tensor | None, images_per_group: int | None = None) -> None:
         """The content reference: (n, C, h, w) latents, one group of n images shared by every sample

@@ -11,7 +11,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +24,7 @@ from headstyle.export import Latent, render_view, save_grid, save_image, save_tu
 from headstyle.generator.base import Generator
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
+from headstyle.priors.diffusers_prior import DiffusersPrior
 
 
 @dataclass
@@ -69,14 +69,14 @@ def stylize_image(
     x = sfa.add_noise(x0, eps, timesteps[:1])
     for t in timesteps:
         eps_u, eps_c = sfa.predict_noise([Branch(x, t.reshape(1), prompt, control)])[0]
-        x = sfa.scheduler.step(cfg(eps_u, eps_c, config.guidance_scale), t, x).prev_sample
+        x = sfa.prior.scheduler.step(cfg(eps_u, eps_c, config.guidance_scale), t, x).prev_sample
     sfa.set_content(None)
     return sfa.decode(x)
 
 
 def stylize_views(
     G: Generator,
-    prior: Any,
+    prior: DiffusersPrior,
     latents: Sequence[Latent],
     yaws: Sequence[float],
     style_image: Tensor,
@@ -97,7 +97,7 @@ def stylize_views(
     style_latents = [None if s is None else prior.encode(resize_to(s, size)) for s in (style_image, style_image_2)]
     sfa = StyleFusionPrior(prior, style_latents[0], style_latents[1], config.fusion, style_mask, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    use_depth = "depth" in (getattr(prior, "controlnets", None) or {})
+    use_depth = "depth" in prior.control_names
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -56,7 +56,8 @@ def stylize(
     from headstyle.generator.checkpoint import CheckpointError
     from headstyle.priors.diffusers_prior import PriorLoadError
     from headstyle.stylize.checkpointing import ResumeError
-    from headstyle.stylize.trainer import NonFiniteError, run_stylize
+    from headstyle.stylize.factory import run_stylize
+    from headstyle.stylize.trainer import NonFiniteError
 
     try:
         result = run_stylize(cfg, resume=resume, progress=progress)

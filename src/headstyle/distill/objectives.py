@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headstyle.priors.base import Branch, Control, PromptEmbeds, ScorePrior, add_noise
+from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior, add_noise
 
 LD_WEIGHTINGS = ("script", "paper", "none")
 SDS_WEIGHTINGS = ("sds", "uniform", "fantasia3d", "script")
@@ -56,7 +56,7 @@ class DistillTarget:
 
     latents: x (N, C, h, w), the render's latents (any dtype; detached and cast to fp32 here).
     prompt: text conditioning (batch 1 or N). t: (N,) long timesteps. noise: eps like latents.
-    control: optional ControlNet input for this branch.
+    control: optional ControlNet input for this branch. layout: "view" or "grid" (2x2 views).
     step_index: (N,) long DDIM step indices (needed by the "script" weightings).
     source_latents / source_prompt: z_src and y_src for DDS and IDS (the frozen render and its
     description); the source branch uses the same control as the target.
@@ -70,6 +70,7 @@ class DistillTarget:
     step_index: Tensor | None = None
     source_latents: Tensor | None = None
     source_prompt: PromptEmbeds | None = None
+    layout: Layout = "view"
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _prepare(targets: list[DistillTarget], need_source: bool = False) -> list[_P
 
 
 def _branch(x_t: Tensor, p: _Prepared, prompt: PromptEmbeds) -> Branch:
-    return Branch(x_t=x_t, t=p.t, prompt=prompt.repeat(x_t.shape[0]), control=p.target.control)
+    return Branch(x_t=x_t, t=p.t, prompt=prompt.repeat(x_t.shape[0]), control=p.target.control, layout=p.target.layout)
 
 
 def _step_weight(prior: ScorePrior, p: _Prepared, what: str) -> Tensor:
@@ -315,7 +316,9 @@ def _pair_branch(x_a: Tensor, x_b: Tensor, p: _Prepared, prompt_a: PromptEmbeds,
     control = p.target.control
     if control is not None and control.image.dim() == 4 and control.image.shape[0] == n > 1:
         control = Control(control.name, torch.cat([control.image, control.image]), control.scale)
-    return Branch(x_t=torch.cat([x_a, x_b]), t=torch.cat([p.t, p.t]), prompt=prompt, control=control)
+    return Branch(
+        x_t=torch.cat([x_a, x_b]), t=torch.cat([p.t, p.t]), prompt=prompt, control=control, layout=p.target.layout
+    )
 
 
 def ids(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -26,23 +27,55 @@ class RenderOutput:
     planes: Tensor | None = None
 
 
+FieldSampler = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""The 3D field of fixed ws: world points (N, M, 3) -> raw density sigma (N, M), the renderer's
+pre-activation (PanoHead: softplus(sigma - 1) per unit length), and rgb (N, M, 3) in the raw
+image's units (about [-1, 1]): the colour image_raw shows where an opaque surface sits at that point."""
+
+
 @runtime_checkable
 class Generator(Protocol):
     """A camera-conditioned 3D head generator with PanoHead's call signature.
 
     mapping(z, c, truncation_psi, truncation_cutoff) -> ws (N, num_ws, w_dim)
-    synthesis(ws, c, noise_mode=..., render_sr=True) -> RenderOutput
+    synthesis(ws, c, noise_mode=..., render_sr=True, generate_background=True) -> RenderOutput
+
+    generate_background=False renders without a background network (the LD script trains so);
+    a generator without one renders its constant background either way. init_kwargs: the
+    constructor arguments that headstyle.generator.checkpoint rebuilds the generator from, or
+    None for generators it cannot rebuild (their saves hold the weights only).
     """
 
     z_dim: int
     num_ws: int
+    init_kwargs: Mapping[str, Any] | None
 
     def mapping(
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> Tensor: ...
 
     def synthesis(
-        self, ws: Tensor, c: Tensor, noise_mode: str = "const", render_sr: bool = True
+        self, ws: Tensor, c: Tensor, noise_mode: str = "const", render_sr: bool = True, generate_background: bool = True
     ) -> RenderOutput: ...
 
     def trainable_parameters(self, modules: tuple[str, ...], train_biases: bool) -> list[nn.Parameter]: ...
+
+    def field_sampler(self, ws: Tensor) -> FieldSampler:
+        """The field of ws (N, num_ws, w_dim) at any world points (meshes), its ws-dependent part
+        (PanoHead's tri-grid) computed once."""
+        ...
+
+
+def select_parameters(module: nn.Module, modules: tuple[str, ...], train_biases: bool) -> list[nn.Parameter]:
+    """Parameters under the module prefixes ``modules``, without those ending in '.bias' unless train_biases
+    (the LD script's selection); every generator's trainable_parameters."""
+    known = {name for name, _ in module.named_modules()}
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        top = [n for n, _ in module.named_children()]
+        raise ValueError(f"unknown modules {unknown}; top-level modules are {top}")
+    return [
+        p
+        for name, p in module.named_parameters()
+        if any(name.startswith(m + ".") for m in modules) and (train_biases or not name.endswith(".bias"))
+    ]

@@ -533,10 +533,9 @@ def build_generator(config: GeneratorConfig) -> nn.Module:
 
 def generator_config(G: nn.Module) -> GeneratorConfig:
     """The configuration of a built generator (constructor kwargs as recorded at construction)."""
-    init = getattr(G, "init_kwargs", None)
-    if not isinstance(init, Mapping):
-        raise TypeError(f"{type(G).__name__} does not record its init_kwargs; cannot describe it for saving")
-    return GeneratorConfig.from_init_kwargs(init, int(G.neural_rendering_resolution), G.rendering_kwargs)
+    if G.init_kwargs is None:
+        raise CheckpointError(f"{type(G).__name__} declares no init_kwargs: it cannot be rebuilt from a config")
+    return GeneratorConfig.from_init_kwargs(G.init_kwargs, int(G.neural_rendering_resolution), G.rendering_kwargs)
 
 
 def load_generator(
@@ -572,17 +571,22 @@ def _json_value(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def save_generator(G: nn.Module, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Save ``NAME.safetensors`` (weights) and ``NAME.json`` (config), each written atomically."""
+def save_generator(G: nn.Module, path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Save ``NAME.safetensors`` (weights) and ``NAME.json`` (config), each written atomically.
+
+    A generator that declares no init_kwargs (the lab's) gets the weights file only (sidecar None).
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: generator saves end in .safetensors")
-    config = generator_config(G)
+    config = None if G.init_kwargs is None else generator_config(G)
     # safetensors refuses shared storage; contiguous copies detach a saved state from live views.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in G.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    if config is None:
+        return path, None
     side = sidecar_path(path)
     with atomic_path(side) as tmp:
         tmp.write_text(json.dumps(config.to_json(), indent=1, default=_json_value))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.generator.base import RenderOutput
+from headstyle.generator.base import FieldSampler, RenderOutput, select_parameters
 from headstyle.generator.layers import (
     FullyConnectedLayer,
     MappingNetwork,
@@ -24,7 +24,7 @@ from headstyle.generator.layers import (
     SynthesisNetwork,
     ToRGBLayer,
 )
-from headstyle.generator.renderer import ImportanceRenderer, RenderDraws, ray_sampler
+from headstyle.generator.renderer import ImportanceRenderer, RenderDraws, crop_mask, query_trigrid, ray_sampler
 from headstyle.generator.superresolution import SuperresolutionHybrid8XDC
 
 FEATURE_CHANNELS = 32  # features per tri-grid cell, decoded to sigma + 32 colour features
@@ -224,6 +224,31 @@ class TriPlaneGenerator(nn.Module):
         planes = self.backbone.synthesis(ws, noise_mode=noise_mode, generator=generator)
         return planes.view(len(planes), TRIGRID_PLANES, FEATURE_CHANNELS * self.triplane_depth, *planes.shape[-2:])
 
+    def field_sampler(self, ws: Tensor, noise_mode: NoiseMode = "const") -> FieldSampler:
+        """The field of ws at world points (N, M, 3), as synthesis renders it (PanoHead's sample_mixed).
+
+        sigma (N, M): the decoder's raw density with the renderer's triplane crop (0.1) applied.
+        rgb (N, M, 3): the decoder's colour features mapped as image_raw maps the composited ones
+        (x2 - 1 under a sigmoid decoder, then torgb with ws[:, -1], or the first 3 features).
+        """
+        planes = self.trigrid(ws, noise_mode=noise_mode)
+        grid = planes.view(len(ws), TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
+        box_warp = self.rendering_kwargs["box_warp"]
+
+        def sample(points: Tensor) -> tuple[Tensor, Tensor]:
+            # The decoder ignores directions; gen_samples passes -z.
+            directions = points.new_tensor([0.0, 0.0, -1.0]).expand_as(points)
+            out = query_trigrid(grid, self.decoder, points, directions, box_warp)
+            sigma = torch.where(crop_mask(points, 0.1, box_warp), -1e3, out["sigma"])[..., 0]
+            features = out["rgb"] * 2 - 1 if self.decoder.activation == "sigmoid" else out["rgb"]
+            if self.torgb is None:
+                return sigma, features[..., :3]
+            # torgb is a 1x1 convolution: the M points are the pixels of an (M, 1) image.
+            rgb = self.torgb(features.transpose(1, 2).unsqueeze(-1), ws[:, -1], fused_modconv=False)
+            return sigma, rgb.to(torch.float32)[..., 0].transpose(1, 2)
+
+        return sample
+
     def background(
         self, ws: Tensor, size: int, noise_mode: NoiseMode = "const", generator: torch.Generator | None = None
     ) -> Tensor:
@@ -321,15 +346,4 @@ class TriPlaneGenerator(nn.Module):
     def trainable_parameters(
         self, modules: tuple[str, ...] = ("backbone.synthesis", "superresolution"), train_biases: bool = False
     ) -> list[nn.Parameter]:
-        """Parameters under the module prefixes ``modules``, without those ending in '.bias' unless train_biases
-        (the LD script's selection)."""
-        known = {name for name, _ in self.named_modules()}
-        unknown = [m for m in modules if m not in known]
-        if unknown:
-            top = [n for n, _ in self.named_children()]
-            raise ValueError(f"unknown modules {unknown}; top-level modules are {top}")
-        return [
-            p
-            for name, p in self.named_parameters()
-            if any(name.startswith(m + ".") for m in modules) and (train_biases or not name.endswith(".bias"))
-        ]
+        return select_parameters(self, modules, train_biases)

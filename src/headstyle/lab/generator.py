@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.generator.base import RenderOutput
+from headstyle.generator.base import FieldSampler, RenderOutput, select_parameters
 from headstyle.generator.renderer import ray_march, ray_sampler, sample_from_trigrid
 from headstyle.lab.world import NUM_PARAMS, REGIONS, SHADING_BAND, head_field, params_from_z
 
@@ -102,6 +102,9 @@ class LabGenerator(nn.Module):
     residual: False builds a generator without trainable weights (oracles and exemplar renders).
     """
 
+    # Lab generators are not rebuilt by headstyle.generator.checkpoint: their saves hold the weights only.
+    init_kwargs = None
+
     def __init__(
         self,
         resolution: int = 32,
@@ -162,6 +165,15 @@ class LabGenerator(nn.Module):
         rgb = frozen.rgb.index_put(idx, frozen.rgb[idx] + d_rgb)
         return sigma, rgb
 
+    def field_sampler(self, ws: Tensor) -> FieldSampler:
+        """``field`` of ws with the colour mapped as the raw image maps it (2 * rgb - 1)."""
+
+        def sample(points: Tensor) -> tuple[Tensor, Tensor]:
+            sigma, rgb = self.field(ws, points)
+            return sigma, rgb * 2 - 1
+
+        return sample
+
     def lattice(self, ws: Tensor) -> Tensor:
         """The field on a LATTICE^3 grid over the head, as a tri-grid (N, 3, C, L, L) for the regulariser.
 
@@ -196,12 +208,14 @@ class LabGenerator(nn.Module):
         c: Tensor,
         noise_mode: str = "const",
         render_sr: bool = True,
+        generate_background: bool = True,
         neural_rendering_resolution: int | None = None,
     ) -> RenderOutput:
         """Render ws (N, num_ws, w_dim) at cameras c (N, 25): images in [-1, 1], ray depth, mask, lattice.
 
-        Samples sit at fixed depths (no stratified jitter), so rendering is deterministic;
-        ``noise_mode`` is accepted for interface compatibility (the lab has no noise inputs).
+        Samples sit at fixed depths (no stratified jitter), so rendering is deterministic. The lab has
+        no noise inputs and no background network (``noise_mode`` and ``generate_background`` change
+        nothing: the background is the constant rendering_kwargs["background"]).
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"c must be (N, 25) camera labels, got {tuple(c.shape)}")
@@ -234,16 +248,7 @@ class LabGenerator(nn.Module):
     def trainable_parameters(
         self, modules: tuple[str, ...] = ("backbone.synthesis", "superresolution"), train_biases: bool = False
     ) -> list[nn.Parameter]:
-        """Parameters under the module prefixes ``modules`` ('.bias' ones only with train_biases)."""
-        known = {name for name, _ in self.named_modules()}
-        unknown = [m for m in modules if m not in known]
-        if unknown:
-            raise ValueError(f"unknown modules {unknown}; the lab generator has {sorted(k for k in known if k)}")
-        return [
-            p
-            for name, p in self.named_parameters()
-            if any(name.startswith(m + ".") for m in modules) and (train_biases or not name.endswith(".bias"))
-        ]
+        return select_parameters(self, modules, train_biases)
 
     def render(self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, render_sr: bool = True) -> RenderOutput:
         """mapping + synthesis in one call (the camera label also conditions the mapping, which ignores it)."""

@@ -112,7 +112,8 @@ class LabPrior:
     together relative to the noise, so that the posterior averages over more of them.
     """
 
-    controlnets = (GRID_CONTROL,)
+    control_names = frozenset({GRID_CONTROL})
+    takes_content = False
 
     def __init__(self, single: ExemplarPrior, tile: ExemplarPrior, identities: Tensor, latent_scale: float) -> None:
         if single.components != tile.components:
@@ -124,6 +125,7 @@ class LabPrior:
         self.alphas_cumprod = single.alphas_cumprod
         self.latent_channels = single.latent_channels
         self.image_shape = single.image_shape
+        self.image_size = single.image_size
 
     def inference_timesteps(self, num_inference_steps: int) -> Tensor:
         return self.single.inference_timesteps(num_inference_steps)
@@ -168,7 +170,7 @@ class LabPrior:
 
 
 def _is_grid(branch: Branch) -> bool:
-    return branch.control is not None and branch.control.name == GRID_CONTROL
+    return branch.layout == "grid"
 
 
 def _repeat(prompt: PromptEmbeds, times: int, n: int) -> PromptEmbeds:

@@ -45,6 +45,8 @@ class AnalyticPrior:
 
     num_train_timesteps = 1000
     steps_offset = 1
+    control_names: frozenset[str] = frozenset()
+    takes_content = False
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class AnalyticPrior:
         self.components = list(components)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.latent_channels = self.image_shape[0]
+        self.image_size = self.image_shape[-1]
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         w = uncond_weights.to(self.device, torch.float64)

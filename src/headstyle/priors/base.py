@@ -8,7 +8,7 @@ prior and the analytic priors answer it through this one interface.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -37,14 +37,20 @@ class Control:
     scale: float = 1.0
 
 
+# What a branch's images are: single views, or 2x2 grids of four views (LD's grid denoising).
+Layout = Literal["view", "grid"]
+
+
 @dataclass
 class Branch:
-    """One group of samples sharing a control: x_t (N, C, h, w), t (N,), prompts, optional control."""
+    """One group of samples sharing a control: x_t (N, C, h, w), t (N,), prompts, optional control,
+    and the layout of its images (a prior may model a grid as four views)."""
 
     x_t: Tensor
     t: Tensor
     prompt: PromptEmbeds
     control: Control | None = None
+    layout: Layout = "view"
 
 
 @runtime_checkable
@@ -54,10 +60,17 @@ class ScorePrior(Protocol):
     alphas_cumprod: (T,) float32 abar_t on the prior's device.
     predict_noise evaluates the denoiser ONCE over all branches (uncond and cond stacked on the
     batch axis) and returns float32 (eps_uncond, eps_cond) per branch, in branch order.
+
+    Declared capabilities: image_size, the side of the square images ``encode`` takes;
+    control_names, the ControlNets a branch may name; takes_content, whether the prior reads a
+    per-sample content reference (then it is a ContentReferencePrior).
     """
 
     alphas_cumprod: Tensor
     latent_channels: int
+    image_size: int
+    control_names: frozenset[str]
+    takes_content: bool
 
     def inference_timesteps(self, num_inference_steps: int) -> Tensor: ...
 
@@ -70,6 +83,13 @@ class ScorePrior(Protocol):
     def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds: ...
 
     def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]: ...
+
+
+@runtime_checkable
+class ContentReferencePrior(ScorePrior, Protocol):
+    """A prior whose predictions read a content reference (Style Fusion Attention's content bank)."""
+
+    def set_content(self, latents: Tensor | None, images_per_group: int | None = None) -> None: ...
 
 
 def add_noise(alphas_cumprod: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:

@@ -279,6 +279,12 @@ class DiffusersPrior:
             device=device, dtype=dtype, vae_dtype=vae_dtype, **options,
         )  # fmt: skip
 
+    takes_content = False
+
+    @property
+    def control_names(self) -> frozenset[str]:
+        return frozenset(self.controlnets)
+
     @property
     def image_size(self) -> int:
         """The resolution the UNet was trained at (512 for SD 1.5)."""

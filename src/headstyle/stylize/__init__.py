@@ -8,9 +8,10 @@ from headstyle.stylize.config import (
     resolve_config,
     save_config,
 )
+from headstyle.stylize.factory import build_from_config, run_stylize
 from headstyle.stylize.presets import PROMPTS, preset, preset_names
 from headstyle.stylize.regularisers import relative_distance
-from headstyle.stylize.trainer import NonFiniteError, Stylizer, TrainResult, build_from_config, run_stylize
+from headstyle.stylize.trainer import NonFiniteError, Stylizer, TrainResult
 
 __all__ = [
     "PROMPTS",
