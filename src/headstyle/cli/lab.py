@@ -80,3 +80,37 @@ def lab_bench(
                        progress=progress)
     typer.echo(result.markdown(), nl=False)
     typer.echo(f"wrote {out}/bench.csv and {out}/bench.md")
+
+
+@lab_app.command("train-prior")
+def lab_train_prior(
+    out: str = typer.Option(..., help="Run folder: data/, checkpoints/, model/ (the SD-layout prior), logs."),
+    resume: bool = typer.Option(False, help="Continue a run in --out from its checkpoints."),
+    stage: str = typer.Option("all", help="Stage to run: data, vae, unet, controlnet or all (every unfinished one)."),
+    config: str = typer.Option("full", help="Sizes and steps: full (the shipped prior) or tiny (tests)."),
+    threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train the lab's learned prior, a tiny Stable-Diffusion-shaped latent diffusion model of the head world."""
+    from pathlib import Path
+
+    import torch
+
+    from headstyle.lab.train_prior import CONFIGS, STAGES, train_prior
+
+    if stage not in (*STAGES, "all"):
+        raise UserError(f"--stage {stage!r} is unknown; choose one of {', '.join(STAGES)} or all")
+    if config not in CONFIGS:
+        raise UserError(f"--config {config!r} is unknown; choose one of {', '.join(CONFIGS)}")
+    if threads < 0:
+        raise UserError("--threads must be >= 0")
+    folder = Path(out)
+    if folder.exists() and any(folder.iterdir()) and not resume:
+        raise UserError(f"--out {out} is not empty; pass --resume to continue that run or choose a new folder")
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = train_prior(folder, CONFIGS[config], stage, progress=progress)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    typer.echo(f"wrote {model}")

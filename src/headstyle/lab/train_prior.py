@@ -1,0 +1,779 @@
+"""Train the lab's learned prior: a tiny Stable-Diffusion-1.5-shaped latent diffusion model of the head world.
+
+Stages (each resumable from DIR/checkpoints/<stage>.pt, written atomically every few minutes):
+
+- data: ground-truth renders of ``identities`` prior identities (seed IDENTITY_SEED, disjoint from
+  the lab's held-out set) at stratified 360-degree cameras, unstyled and in every style, with
+  their depth controls (32 px, per raw view) and Canny controls (of the 64 px single view);
+  cached as uint8 safetensors in DIR/data, one file per domain.
+- vae: an AutoencoderKL with 4 latent channels and downsampling factor 4 (64 px -> 16x16x4): a 2x2
+  grid of 32 px raw renders then keeps 8x8 latents per view (factor 8 would leave 4x4, too coarse
+  for eyes and lips); scaling_factor = 1 / std of the latents over the data, as SD computed its 0.18215.
+- unet: first the tokenizer (own byte-level BPE with the lab prompts' words whole) and a FROZEN
+  random CLIPTextModel: the prompts are a finite set, a random transformer already gives every
+  prompt its own embedding, and freezing it lets the embeddings be computed once (the UNet's
+  cross-attention learns to read them, as SD's UNet learned to read a frozen CLIP). Then a
+  UNet2DConditionModel: epsilon prediction, SD's scaled-linear betas, prompts dropped to "" with
+  probability ``prompt_dropout`` (so classifier-free guidance is real); half the batch single
+  views (the SR image: raw x2 bilinear), half 2x2 grids of four raw views of one identity.
+- controlnet: ControlNetModel.from_unet for "depth" (on grids, the trainer's grid control) and
+  "canny" (on single views), trained on (control, image) pairs with the UNet frozen.
+
+DIR/model is then an SD folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/, controlnet-depth/, controlnet-canny/) that DiffusersPrior.from_pretrained loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from torch import Tensor, nn
+
+from headstyle.distill.shaping import tile_2x2
+from headstyle.export import atomic_path, atomic_write_text
+from headstyle.lab.generator import LabGenerator
+from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
+from headstyle.lab.world import STYLES, sample_z, style_prompt
+from headstyle.priors.controls import canny_control, depth_control
+
+# The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
+IDENTITY_SEED = 3_000
+TRUNCATION_PSI = 0.75  # as the lab trainer and evaluation map identities
+DOMAINS: tuple[str | None, ...] = (None, *STYLES)
+STAGES = ("data", "vae", "unet", "controlnet")
+CONTROLNETS = ("depth", "canny")  # depth: on 2x2 grids (the grid branch); canny: on single views
+# Several phrasings per domain; the first is the lab's prompt (world.style_prompt).
+PHRASINGS: dict[str | None, tuple[str, ...]] = {
+    None: (style_prompt(None), "a head", "a photo of a person"),
+    "statue": (style_prompt("statue"), "a statue", "a stone sculpture of a head"),
+    "zombie": (style_prompt("zombie"), "a zombie head", "a photo of a zombie"),
+    "toon": (style_prompt("toon"), "a cartoon head", "a toon character with big eyes"),
+    "gold": (style_prompt("gold"), "a gold statue", "a head made of gold"),
+}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class TrainPriorConfig:
+    """Sizes, steps and seeds of every stage (see CONFIGS)."""
+
+    identities: int = 240
+    views: int = 8
+    resolution: int = 32  # raw renders; single views are x2 (64 px), grids 2x2 raw (64 px)
+    seed: int = 0
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    text_width: int = 64
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_steps: int = 2800
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    prompt_dropout: float = 0.15
+    grid_share: float = 0.5
+    controlnet_channels: tuple[int, ...] = (16, 32, 32)
+    controlnet_steps: int = 700
+    controlnet_batch: int = 16
+    controlnet_lr: float = 5e-4
+    warmup: int = 100
+    checkpoint_seconds: float = 180.0
+    log_every: int = 10
+    render_chunk: int = 64
+    scale_samples: int = 512  # images whose latents set the VAE's scaling factor
+
+
+CONFIGS: dict[str, TrainPriorConfig] = {
+    "full": TrainPriorConfig(),
+    # Tests: a few steps of every stage on tiny models.
+    "tiny": TrainPriorConfig(
+        identities=2,
+        views=4,
+        resolution=16,
+        vae_channels=(8, 8, 8),
+        vae_steps=6,
+        vae_batch=4,
+        text_width=16,
+        text_layers=1,
+        unet_channels=(8, 16, 16),
+        unet_steps=6,
+        unet_batch=4,
+        controlnet_channels=(8, 8, 8),
+        controlnet_steps=4,
+        controlnet_batch=4,
+        warmup=2,
+        log_every=2,
+        render_chunk=16,
+        scale_samples=16,
+    ),
+}
+
+
+def domain_name(domain: str | None) -> str:
+    return "unstyled" if domain is None else domain
+
+
+def prompt_table() -> list[str]:
+    """Every prompt the model is trained on: "" (the unconditional prompt) first, then each domain's phrasings."""
+    return ["", *(p for d in DOMAINS for p in PHRASINGS[d])]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class LabData:
+    """The cached renders: per domain (DOMAINS order) raw views (D, N, 3, r, r), depth controls
+    (D, N, 1, r, r) and Canny controls of the single view (D, N, 1, 2r, 2r), all uint8; N = identities * views
+    (identity-major)."""
+
+    raw: Tensor
+    depth: Tensor
+    canny: Tensor
+    views: int
+
+    @property
+    def identities(self) -> int:
+        return self.raw.shape[1] // self.views
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[0, 1] -> uint8 (rounded)."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def single_view(raw: Tensor) -> Tensor:
+    """The lab generator's SR image of raw renders: bilinear x2 (headstyle.lab.generator.Upsample)."""
+    return F.interpolate(raw, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def render_domain(z: Tensor, cams: Tensor, domain: str | None, resolution: int, chunk: int) -> Iterator[dict]:
+    """Render identities z (M, P) at cams (M * V, 25) in ``domain``, chunk by chunk: uint8 raw, depth, canny."""
+    views = len(cams) // len(z)
+    ws = TRUNCATION_PSI * z.repeat_interleave(views, dim=0).unsqueeze(1)
+    oracle = LabGenerator(resolution=resolution, sr_factor=1, num_ws=1, style=domain, residual=False)
+    for i in range(0, len(ws), chunk):
+        out = oracle.synthesis(ws[i : i + chunk], cams[i : i + chunk], render_sr=False)
+        raw = out.image_raw.clamp(-1, 1)
+        yield {
+            "raw": to_uint8((raw + 1) / 2),
+            "depth": to_uint8(depth_control(out.depth, out.mask)[:, :1]),
+            "canny": to_uint8(canny_control(single_view(raw))[:, :1] / 255.0),
+        }
+
+
+def prior_identities(cfg: TrainPriorConfig) -> Tensor:
+    """The prior's identities z (M, P); raises LeakError if any is a held-out identity."""
+    z = sample_z(cfg.identities, IDENTITY_SEED + cfg.seed)
+    check_disjoint(z, held_out_z(16))
+    return z
+
+
+def stage_data(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
+    """Render every domain into out/data/<domain>.safetensors (a finished domain is skipped on resume)."""
+    from safetensors.torch import save_file
+
+    z = prior_identities(cfg)
+    cam_gen = torch.Generator().manual_seed(IDENTITY_SEED + cfg.seed + 1)
+    cams = stratified_360_cameras(cfg.identities, cfg.views, cam_gen)
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [d for d in DOMAINS if not (folder / f"{domain_name(d)}.safetensors").is_file()]
+    chunks = math.ceil(len(cams) / cfg.render_chunk)
+    start = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task("data", total=chunks * len(todo), loss="")
+        for domain in todo:
+            parts: dict[str, list[Tensor]] = {"raw": [], "depth": [], "canny": []}
+            for part in render_domain(z, cams, domain, cfg.resolution, cfg.render_chunk):
+                for k, v in part.items():
+                    parts[k].append(v)
+                bar.update(task, advance=1, loss=domain_name(domain))
+            tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+            tensors["z"], tensors["cams"] = z.contiguous(), cams.contiguous()
+            with atomic_path(folder / f"{domain_name(domain)}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            _add_seconds(out, "data", time.perf_counter() - start)
+            start = time.perf_counter()
+    _finish_stage(out, "data", {"renders": len(cams) * len(DOMAINS), "identities": cfg.identities})
+
+
+def load_data(out: Path) -> LabData:
+    """The cached renders of stage_data."""
+    from safetensors.torch import load_file
+
+    parts = [load_file(str(out / "data" / f"{domain_name(d)}.safetensors")) for d in DOMAINS]
+    views = parts[0]["cams"].shape[0] // parts[0]["z"].shape[0]
+    return LabData(*(torch.stack([p[k] for p in parts]) for k in ("raw", "depth", "canny")), views=views)
+
+
+@dataclass
+class Batch:
+    """Training images in [-1, 1] (B, 3, 64, 64), their controls in [0, 1] (B, 3, 64, 64: depth for grids,
+    Canny for single views), domain indices (B,) and which samples are 2x2 grids (B,)."""
+
+    images: Tensor
+    controls: Tensor
+    domains: Tensor
+    grid: Tensor
+
+
+def sample_batch(data: LabData, n: int, grid_share: float, gen: torch.Generator) -> Batch:
+    """n random samples: single views (raw x2 with their Canny) or 2x2 grids of four distinct raw views of one
+    identity in one domain (with the tiled depth controls), each with probability ``grid_share``."""
+    d_count, n_views = data.raw.shape[0], data.raw.shape[1]
+    domains = torch.randint(d_count, (n,), generator=gen)
+    grid = torch.rand(n, generator=gen) < grid_share
+    index = torch.randint(n_views, (n,), generator=gen)
+    picks = torch.stack([torch.randperm(data.views, generator=gen)[:4] for _ in range(n)])
+    images, controls = [], []
+    for k in range(n):
+        d = int(domains[k])
+        if grid[k]:
+            rows = (int(index[k]) // data.views) * data.views + picks[k]
+            raw = data.raw[d, rows].float() / 127.5 - 1
+            images.append(tile_2x2(list(raw.unsqueeze(1))))
+            controls.append(tile_2x2(list(data.depth[d, rows].float().unsqueeze(1) / 255)))
+        else:
+            raw = data.raw[d, index[k : k + 1]].float() / 127.5 - 1
+            images.append(single_view(raw))
+            controls.append(data.canny[d, index[k : k + 1]].float() / 255)
+    return Batch(torch.cat(images), torch.cat(controls).expand(-1, 3, -1, -1), domains, grid)
+
+
+def sample_prompts(domains: Tensor, dropout: float, gen: torch.Generator) -> Tensor:
+    """Indices into prompt_table(): a random phrasing of each sample's domain, or "" (index 0) with prob. dropout."""
+    per = len(PHRASINGS[None])
+    phrase = torch.randint(per, domains.shape, generator=gen)
+    drop = torch.rand(domains.shape, generator=gen) < dropout
+    return torch.where(drop, torch.zeros_like(domains), 1 + domains * per + phrase)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_vae(cfg: TrainPriorConfig, image_size: int) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 11)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=cfg.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=min(8, cfg.vae_channels[0]),
+            sample_size=image_size,
+        )
+
+
+def build_unet(cfg: TrainPriorConfig, latent_size: int) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 12)
+        return UNet2DConditionModel(
+            sample_size=latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=cfg.unet_channels,
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cfg.text_width,
+            attention_head_dim=8,
+            norm_num_groups=min(8, cfg.unet_channels[0]),
+        )
+
+
+def build_controlnet(cfg: TrainPriorConfig, unet: nn.Module, name: str) -> nn.Module:
+    """ControlNetModel.from_unet (encoder copied from the trained UNet, zero convolutions at zero)."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 13 + CONTROLNETS.index(name))
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chars from U+0100."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def write_tokenizer(folder: Path, words: list[str], max_length: int = 77) -> int:
+    """A CLIP byte-level BPE (vocab.json, merges.txt, tokenizer_config.json) whose merges build ``words`` whole;
+    any other text still encodes, byte by byte. Returns the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[str] = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair, merged = f"{symbols[0]} {symbols[1]}", symbols[0] + symbols[1]
+            if pair not in merges:
+                merges.append(pair)
+                tokens.append(merged)
+            symbols = [merged, *symbols[2:]]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return len(vocab)
+
+
+def prompt_words() -> list[str]:
+    """The words of every phrasing, in first-seen order (commas split off, as CLIP's pre-tokeniser does)."""
+    words = (w for p in prompt_table() for w in p.replace(",", " ").split())
+    return list(dict.fromkeys(words))
+
+
+def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
+    """Write tokenizer/ and a frozen random text_encoder/ into the model folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with _atomic_dir(folder / "tokenizer") as tmp:
+        vocab_size = write_tokenizer(tmp, prompt_words())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 10)
+        encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=cfg.text_width,
+                intermediate_size=2 * cfg.text_width,
+                num_hidden_layers=cfg.text_layers,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    with _atomic_dir(folder / "text_encoder") as tmp:
+        encoder.save_pretrained(tmp)
+
+
+@torch.no_grad()
+def embed_prompts(folder: Path, prompts: list[str]) -> Tensor:
+    """Last hidden states (P, 77, D) of the saved tokenizer + text encoder (what DiffusersPrior feeds the UNet)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    enc = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return enc(ids.input_ids)[0]
+
+
+def ddim_scheduler() -> Any:
+    """DDIM with Stable Diffusion 1.5's configuration."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def write_model_index(folder: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def vae_loss(vae: nn.Module, images: Tensor, gen: torch.Generator, kl_weight: float) -> Tensor:
+    """MSE of the reconstruction from a posterior sample + kl_weight * KL(q(z|x) || N(0, I)) (per latent element)."""
+    post = vae.encode(images).latent_dist
+    recon = vae.decode(post.sample(generator=gen)).sample
+    kl = post.kl().mean() / post.mean[0].numel()
+    return F.mse_loss(recon.float(), images.float()) + kl_weight * kl
+
+
+@torch.no_grad()
+def encode_latents(vae: nn.Module, images: Tensor, gen: torch.Generator) -> Tensor:
+    """scaling_factor * a posterior sample (what SD trained its UNet on)."""
+    return vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+
+
+def eps_loss(
+    unet: nn.Module,
+    latents: Tensor,
+    text: Tensor,
+    alphas_cumprod: Tensor,
+    gen: torch.Generator,
+    residuals: Callable[[Tensor, Tensor], tuple[list[Tensor], Tensor]] | None = None,
+) -> Tensor:
+    """E_t,eps || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, text) ||^2, t ~ U{0..999}.
+
+    residuals(x_t, t): ControlNet residuals added to the UNet (the controlnet stage).
+    """
+    t = torch.randint(len(alphas_cumprod), (latents.shape[0],), generator=gen)
+    eps = torch.randn(latents.shape, generator=gen)
+    abar = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * eps
+    down, mid = residuals(x_t, t) if residuals is not None else (None, None)
+    pred = unet(
+        x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+    ).sample
+    return F.mse_loss(pred.float(), eps)
+
+
+# ---------------------------------------------------------------------------------------------- stage loop
+
+
+@dataclass
+class StageState:
+    """What a checkpoint holds: step, elapsed seconds, the stage's RNG and its last losses."""
+
+    step: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to lr / 10 at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def run_stage(
+    out: Path,
+    name: str,
+    model: nn.Module,
+    loss_fn: Callable[[torch.Generator], Tensor],
+    steps: int,
+    lr: float,
+    cfg: TrainPriorConfig,
+    progress: bool,
+    seed: int,
+) -> StageState:
+    """AdamW on ``model``'s trainable parameters for ``steps`` steps of loss_fn(gen), checkpointed to
+    out/checkpoints/<name>.pt every cfg.checkpoint_seconds (and at the end) and resumed from it exactly."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    state = StageState()
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoints" / f"{name}.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optim"])
+        gen.set_state(saved["rng"])
+        state = StageState(saved["step"], saved["seconds"], list(saved["losses"]))
+        _truncate_log(out, name, state.step)
+
+    def save() -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optim": opt.state_dict(),
+                    "rng": gen.get_state(),
+                    "step": state.step,
+                    "seconds": state.seconds,
+                    "losses": state.losses,
+                },
+                tmp,
+            )
+
+    model.train()
+    last_save = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task(name, total=steps, completed=state.step, loss="")
+        while state.step < steps:
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state.step, steps, lr, cfg.warmup)
+            loss = loss_fn(gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state.step += 1
+            state.seconds += time.perf_counter() - t0
+            state.losses = [*state.losses[-(cfg.log_every - 1) :], loss.item()] if cfg.log_every > 1 else [loss.item()]
+            if state.step % cfg.log_every == 0 or state.step == steps:
+                mean = sum(state.losses) / len(state.losses)
+                _log(out, {"stage": name, "step": state.step, "loss": mean, "lr": opt.param_groups[0]["lr"],
+                           "seconds": round(state.seconds, 2)})  # fmt: skip
+                bar.update(task, loss=f"loss {mean:.4f}")
+            bar.update(task, completed=state.step)
+            if time.perf_counter() - last_save > cfg.checkpoint_seconds:
+                save()
+                last_save = time.perf_counter()
+    save()
+    model.eval()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def stage_vae(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
+    data = load_data(out)
+    image_size = 2 * cfg.resolution
+    vae = build_vae(cfg, image_size)
+
+    def loss_fn(gen: torch.Generator) -> Tensor:
+        return vae_loss(vae, sample_batch(data, cfg.vae_batch, cfg.grid_share, gen).images, gen, cfg.kl_weight)
+
+    state = run_stage(out, "vae", vae, loss_fn, cfg.vae_steps, cfg.vae_lr, cfg, progress, cfg.seed + 21)
+    # SD's scaling factor: 1 / std of the latents (posterior samples) over the data.
+    gen = torch.Generator().manual_seed(cfg.seed + 22)
+    with torch.no_grad():
+        z = torch.cat(
+            [
+                vae.encode(sample_batch(data, 32, cfg.grid_share, gen).images).latent_dist.sample(generator=gen)
+                for _ in range(math.ceil(cfg.scale_samples / 32))
+            ]
+        )
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    with _atomic_dir(out / "model" / "vae") as tmp:
+        vae.save_pretrained(tmp)
+    _finish_stage(out, "vae", _summary(vae, state))
+
+
+def _load_vae(out: Path) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out / "model" / "vae").eval().requires_grad_(False)
+
+
+def stage_unet(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
+    folder = out / "model"
+    if not (folder / "text_encoder").is_dir():
+        build_text(folder, cfg)
+    text = embed_prompts(folder, prompt_table())
+    data = load_data(out)
+    vae = _load_vae(out)
+    latent_size = 2 * cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
+    unet = build_unet(cfg, latent_size)
+    abar = ddim_scheduler().alphas_cumprod.float()
+
+    def loss_fn(gen: torch.Generator) -> Tensor:
+        batch = sample_batch(data, cfg.unet_batch, cfg.grid_share, gen)
+        prompts = sample_prompts(batch.domains, cfg.prompt_dropout, gen)
+        return eps_loss(unet, encode_latents(vae, batch.images, gen), text[prompts], abar, gen)
+
+    state = run_stage(out, "unet", unet, loss_fn, cfg.unet_steps, cfg.unet_lr, cfg, progress, cfg.seed + 31)
+    with _atomic_dir(folder / "unet") as tmp:
+        unet.save_pretrained(tmp)
+    with _atomic_dir(folder / "scheduler") as tmp:
+        ddim_scheduler().save_pretrained(tmp)
+    write_model_index(folder)
+    _finish_stage(out, "unet", _summary(unet, state))
+
+
+def stage_controlnet(out: Path, cfg: TrainPriorConfig, progress: bool, name: str) -> None:
+    """Train ControlNet ``name`` on (control, image) pairs (depth: grids only; canny: single views only)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = out / "model"
+    text = embed_prompts(folder, prompt_table())
+    data = load_data(out)
+    vae = _load_vae(out)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    net = build_controlnet(cfg, unet, name)
+    abar = ddim_scheduler().alphas_cumprod.float()
+    grid_share = 1.0 if name == "depth" else 0.0
+
+    def loss_fn(gen: torch.Generator) -> Tensor:
+        batch = sample_batch(data, cfg.controlnet_batch, grid_share, gen)
+        prompts = text[sample_prompts(batch.domains, cfg.prompt_dropout, gen)]
+
+        def residuals(x_t: Tensor, t: Tensor) -> tuple[list[Tensor], Tensor]:
+            down, mid = net(x_t, t, encoder_hidden_states=prompts, controlnet_cond=batch.controls, return_dict=False)
+            return list(down), mid
+
+        return eps_loss(unet, encode_latents(vae, batch.images, gen), prompts, abar, gen, residuals)
+
+    seed = cfg.seed + 41 + CONTROLNETS.index(name)
+    state = run_stage(
+        out, f"controlnet-{name}", net, loss_fn, cfg.controlnet_steps, cfg.controlnet_lr, cfg, progress, seed
+    )
+    with _atomic_dir(folder / f"controlnet-{name}") as tmp:
+        net.save_pretrained(tmp)
+    _finish_stage(out, f"controlnet-{name}", _summary(net, state))
+
+
+def stage_done(out: Path, stage: str) -> bool:
+    """Whether a stage's outputs are complete (each is written last and atomically)."""
+    model = out / "model"
+    if stage == "data":
+        return all((out / "data" / f"{domain_name(d)}.safetensors").is_file() for d in DOMAINS)
+    if stage == "vae":
+        return (model / "vae").is_dir()
+    if stage == "unet":
+        return (model / "unet").is_dir() and (model / "model_index.json").is_file()
+    return all((model / f"controlnet-{n}").is_dir() for n in CONTROLNETS)
+
+
+def train_prior(out: Path, cfg: TrainPriorConfig, stage: str = "all", progress: bool = True) -> Path:
+    """Run ``stage`` (or every unfinished stage in order for "all"); returns the model folder out/model."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "config.json"
+    if config_file.is_file():
+        if json.loads(config_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"{out} was started with another configuration ({config_file}); use a new --out")
+    else:
+        atomic_write_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
+    stages = STAGES if stage == "all" else (stage,)
+    for s in stages:
+        if stage == "all" and stage_done(out, s):
+            continue
+        needed = STAGES[: STAGES.index(s)]
+        missing = [n for n in needed if not stage_done(out, n)]
+        if missing:
+            raise ValueError(f"stage {s!r} needs the finished stage(s) {', '.join(missing)} in {out}")
+        if s == "data":
+            stage_data(out, cfg, progress)
+        elif s == "vae":
+            stage_vae(out, cfg, progress)
+        elif s == "unet":
+            stage_unet(out, cfg, progress)
+        else:
+            for name in CONTROLNETS:
+                if not (out / "model" / f"controlnet-{name}").is_dir():
+                    stage_controlnet(out, cfg, progress, name)
+    return out / "model"
+
+
+# ---------------------------------------------------------------------------------------------- bookkeeping
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[loss]}"),
+        disable=not enabled,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    """Steps per second (rich's own speed estimate)."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
+
+
+@contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside ``path``, moved onto it on success (readers never see half a model)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _log(out: Path, record: dict) -> None:
+    with (out / "train_log.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(out: Path, stage: str, step: int) -> None:
+    """Drop log lines of ``stage`` after ``step`` (written after the checkpoint a resumed run restarts from)."""
+    log = out / "train_log.jsonl"
+    if not log.is_file():
+        return
+    lines = log.read_text(encoding="utf-8").splitlines()
+    keep = [ln for ln in lines if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+    atomic_write_text(log, "".join(ln + "\n" for ln in keep))
+
+
+def read_stages(out: Path) -> dict[str, dict]:
+    path = out / "stages.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _add_seconds(out: Path, stage: str, seconds: float) -> None:
+    stages = read_stages(out)
+    entry = stages.setdefault(stage, {"seconds": 0.0})
+    entry["seconds"] = round(entry["seconds"] + seconds, 1)
+    atomic_write_text(out / "stages.json", json.dumps(stages, indent=2) + "\n")
+
+
+def _finish_stage(out: Path, stage: str, summary: dict) -> None:
+    stages = read_stages(out)
+    stages[stage] = {**stages.get(stage, {}), **summary, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(out / "stages.json", json.dumps(stages, indent=2) + "\n")
+
+
+def _summary(model: nn.Module, state: StageState) -> dict:
+    return {
+        "seconds": round(state.seconds, 1),
+        "steps": state.step,
+        "final_loss": sum(state.losses) / max(1, len(state.losses)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }

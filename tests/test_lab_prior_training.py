@@ -1,0 +1,193 @@
+"""The learned lab prior's training code, on the tiny config: data, losses, exact resume, the SD folder it writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from headstyle.cli import main
+from headstyle.lab import train_prior as tp
+from headstyle.lab.prior import LeakError, held_out_z
+
+TINY = tp.CONFIGS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every stage of the tiny config, trained once for this module."""
+    out = tmp_path_factory.mktemp("prior-run")
+    tp.train_prior(out, TINY, progress=False)
+    return out
+
+
+def test_batches_are_the_lab_images(run: Path) -> None:
+    """Single views are raw x2 bilinear with their Canny; grids tile four distinct raw views of one identity."""
+    data = tp.load_data(run)
+    assert data.raw.shape == (len(tp.DOMAINS), TINY.identities * TINY.views, 3, TINY.resolution, TINY.resolution)
+    batch = tp.sample_batch(data, 12, 0.5, torch.Generator().manual_seed(1))
+    size = 2 * TINY.resolution
+    assert batch.images.shape == batch.controls.shape == (12, 3, size, size)
+    assert batch.grid.any() and (~batch.grid).any()
+    raw = data.raw.float() / 127.5 - 1
+    for k in range(12):
+        d = int(batch.domains[k])
+        if batch.grid[k]:
+            h = size // 2
+            tiles = [batch.images[k, :, i : i + h, j : j + h] for i in (0, h) for j in (0, h)]
+            rows = [int(((raw[d] - t).abs().flatten(1).amax(1) == 0).nonzero()[0]) for t in tiles]
+            assert len(set(rows)) == 4 and len({r // TINY.views for r in rows}) == 1
+        else:
+            match = [tp.single_view(raw[d, i : i + 1])[0] for i in range(raw.shape[1])]
+            assert any(torch.equal(batch.images[k], m) for m in match)
+
+
+def test_prior_identities_exclude_the_held_out_set() -> None:
+    z = tp.prior_identities(TINY)
+    assert torch.cdist(z, held_out_z(16)).min() > 1e-3
+    with pytest.raises(LeakError):
+        tp.check_disjoint(torch.cat([z, held_out_z(16)[3:4]]), held_out_z(16))
+
+
+def test_prompt_dropout_and_phrasings() -> None:
+    """Dropped prompts are "" (index 0); kept ones are phrasings of the sample's own domain."""
+    table = tp.prompt_table()
+    domains = torch.arange(len(tp.DOMAINS)).repeat(400)
+    idx = tp.sample_prompts(domains, 0.15, torch.Generator().manual_seed(0))
+    drop = idx == 0
+    assert 0.12 < drop.float().mean() < 0.18
+    for d, i in zip(domains[~drop].tolist(), idx[~drop].tolist(), strict=True):
+        assert table[i] in tp.PHRASINGS[tp.DOMAINS[d]]
+
+
+def _decreases(loss_fn, model, steps: int = 15, lr: float = 3e-3) -> tuple[float, float]:
+    """Loss on one fixed batch (fixed noise: the generator is reset every step) before and after AdamW steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = loss_fn(torch.Generator().manual_seed(5))
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss_fn(torch.Generator().manual_seed(5)).item()
+
+
+def test_each_stage_loss_decreases_on_a_fixed_batch(run: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    data = tp.load_data(run)
+    batch = tp.sample_batch(data, 4, 0.5, torch.Generator().manual_seed(2))
+    abar = tp.ddim_scheduler().alphas_cumprod.float()
+    text = tp.embed_prompts(run / "model", tp.prompt_table())[tp.sample_prompts(batch.domains, 0.0, torch.Generator())]
+
+    vae = tp.build_vae(TINY, 2 * TINY.resolution)
+    before, after = _decreases(lambda g: tp.vae_loss(vae, batch.images, g, TINY.kl_weight), vae)
+    assert after < 0.8 * before
+
+    trained_vae = tp._load_vae(run)
+    latents = tp.encode_latents(trained_vae, batch.images, torch.Generator().manual_seed(3))
+    unet = tp.build_unet(TINY, latents.shape[-1])
+    before, after = _decreases(lambda g: tp.eps_loss(unet, latents, text, abar, g), unet)
+    assert after < 0.9 * before
+
+    frozen = UNet2DConditionModel.from_pretrained(run / "model" / "unet").requires_grad_(False)
+    net = tp.build_controlnet(TINY, frozen, "depth")
+
+    def cn_loss(g: torch.Generator) -> torch.Tensor:
+        def residuals(x_t, t):
+            down, mid = net(x_t, t, encoder_hidden_states=text, controlnet_cond=batch.controls, return_dict=False)
+            return list(down), mid
+
+        return tp.eps_loss(frozen, latents, text, abar, g, residuals)
+
+    before, after = _decreases(cn_loss, net)
+    assert after < 0.95 * before
+    assert all(not p.requires_grad for p in frozen.parameters())
+
+
+def test_resume_is_bitwise_exact(tmp_path: Path, run: Path) -> None:
+    """A stage interrupted after a checkpoint and resumed ends with the weights of an uninterrupted run."""
+    data = tp.load_data(run)
+    vae = tp._load_vae(run)
+    text = tp.embed_prompts(run / "model", tp.prompt_table())
+    abar = tp.ddim_scheduler().alphas_cumprod.float()
+    cfg = replace(TINY, checkpoint_seconds=0.0)
+
+    def train(out: Path, stop_at: int | None) -> dict[str, torch.Tensor]:
+        unet = tp.build_unet(cfg, 2 * cfg.resolution // 4)
+        calls = []
+
+        def loss_fn(gen: torch.Generator) -> torch.Tensor:
+            calls.append(1)
+            if stop_at is not None and len(calls) > stop_at:
+                raise KeyboardInterrupt
+            b = tp.sample_batch(data, 4, 0.5, gen)
+            prompts = tp.sample_prompts(b.domains, 0.15, gen)
+            return tp.eps_loss(unet, tp.encode_latents(vae, b.images, gen), text[prompts], abar, gen)
+
+        tp.run_stage(out, "unet", unet, loss_fn, 6, 1e-3, cfg, False, seed=7)
+        return unet.state_dict()
+
+    straight = train(tmp_path / "a", None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", 3)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "unet.pt", weights_only=True)["step"] == 3
+    resumed = train(tmp_path / "b", None)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_output_loads_as_a_stable_diffusion_folder(run: Path) -> None:
+    """DiffusersPrior.from_pretrained loads the folder with both ControlNets; latents have unit std as SD scales
+    them; every prompt word is one token; the depth ControlNet changes eps on a grid."""
+    from headstyle.priors.base import Branch, Control
+    from headstyle.priors.diffusers_prior import DiffusersPrior
+
+    model = run / "model"
+    prior = DiffusersPrior.from_pretrained(
+        model, vae=None, controlnets={n: model / f"controlnet-{n}" for n in tp.CONTROLNETS}, device="cpu"
+    )
+    assert prior.image_size == 2 * TINY.resolution
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert prior.scheduler.config.beta_schedule == "scaled_linear" and prior.scheduler.config.beta_end == 0.012
+    words = tp.prompt_words()
+    ids = prior.tokenizer(words, add_special_tokens=False).input_ids
+    assert all(len(i) == 1 for i in ids)
+
+    data = tp.load_data(run)
+    batch = tp.sample_batch(data, 32, 0.5, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        latents = prior.encode(batch.images, generator=torch.Generator().manual_seed(0))
+        assert 0.6 < float(latents.std()) < 1.5
+        x_t = prior.add_noise(latents[:2], torch.randn_like(latents[:2]), torch.tensor([500]))
+        prompt = prior.embed_prompts(tp.PHRASINGS["statue"][0])
+        plain = prior.predict_noise([Branch(x_t, torch.tensor([500]), prompt)])[0][1]
+        control = Control("depth", batch.controls[:2])
+        with_depth = prior.predict_noise([Branch(x_t, torch.tensor([500]), prompt, control)])[0][1]
+    assert torch.isfinite(with_depth).all()
+    assert not torch.equal(plain, with_depth)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "{tmp}/x", "--stage", "nope"], "--stage 'nope' is unknown"),
+        (["--out", "{run}", "--config", "tiny"], "pass --resume"),
+        (["--out", "{run}", "--config", "full", "--resume"], "another configuration"),
+    ],
+)
+def test_cli_bad_input_exits_2(args, message, run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    args = [a.format(tmp=tmp_path, run=run) for a in args]
+    monkeypatch.setattr(sys, "argv", ["headstyle", "lab", "train-prior", *args, "--no-progress"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "x").exists()
