@@ -28,6 +28,9 @@ def render(
     config: str | None = typer.Option(None, help="Base config for a bare .pth (default: released PanoHead)."),
     neural_rendering_resolution: int | None = typer.Option(None, help="Override the raw render size."),
     depth_samples: int | None = typer.Option(None, help="Override coarse and importance samples per ray."),
+    mesh: str | None = typer.Option(None, help="Also write each head's coloured mesh: glb, ply, obj, mrc, a list or "
+                                    "all (PanoHead's extraction, level 10; `headstyle mesh` has every setting)."),
+    mesh_resolution: int = typer.Option(256, help="Lattice points per axis of the --mesh extraction cube."),
 ) -> None:
     """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
     import math
@@ -36,8 +39,10 @@ def render(
     import torch
 
     from headstyle.cameras import parse_angles_degrees
+    from headstyle.cli.mesh import MAX_RESOLUTION
     from headstyle.export import export_renders, latents_from_npz, latents_from_seeds
     from headstyle.generator.checkpoint import CheckpointError, load_generator
+    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     if seeds is not None and w_npz is not None:
         raise UserError("give either --seeds or --w-npz, not both")
@@ -65,6 +70,13 @@ def render(
         raise UserError(f"--out {out} exists and is not a folder")
     if w_npz is not None and not Path(w_npz).is_file():
         raise UserError(f"--w-npz {w_npz}: no such file")
+    if mesh is not None:
+        try:
+            mesh_formats = parse_formats(mesh)
+        except ValueError as exc:
+            raise UserError(f"--mesh: {exc}") from None
+        if not 8 <= mesh_resolution <= MAX_RESOLUTION:
+            raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {mesh_resolution}")
 
     overrides = {"depth_resolution": depth_samples, "depth_resolution_importance": depth_samples}
     try:
@@ -82,5 +94,11 @@ def render(
         latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth)
+    if mesh is not None:
+        try:
+            paths += export_meshes(G, latents, out, mesh_formats, G.rendering_kwargs["box_warp"],
+                                   MeshSettings(resolution=mesh_resolution))
+        except EmptySurfaceError as exc:
+            raise UserError(f"{exc} with `headstyle mesh --level` (the renders are written)") from None
     typer.echo(f"wrote {len(paths)} files to {out}")
 

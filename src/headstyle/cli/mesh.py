@@ -1,0 +1,106 @@
+"""`headstyle mesh`: coloured meshes (GLB, PLY, OBJ) and PanoHead's .mrc volume of a generator's heads."""
+
+from __future__ import annotations
+
+import typer
+
+from headstyle.cli.common import UserError, app
+
+MAX_RESOLUTION = 1024  # 1024^3 float32 is a 4 GiB volume
+
+
+def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, batch_size: int) -> None:
+    """Raise UserError for mesh settings that cannot work (before any model is loaded)."""
+    import math
+
+    from headstyle.mesh import extraction_cube
+
+    if not 8 <= resolution <= MAX_RESOLUTION:
+        raise UserError(f"--resolution must be between 8 and {MAX_RESOLUTION} points per axis, got {resolution}")
+    if not math.isfinite(level):
+        raise UserError(f"--level must be a finite raw density (PanoHead uses 10), got {level}")
+    if smooth < 0 or batch_size < 1:
+        raise UserError(f"--smooth must be >= 0 and --batch-size >= 1, got {smooth} and {batch_size}")
+    try:
+        extraction_cube(resolution, 1.0, trim)
+    except ValueError as exc:
+        raise UserError(f"--trim: {exc}") from None
+
+
+@app.command()
+def mesh(
+    generator: str = typer.Option(..., help="Generator: PanoHead .pkl, .pth state dict, .safetensors (+ .json) or "
+                                  "a folder (params.safetensors + config.json)."),
+    out: str = typer.Option(..., help="Output folder (created)."),
+    seeds: str | None = typer.Option(None, help="Comma-separated latent seeds, e.g. 0,1 (default 0)."),
+    w_npz: str | None = typer.Option(None, help="W+ codes instead of seeds: npz with 'w' of shape (N, num_ws, 512)."),
+    stylized: str | None = typer.Option(None, help="A stylised generator (e.g. runs/x/generator.safetensors): "
+                                        "the same heads through both, written side by side."),
+    format: str = typer.Option("glb", "--format", help="glb, ply, obj, mrc (PanoHead's density volume), a "
+                               "comma-separated list, or all."),
+    resolution: int = typer.Option(256, help="Lattice points per axis of PanoHead's extraction cube."),
+    level: float = typer.Option(10.0, help="Raw density of the surface (PanoHead's shape_utils: 10)."),
+    trim: float = typer.Option(30 / 256, help="Fraction of the cube trimmed off each face (PanoHead: 30/256)."),
+    largest_component: bool = typer.Option(True, "--largest-component/--all-components",
+                                           help="Keep only the largest connected piece (drops floaters)."),
+    smooth: int = typer.Option(0, help="Taubin smoothing steps (0 = the marching-cubes surface)."),
+    batch_size: int = typer.Option(2**18, help="Points per field evaluation (bounds memory)."),
+    truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
+    truncation_cutoff: int = typer.Option(14, help="Number of ws truncated."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    config: str | None = typer.Option(None, help="Base config for a bare .pth (default: released PanoHead)."),
+) -> None:
+    """Extract each head's surface (marching cubes on the density, vertex colours as the raw render shows them)."""
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from headstyle.export import latents_from_npz, latents_from_seeds
+    from headstyle.generator.checkpoint import CheckpointError, load_generator
+    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
+
+    if seeds is not None and w_npz is not None:
+        raise UserError("give either --seeds or --w-npz, not both")
+    try:
+        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
+        formats = parse_formats(format)
+    except ValueError as exc:
+        raise UserError(f"{exc}; seeds are integers like 0,1") from None
+    if any(not 0 <= s < 2**32 for s in seed_list) or (seeds is not None and not seed_list):
+        raise UserError(f"--seeds must be integers in [0, 2**32), got {seeds!r}")
+    check_mesh_options(resolution, level, trim, smooth, batch_size)
+    if not math.isfinite(truncation):
+        raise UserError("--truncation must be a finite number")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"--device {device!r} is not usable here ({exc}); try --device cpu") from None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if w_npz is not None and not Path(w_npz).is_file():
+        raise UserError(f"--w-npz {w_npz}: no such file")
+
+    try:
+        G = load_generator(generator, device=dev, config=config)
+        G_stylized = None if stylized is None else load_generator(stylized, device=dev, config=config)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    if G_stylized is not None and (G_stylized.num_ws, G_stylized.w_dim) != (G.num_ws, G.w_dim):
+        raise UserError(f"--stylized {stylized} takes {G_stylized.num_ws} ws of {G_stylized.w_dim}, the base generator "
+                        f"{G.num_ws} of {G.w_dim}: give the stylised version of the same generator")
+    if w_npz is not None:
+        try:
+            latents = latents_from_npz(w_npz, G.num_ws, G.w_dim, device=dev)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
+    settings = MeshSettings(resolution=resolution, level=level, trim=trim, largest_component=largest_component,
+                            smooth_steps=smooth, batch_size=batch_size)
+    try:
+        paths = export_meshes(G, latents, out, formats, G.rendering_kwargs["box_warp"], settings, G_stylized)
+    except EmptySurfaceError as exc:
+        raise UserError(f"{exc} with --level") from None
+    typer.echo(f"wrote {len(paths)} files to {out}")

@@ -1,0 +1,33 @@
+"""Coloured meshes of a generator's heads (PLY, OBJ, GLB) and PanoHead's .mrc density volume.
+
+    field_sampler(ws) --volume (PanoHead's cube, bounded batches)--> sigma[x, y, z]
+      --marching cubes (level 10)--> largest component --Taubin (optional)--> vertex colours --> files
+"""
+
+from headstyle.mesh.files import FORMATS, MESH_FORMATS, parse_formats, side_by_side, write_mesh, write_mrc
+from headstyle.mesh.heads import HeadMesh, MeshSettings, export_meshes, head_mesh
+from headstyle.mesh.surface import PANOHEAD_LEVEL, EmptySurfaceError, isosurface, largest_component, smooth
+from headstyle.mesh.volume import PANOHEAD_TRIM, Cube, Volume, extraction_cube, sample_volume
+
+__all__ = [
+    "FORMATS",
+    "MESH_FORMATS",
+    "PANOHEAD_LEVEL",
+    "PANOHEAD_TRIM",
+    "Cube",
+    "EmptySurfaceError",
+    "HeadMesh",
+    "MeshSettings",
+    "Volume",
+    "export_meshes",
+    "extraction_cube",
+    "head_mesh",
+    "isosurface",
+    "largest_component",
+    "parse_formats",
+    "sample_volume",
+    "side_by_side",
+    "smooth",
+    "write_mesh",
+    "write_mrc",
+]
