@@ -10,6 +10,10 @@ import torch
 
 from headstyle.distill.objectives import (
     DistillTarget,
+    IDSParams,
+    LDParams,
+    NFSDParams,
+    SDSParams,
     cfg,
     dds,
     ids,
@@ -281,8 +285,8 @@ def test_mirror_equivariance_on_flip_symmetric_prior():
     prior = _prior(symmetric=True)
     tg = _target(prior)
     mirrored = DistillTarget(flip_w(tg.latents), tg.prompt, tg.t, flip_w(tg.noise), step_index=tg.step_index)
-    for name, hyper in [("ld", {}), ("sds", {"weighting": "sds"}), ("nfsd", {})]:
-        r, rm = run_objective(name, prior, [tg, mirrored], **hyper)
+    for name, params in [("ld", LDParams()), ("sds", SDSParams(weighting="sds")), ("nfsd", NFSDParams())]:
+        r, rm = run_objective(name, prior, [tg, mirrored], params, OMEGA)
         assert torch.equal(rm.grad, flip_w(r.grad))  # the isotropic prior acts elementwise: exact
         mask = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
         shaped = postprocess(rank_reweight(r.grad), mask, scale=10.0)[0]
@@ -304,13 +308,14 @@ def test_tweedie_target_is_the_posterior_mean_at_omega_one():
 def test_registry_and_errors():
     prior = _prior()
     tg = _target(prior)
-    assert torch.equal(
-        run_objective("ld", prior, [tg], weighting="paper")[0].grad, ld(prior, [tg], weighting="paper")[0].grad
-    )
+    by_name = run_objective("ld", prior, [tg], LDParams(weighting="paper"))[0].grad
+    assert torch.equal(by_name, ld(prior, [tg], weighting="paper")[0].grad)
     with pytest.raises(ValueError, match="unknown objective"):
         run_objective("vsd", prior, [tg])
-    with pytest.raises(ValueError, match="does not take"):
-        run_objective("ld", prior, [tg], fpr_iterations=3)
+    with pytest.raises(ValueError, match="takes LDParams"):
+        run_objective("ld", prior, [tg], IDSParams(fpr_iterations=3))
+    with pytest.raises(ValueError, match="weighting"):
+        SDSParams(weighting="dreamfusion")
     with pytest.raises(ValueError, match="step_index"):
         ld(prior, [DistillTarget(tg.latents, tg.prompt, tg.t, tg.noise)])
     with pytest.raises(ValueError, match="weighting"):

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior
+from headstyle.attention.config import StyleFusionConfig
+from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cli import app, main
 from headstyle.priors.base import Branch, ScorePrior
 from headstyle.priors.diffusers_prior import DiffusersPrior

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from headstyle.distill.objectives import SDSParams
 from headstyle.lab.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
 from headstyle.stylize import checkpointing
@@ -17,11 +18,10 @@ from headstyle.stylize.config import (
     StylizeConfig,
     apply_overrides,
     load_config,
-    resolve_config,
     save_config,
 )
 from headstyle.stylize.factory import build_lpips
-from headstyle.stylize.presets import PROMPTS, preset
+from headstyle.stylize.presets import PROMPTS, preset, resolve_config
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 from headstyle.stylize.trainer import Stylizer
 
@@ -31,7 +31,9 @@ def _non_default_config() -> StylizeConfig:
     return dataclasses.replace(
         cfg,
         prompt=dataclasses.replace(cfg.prompt, prompt='a "quoted" prompt = with equals', guidance_scale=5.0),
-        objective=dataclasses.replace(cfg.objective, name="sds", weighting="fantasia3d", min_step_index=10),
+        objective=dataclasses.replace(
+            cfg.objective, name="sds", params=SDSParams(weighting="fantasia3d"), min_step_index=10
+        ),
         single=dataclasses.replace(cfg.single, rank_weights=(1.0, 0.5), mirror=False),
         optim=dataclasses.replace(cfg.optim, train_modules=("backbone.synthesis",), lr=3e-5),
         run=dataclasses.replace(cfg.run, iterations=7, sample_yaws=(0.25,)),
@@ -80,7 +82,8 @@ def test_defaults_follow_the_script():
     cfg = StylizeConfig()
     assert (cfg.latent.truncation_psi, cfg.latent.truncation_cutoff) == (0.75, 14)
     assert (cfg.latent.cond_yaw, cfg.latent.cond_pitch) == (0.0, 0.2)
-    assert cfg.prompt.guidance_scale == 7.5 and cfg.objective.name == "ld" and cfg.objective.weighting == "script"
+    assert cfg.prompt.guidance_scale == 7.5 and cfg.objective.name == "ld"
+    assert cfg.objective.params.weighting == "script"
     o = cfg.objective
     assert (o.min_step_index, o.max_step_index, o.num_inference_steps) == (35, 49, 50)
     assert cfg.single.rank_weights == (1.0, 0.75, 0.5, 0.25)

@@ -1,9 +1,10 @@
 """DiffStyle360's Style Fusion Attention and reference banks as diffusers attention processors."""
 
 from headstyle.attention.banks import ReferenceBank, reference_latents, write_bank
+from headstyle.attention.config import StyleFusionConfig, StyleViewsConfig
 from headstyle.attention.install import StyleFusion, install_style_fusion, uninstall_style_fusion
 from headstyle.attention.layers import self_attention_layers
-from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior, load_image
+from headstyle.attention.prior import StyleFusionPrior, load_image
 from headstyle.attention.processors import (
     StyleFusionAttnProcessor,
     StyleFusionState,
@@ -18,6 +19,7 @@ __all__ = [
     "StyleFusionConfig",
     "StyleFusionPrior",
     "StyleFusionState",
+    "StyleViewsConfig",
     "adain",
     "fuse_keys_values",
     "install_style_fusion",

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-LayerSet = Literal["all", "decoder"]
-LAYER_SETS: tuple[str, ...] = ("all", "decoder")
+from headstyle.attention.config import LAYER_SETS, LayerSet
 
 
 def self_attention_layers(unet: nn.Module, where: LayerSet = "all") -> dict[str, Attention]:

@@ -10,8 +10,6 @@ installed on its UNet, and takes them off again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -19,42 +17,11 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from headstyle.attention.banks import ReferenceBank, reference_latents, write_bank
+from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.install import install_style_fusion
-from headstyle.attention.layers import LAYER_SETS, LayerSet
-from headstyle.attention.processors import PAIRINGS, Pairing, StyleFusionState
+from headstyle.attention.processors import StyleFusionState
 from headstyle.priors.base import Branch, PromptEmbeds
 from headstyle.priors.diffusers_prior import DiffusersPrior
-
-REFERENCE_MODES: tuple[str, ...] = ("noised", "clean")
-
-
-@dataclass
-class StyleFusionConfig:
-    """Settings of Style Fusion Attention (DiffStyle360 defaults).
-
-    tau: style key scaling (1.05; larger = stronger style, less identity). alpha: blend of two styles.
-    pairing: "paper" (K_hat with V_s, tau K_s with V_c, as Sec. 3.5 writes) or "matched".
-    layers: "all" self-attention layers or the "decoder" only. reference: the appearance module
-    sees the reference latent "noised" to the current timestep or "clean".
-    reference_prompt: the text conditioning of the write passes.
-    """
-
-    tau: float = 1.05
-    alpha: float = 0.5
-    pairing: Pairing = "paper"
-    layers: LayerSet = "all"
-    reference: Literal["noised", "clean"] = "noised"
-    reference_prompt: str = ""
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("pairing", self.pairing, PAIRINGS),
-            ("layers", self.layers, LAYER_SETS),
-            ("reference", self.reference, REFERENCE_MODES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        StyleFusionState(tau=self.tau, alpha=self.alpha, pairing=self.pairing)  # validates tau and alpha
 
 
 def load_image(path: str | os.PathLike, size: int, mode: str = "RGB") -> Tensor:

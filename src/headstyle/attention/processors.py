@@ -12,7 +12,6 @@ and one joint softmax (Eq. 2, PyTorch SDPA).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,8 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
 from headstyle.attention.banks import ReferenceBank
+from headstyle.attention.config import PAIRINGS, Pairing
 
-Pairing = Literal["paper", "matched"]
-PAIRINGS: tuple[str, ...] = ("paper", "matched")
 ADAIN_EPS = 1e-5
 
 

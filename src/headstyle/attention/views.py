@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior
+from headstyle.attention.config import StyleViewsConfig
+from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cameras import cameras
 from headstyle.distill.objectives import cfg
 from headstyle.distill.shaping import resize_to
@@ -25,34 +25,6 @@ from headstyle.generator.base import Generator
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
-
-
-@dataclass
-class StyleViewsConfig:
-    """img2img settings: strength (fraction of the DDIM schedule re-noised), steps (full-schedule DDIM
-    steps; strength * steps are run), guidance_scale (CFG w), an optional text prompt, the depth
-    ControlNet's scale, the seed of all noise, the view pitch (radians), the turntable's fps, and
-    render_sr: stylise the super-resolved image (True) or the raw neural render, upsampled."""
-
-    fusion: StyleFusionConfig = field(default_factory=StyleFusionConfig)
-    strength: float = 0.6
-    steps: int = 30
-    guidance_scale: float = 3.0
-    prompt: str = ""
-    negative_prompt: str = ""
-    control_scale: float = 1.0
-    seed: int = 0
-    pitch: float = 0.0
-    fps: float = 4.0
-    render_sr: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
-        if self.steps < 1 or int(self.steps * self.strength) < 1:
-            raise ValueError(f"steps * strength must be at least 1 denoising step, got {self.steps} * {self.strength}")
-        if not self.fps > 0:
-            raise ValueError(f"fps must be positive, got {self.fps}")
 
 
 @torch.no_grad()

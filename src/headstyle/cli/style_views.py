@@ -49,8 +49,9 @@ def style_views(
 
     import torch
 
-    from headstyle.attention.prior import StyleFusionConfig, load_image
-    from headstyle.attention.views import StyleViewsConfig, stylize_views
+    from headstyle.attention.config import StyleFusionConfig, StyleViewsConfig
+    from headstyle.attention.prior import load_image
+    from headstyle.attention.views import stylize_views
     from headstyle.cameras import parse_angles_degrees
     from headstyle.export import latents_from_seeds
     from headstyle.generator.checkpoint import CheckpointError, load_generator

@@ -33,7 +33,8 @@ def stylize(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
-    from headstyle.stylize.config import ConfigError, dumps, resolve_config
+    from headstyle.stylize.config import ConfigError, dumps
+    from headstyle.stylize.presets import resolve_config
 
     flags = {"prompt.prompt": prompt, "model.generator": generator, "model.prior": prior, "model.vae": vae,
              "model.canny_controlnet": canny_controlnet, "model.depth_controlnet": depth_controlnet,

@@ -31,12 +31,14 @@ x_t = sqrt(abar_t) x + sigma_t eps, s = DDIM step index.
 - ``nfsd`` (1 - abar_t)(delta_C + delta_D), delta_C = omega (eps_c - eps_u), delta_D = eps_u for
            t < 200 else eps_u - eps_neg (Katzir et al.); eps_neg from an optional negative prompt.
 
-``run_objective(name, prior, targets, **hyper)`` dispatches by name for configs (``OBJECTIVES``).
+Each objective owns its hyper-parameters (``LDParams``, ``SDSParams``, ... : the config's
+``objective.<field>``); ``OBJECTIVES`` registers function, parameters and whether the targets need
+a source, and ``run_objective(name, prior, targets, params, guidance_scale)`` dispatches by name.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -382,22 +384,102 @@ def ids(
     return results
 
 
-OBJECTIVES: dict[str, Objective] = {"ld": ld, "sds": sds, "dds": dds, "ids": ids, "nfsd": nfsd}
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """An objective's own hyper-parameters (the config's ``objective.<field>`` beside the shared ones)."""
+
+    def kwargs(self, prior: ScorePrior) -> dict[str, Any]:
+        """Keyword arguments of the objective function (prompts embedded by ``prior``)."""
+        return dataclasses.asdict(self)
 
 
-def get_objective(name: str) -> Objective:
-    """The objective registered under ``name`` (ld, sds, dds, ids, nfsd)."""
+@dataclass(frozen=True)
+class LDParams(ObjectiveParams):
+    """weighting: "script" (sqrt(alphas_cumprod[s]) at the DDIM step index), "paper" (sqrt(abar_t)) or "none"."""
+
+    weighting: str = "script"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.weighting, LD_WEIGHTINGS, "LD weighting")
+
+
+@dataclass(frozen=True)
+class SDSParams(ObjectiveParams):
+    """weighting: "script" (the LD script's SDS switch), "sds" (1 - abar_t), "uniform" or "fantasia3d"."""
+
+    weighting: str = "script"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.weighting, SDS_WEIGHTINGS, "SDS weighting")
+
+
+@dataclass(frozen=True)
+class NFSDParams(ObjectiveParams):
+    """negative_prompt: the text of eps_neg in delta_D ("" = none: delta_D = eps_u); t_threshold: below it
+    delta_D = eps_u."""
+
+    negative_prompt: str = ""
+    t_threshold: int = 200
+
+    def kwargs(self, prior: ScorePrior) -> dict[str, Any]:
+        negative = prior.embed_prompts(self.negative_prompt) if self.negative_prompt else None
+        return {"negative_prompt": negative, "t_threshold": self.t_threshold}
+
+
+@dataclass(frozen=True)
+class DDSParams(ObjectiveParams):
+    """DDS has no hyper-parameters of its own (its source prompt is the run's prompt.source_prompt)."""
+
+
+@dataclass(frozen=True)
+class IDSParams(ObjectiveParams):
+    """fpr_iterations: N fixed-point steps; fpr_lambda: their step size lambda."""
+
+    fpr_iterations: int = 3
+    fpr_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.fpr_iterations < 0:
+            raise ValueError(f"fpr_iterations must be >= 0, got {self.fpr_iterations}")
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective function, the type of its hyper-parameters, and whether its targets need the frozen
+    render as source (z_src, y_src: DDS and IDS)."""
+
+    fn: Objective
+    params: type[ObjectiveParams]
+    needs_source: bool = False
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "ld": ObjectiveSpec(ld, LDParams),
+    "sds": ObjectiveSpec(sds, SDSParams),
+    "nfsd": ObjectiveSpec(nfsd, NFSDParams),
+    "dds": ObjectiveSpec(dds, DDSParams, needs_source=True),
+    "ids": ObjectiveSpec(ids, IDSParams, needs_source=True),
+}
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The objective registered under ``name`` (ld, sds, nfsd, dds, ids)."""
     try:
         return OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}") from None
 
 
-def run_objective(name: str, prior: ScorePrior, targets: list[DistillTarget], **hyper: Any) -> list[DistillResult]:
-    """Dispatch by name with hyper-parameters from a config; unknown parameters are an error."""
-    fn = get_objective(name)
-    accepted = [k for k, v in inspect.signature(fn).parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(hyper) - set(accepted))
-    if unknown:
-        raise ValueError(f"objective {name!r} does not take {unknown}; it accepts {accepted}")
-    return fn(prior, targets, **hyper)
+def run_objective(
+    name: str,
+    prior: ScorePrior,
+    targets: list[DistillTarget],
+    params: ObjectiveParams | None = None,
+    guidance_scale: float = 7.5,
+) -> list[DistillResult]:
+    """Dispatch by name with the objective's own parameters (its defaults when None)."""
+    spec = get_objective(name)
+    params = spec.params() if params is None else params
+    if type(params) is not spec.params:
+        raise ValueError(f"objective {name!r} takes {spec.params.__name__}, got {type(params).__name__}")
+    return spec.fn(prior, targets, guidance_scale=guidance_scale, **params.kwargs(prior))

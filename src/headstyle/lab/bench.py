@@ -71,7 +71,7 @@ def lab_config(style: str, settings: LabSettings, out: Path, overrides: tuple[st
     """The lab recipe for ``style`` (LD + mirror + grid + rank re-weighting), then ``overrides``."""
     base = (
         f"prompt.prompt={style_prompt(style)}",
-        f"objective.source_prompt={UNSTYLED_PROMPT}",
+        f"prompt.source_prompt={UNSTYLED_PROMPT}",
         f"model.prior_image_size={settings.resolution * settings.sr_factor}",
         "single.rank_weights=[1.0, 0.75, 0.5]",
         f"optim.lr={settings.lr}",

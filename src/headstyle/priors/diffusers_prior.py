@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headstyle.priors.base import Branch, Control, PromptEmbeds, add_noise
+from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
 
-DEFAULT_MODEL = "SG161222/Realistic_Vision_V5.1_noVAE"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
-DEFAULT_CONTROLNETS = {"canny": "lllyasviel/sd-controlnet-canny", "depth": "lllyasviel/sd-controlnet-depth"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

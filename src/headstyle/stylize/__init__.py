@@ -5,11 +5,10 @@ from headstyle.stylize.config import (
     StylizeConfig,
     apply_overrides,
     load_config,
-    resolve_config,
     save_config,
 )
 from headstyle.stylize.factory import build_from_config, run_stylize
-from headstyle.stylize.presets import PROMPTS, preset, preset_names
+from headstyle.stylize.presets import PROMPTS, preset, preset_names, resolve_config
 from headstyle.stylize.regularisers import relative_distance
 from headstyle.stylize.trainer import NonFiniteError, Stylizer, TrainResult
 

@@ -22,12 +22,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from headstyle.attention.layers import LAYER_SETS
-from headstyle.attention.prior import REFERENCE_MODES
-from headstyle.attention.processors import PAIRINGS
-from headstyle.distill.objectives import LD_WEIGHTINGS, SDS_WEIGHTINGS
+from headstyle.attention.config import StyleFusionConfig
+from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.export import atomic_write_text
-from headstyle.priors.diffusers_prior import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
+from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
 
 
 @dataclass
@@ -56,6 +54,8 @@ class PromptConfig:
     prompt: str = ""
     negative_prompt: str = ""
     guidance_scale: float = 7.5  # omega
+    # What the frozen renders show: DDS and IDS use it as the source prompt y_src.
+    source_prompt: str = "a photo of a face"
 
 
 @dataclass
@@ -70,17 +70,15 @@ class LatentConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Which distillation gradient and at which timesteps."""
+    """Which distillation gradient and at which timesteps.
+
+    ``params`` holds the chosen objective's own hyper-parameters (distill/objectives.py: LDParams,
+    SDSParams, NFSDParams, DDSParams, IDSParams). In files and overrides they are fields of the
+    objective section beside the shared ones (``objective.weighting``), read after ``name``.
+    """
 
     name: str = "ld"  # ld | sds | nfsd | dds | ids (distill/objectives.py)
-    # ld: "script" = sqrt(alphas_cumprod[s]) indexed by the DDIM step INDEX s (the script's quirk,
-    # ~0.98, effectively constant), "paper" = sqrt(alphas_cumprod[t]), "none".
-    # sds: "script" (the LD script's SDS switch), "sds" = 1 - abar_t, "uniform", "fantasia3d".
-    weighting: str = "script"
-    # dds / ids: the source prompt describing the frozen renders.
-    source_prompt: str = "a photo of a face"
-    fpr_iterations: int = 3
-    fpr_lambda: float = 1.0
+    params: ObjectiveParams = field(default_factory=LDParams)
     num_inference_steps: int = 50
     min_step_index: int = 35
     max_step_index: int = 49
@@ -211,21 +209,23 @@ class ConfigError(ValueError):
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.prior_dtype": ("fp32", "fp16", "bf16"),
-    "objective.name": ("ld", "sds", "nfsd", "dds", "ids"),
     "objective.noise": ("random", "fixed", "mv_nrs"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
-    "style.pairing": PAIRINGS,
-    "style.layers": LAYER_SETS,
-    "style.reference": REFERENCE_MODES,
 }
 
 
+def _plain(obj: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
 def to_dict(cfg: StylizeConfig) -> dict[str, dict[str, Any]]:
-    """Plain nested dict (tuples become lists) for TOML/JSON."""
+    """Plain nested dict (tuples become lists) for TOML/JSON; the objective's params sit in its section."""
     out: dict[str, dict[str, Any]] = {}
     for section in dataclasses.fields(cfg):
-        values = dataclasses.asdict(getattr(cfg, section.name))
-        out[section.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        values = getattr(cfg, section.name)
+        out[section.name] = _plain(values)
+    objective = {k: v for k, v in out["objective"].items() if k != "params"}
+    out["objective"] = {"name": objective.pop("name"), **_plain(cfg.objective.params), **objective}
     return out
 
 
@@ -255,6 +255,43 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {hint!r}")
 
 
+def _objective_section(values: dict[str, Any], current: ObjectiveConfig) -> ObjectiveConfig:
+    """The objective section: shared fields, then the chosen objective's own ones (a new name starts from
+    that objective's defaults)."""
+    name = _coerce(values.get("name", current.name), str, "objective.name")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name = {name!r} is not one of {', '.join(OBJECTIVES)}")
+    params_type = OBJECTIVES[name].params
+    params = current.params if name == current.name else params_type()
+    shared = {k: v for k, v in typing.get_type_hints(ObjectiveConfig).items() if k not in ("name", "params")}
+    own = typing.get_type_hints(params_type)
+    changes: dict[str, Any] = {}
+    own_changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "name":
+            continue
+        if key in shared:
+            changes[key] = _coerce(value, shared[key], f"objective.{key}")
+        elif key in own:
+            own_changes[key] = _coerce(value, own[key], f"objective.{key}")
+        else:
+            known = ", ".join(["name", *own, *shared])
+            raise ConfigError(f"unknown config field objective.{key} for objective {name}; known: {known}")
+    try:
+        params = dataclasses.replace(params, **own_changes)
+    except ValueError as exc:
+        raise ConfigError(f"objective ({name}): {exc}") from None
+    return dataclasses.replace(current, name=name, params=params, **changes)
+
+
+def _field_hint(cfg: StylizeConfig, section: str, name: str, objective: str) -> Any:
+    """The type of section.name (the fields of ``objective`` included), or None when there is no such field."""
+    hints = typing.get_type_hints(type(getattr(cfg, section)))
+    if section == "objective" and name not in hints and objective in OBJECTIVES:
+        hints = typing.get_type_hints(OBJECTIVES[objective].params)
+    return hints.get(name)
+
+
 def from_dict(data: dict[str, Any], base: StylizeConfig | None = None) -> StylizeConfig:
     """Build a config from a (possibly partial) nested dict on top of ``base`` (defaults if None)."""
     cfg = base if base is not None else StylizeConfig()
@@ -266,6 +303,9 @@ def from_dict(data: dict[str, Any], base: StylizeConfig | None = None) -> Styliz
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a table of fields")
         section = getattr(cfg, name)
+        if name == "objective":
+            new_sections[name] = _objective_section(values, section)
+            continue
         hints = typing.get_type_hints(type(section))
         changes = {}
         for key, value in values.items():
@@ -285,9 +325,6 @@ def validate(cfg: StylizeConfig) -> None:
         if flat[key] not in allowed:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(allowed)}")
     o = cfg.objective
-    weightings = {"ld": LD_WEIGHTINGS, "sds": SDS_WEIGHTINGS}.get(o.name)
-    if weightings is not None and o.weighting not in weightings:
-        raise ConfigError(f"objective.weighting = {o.weighting!r} is not one of {', '.join(weightings)} for {o.name}")
     if not 0 <= o.min_step_index <= o.max_step_index < o.num_inference_steps:
         raise ConfigError(
             f"objective step indices must satisfy 0 <= min_step_index <= max_step_index < num_inference_steps, "
@@ -312,12 +349,18 @@ def validate(cfg: StylizeConfig) -> None:
         )
     if cfg.style.image_2 and not cfg.style.image:
         raise ConfigError("style.image_2 is set without style.image: give the first style image too")
-    if cfg.style.image and (o.name != "sds" or o.weighting == "script"):
+    s = cfg.style
+    try:
+        StyleFusionConfig(tau=s.tau, alpha=s.alpha, pairing=s.pairing, layers=s.layers, reference=s.reference)
+    except ValueError as exc:
+        raise ConfigError(f"style: {exc}") from None
+    sds_weighting = o.params.weighting if isinstance(o.params, SDSParams) else None
+    if cfg.style.image and sds_weighting in (None, "script"):
         # LD and the script's SDS keep only omega (eps_c - eps_u): the fused style shifts both and cancels.
         raise ConfigError(
             "style.image needs objective.name=sds with objective.weighting sds, uniform or fantasia3d "
-            f"(got {o.name}/{o.weighting}): LD and the script's SDS use only eps_cond - eps_uncond, where the style "
-            "image, fused into both predictions, cancels"
+            f"(got {o.name}{'/' + sds_weighting if sds_weighting else ''}): LD and the script's SDS use only "
+            "eps_cond - eps_uncond, where the style image, fused into both predictions, cancels"
         )
     if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):
         raise ConfigError(f"single.rank_weights must be >= 0, got {cfg.single.rank_weights}")
@@ -343,10 +386,9 @@ def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
     data: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, name, value = parse_override(text)
-        section_obj = getattr(cfg, section, None)
-        if section_obj is not None and name in typing.get_type_hints(type(section_obj)):
-            if typing.get_type_hints(type(section_obj))[name] is str:
-                value = text.split("=", 1)[1].strip()
+        objective = data.get("objective", {}).get("name", cfg.objective.name)
+        if hasattr(cfg, section) and _field_hint(cfg, section, name, objective) is str:
+            value = text.split("=", 1)[1].strip()
         data.setdefault(section, {})[name] = value
     return from_dict(data, cfg)
 
@@ -376,32 +418,3 @@ def load_config(path: str | Path, base: StylizeConfig | None = None) -> StylizeC
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
     return from_dict(data, base)
-
-
-def resolve_config(
-    preset_name: str | None = None,
-    config_file: str | Path | None = None,
-    resume: str | Path | None = None,
-    overrides: list[str] | None = None,
-) -> StylizeConfig:
-    """The run's config: defaults, or the resumed checkpoint's config; then a preset, a file, overrides.
-
-    Later sources win. A resumed run keeps writing into the checkpoint's run folder unless run.out
-    is overridden.
-    """
-    from headstyle.stylize.checkpointing import resolve_checkpoint
-    from headstyle.stylize.presets import preset
-
-    cfg = StylizeConfig()
-    if resume is not None:
-        ckpt_dir = resolve_checkpoint(resume)
-        cfg = load_config(ckpt_dir / "config.toml")
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(ckpt_dir.parent.parent)))
-    if preset_name:
-        try:
-            cfg = preset(preset_name, cfg)
-        except KeyError as exc:
-            raise ConfigError(exc.args[0]) from None
-    if config_file is not None:
-        cfg = load_config(config_file, cfg)
-    return apply_overrides(cfg, overrides or [])

@@ -37,7 +37,8 @@ def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
 
 def style_fusion_prior(cfg: StylizeConfig, prior: ScorePrior) -> ScorePrior:
     """``prior`` with Style Fusion Attention reading cfg.style's image(s) (DiffStyle360) as the target's style."""
-    from headstyle.attention.prior import StyleFusionConfig, StyleFusionPrior, load_image
+    from headstyle.attention.config import StyleFusionConfig
+    from headstyle.attention.prior import StyleFusionPrior, load_image
 
     s = cfg.style
     size = prior.image_size

@@ -8,8 +8,10 @@ werewolf", and the other five follow that form. Everything else is the script's 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from headstyle.stylize.config import StylizeConfig
+from headstyle.stylize.checkpointing import resolve_checkpoint
+from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config
 
 PROMPTS: dict[str, str] = {
     "pixar": "Portrait of a Pixar character",
@@ -36,3 +38,29 @@ def preset(name: str, base: StylizeConfig | None = None) -> StylizeConfig:
         prompt=dataclasses.replace(cfg.prompt, prompt=PROMPTS[key], negative_prompt="", guidance_scale=7.5),
         run=dataclasses.replace(cfg.run, iterations=10_000, checkpoint_every=250, out=f"runs/{key}"),
     )
+
+
+def resolve_config(
+    preset_name: str | None = None,
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> StylizeConfig:
+    """The run's config: defaults, or the resumed checkpoint's config; then a preset, a file, overrides.
+
+    Later sources win. A resumed run keeps writing into the checkpoint's run folder unless run.out
+    is overridden.
+    """
+    cfg = StylizeConfig()
+    if resume is not None:
+        ckpt_dir = resolve_checkpoint(resume)
+        cfg = load_config(ckpt_dir / "config.toml")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(ckpt_dir.parent.parent)))
+    if preset_name:
+        try:
+            cfg = preset(preset_name, cfg)
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+    if config_file is not None:
+        cfg = load_config(config_file, cfg)
+    return apply_overrides(cfg, overrides or [])

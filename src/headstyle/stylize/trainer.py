@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from headstyle import cameras, export
 from headstyle.distill import noise
-from headstyle.distill.objectives import DistillResult, DistillTarget, run_objective
+from headstyle.distill.objectives import DistillResult, DistillTarget, get_objective
 from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.base import Generator
 from headstyle.generator.checkpoint import save_generator
@@ -159,9 +159,11 @@ class Stylizer:
         self.prev_planes: tuple[Tensor, Tensor] | None = None
 
         self.prompt = prior.embed_prompts(cfg.prompt.prompt, cfg.prompt.negative_prompt)
+        self.objective = get_objective(cfg.objective.name)
+        self.objective_kwargs = {"guidance_scale": cfg.prompt.guidance_scale, **cfg.objective.params.kwargs(prior)}
         self.source_prompt = None
-        if cfg.objective.name in ("dds", "ids"):
-            self.source_prompt = prior.embed_prompts(cfg.objective.source_prompt, cfg.prompt.negative_prompt)
+        if self.objective.needs_source:
+            self.source_prompt = prior.embed_prompts(cfg.prompt.source_prompt, cfg.prompt.negative_prompt)
         self.timesteps = prior.inference_timesteps(cfg.objective.num_inference_steps).long().cpu()
         self.c_cond = cameras.cameras(cfg.latent.cond_yaw, cfg.latent.cond_pitch)
         if cfg.single.enabled and len(cfg.single.rank_weights) > prior.latent_channels:
@@ -201,15 +203,6 @@ class Stylizer:
         z = torch.randn(n, self.G.z_dim, generator=self.rng).to(self.device)
         c = self.c_cond.expand(n, -1).to(self.device)
         return self.frozen.mapping(z, c, self.cfg.latent.truncation_psi, self.cfg.latent.truncation_cutoff)
-
-    def _objective_hyper(self) -> dict[str, Any]:
-        o = self.cfg.objective
-        hyper: dict[str, Any] = {"guidance_scale": self.cfg.prompt.guidance_scale}
-        if o.name in ("ld", "sds"):
-            hyper["weighting"] = o.weighting
-        if o.name == "ids":
-            hyper.update(fpr_iterations=o.fpr_iterations, fpr_lambda=o.fpr_lambda)
-        return hyper
 
     def _noise(self, shape: tuple[int, ...], slot: int) -> Tensor:
         """eps for one branch: fresh from the run's stream, or (noise=fixed) the same eps every iteration
@@ -286,7 +279,7 @@ class Stylizer:
             self.prior.set_content(torch.cat([t.source_latents for t in targets]), images_per_group=1)
         # ONE prior call for every branch (IDS: N fixed-point calls + 1); MV-NRS's anchor twins ride along.
         with self._autocast():
-            results = run_objective(cfg.objective.name, self.prior, targets, **self._objective_hyper())
+            results = self.objective.fn(self.prior, targets, **self.objective_kwargs)
 
         metrics: dict[str, Any] = {}
         loss = torch.zeros((), device=self.device)
