@@ -114,3 +114,34 @@ def lab_train_prior(
     except ValueError as err:
         raise UserError(str(err)) from err
     typer.echo(f"wrote {model}")
+
+
+@lab_app.command("prior-card")
+def lab_prior_card(
+    run: str = typer.Option(..., help="A finished `lab train-prior` run folder (its model/ is measured)."),
+    out: str = typer.Option("", help="Copy run/model here first and write the card there (e.g. the package's "
+                            "src/headstyle/lab/learned_prior); empty = write the card into run/model."),
+    threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
+) -> None:
+    """Measure the learned lab prior (diffusion classifier, memorisation, samples, img2img) and write its model card."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    from headstyle.lab.prior_card import write_card
+    from headstyle.lab.train_prior import CONFIGS, TrainPriorConfig, copy_model, stage_done
+
+    folder = Path(run)
+    if not all(stage_done(folder, s) for s in ("data", "vae", "unet", "controlnet")):
+        raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainPriorConfig.from_json(json.loads((folder / "config.json").read_text()))
+    model = copy_model(folder, Path(out)) if out else folder / "model"
+    name = next(n for n, c in CONFIGS.items() if c == cfg)
+    command = f"headstyle lab train-prior --out {shlex.quote(run)} --config {name} --threads {threads or 1}"
+    figures = write_card(model, folder, cfg, command)
+    typer.echo(json.dumps(figures, indent=2))
+    typer.echo(f"wrote {model}/README.md")

@@ -93,20 +93,20 @@ class TrainPriorConfig:
     resolution: int = 32  # raw renders; single views are x2 (64 px), grids 2x2 raw (64 px)
     seed: int = 0
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 2000
+    vae_steps: int = 1000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     text_width: int = 64
     text_layers: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_steps: int = 2800
-    unet_batch: int = 32
+    unet_steps: int = 2400
+    unet_batch: int = 16
     unet_lr: float = 1e-3
     prompt_dropout: float = 0.15
     grid_share: float = 0.5
     controlnet_channels: tuple[int, ...] = (16, 32, 32)
-    controlnet_steps: int = 700
+    controlnet_steps: int = 300
     controlnet_batch: int = 16
     controlnet_lr: float = 5e-4
     warmup: int = 100
@@ -114,6 +114,11 @@ class TrainPriorConfig:
     log_every: int = 10
     render_chunk: int = 64
     scale_samples: int = 512  # images whose latents set the VAE's scaling factor
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainPriorConfig:
+        """The config saved in a run's config.json (JSON lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 CONFIGS: dict[str, TrainPriorConfig] = {
@@ -777,3 +782,38 @@ def _summary(model: nn.Module, state: StageState) -> dict:
         "final_loss": sum(state.losses) / max(1, len(state.losses)),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def snapshot(out: Path, dest: Path) -> Path:
+    """An SD folder at ``dest`` from a run's finished stages and latest checkpoints (for looking at a prior while
+    it trains): the UNet from checkpoints/unet.pt unless finished; ControlNets from theirs, or fresh (zero) ones."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = TrainPriorConfig.from_json(json.loads((out / "config.json").read_text()))
+    model = out / "model"
+    dest.mkdir(parents=True, exist_ok=True)
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(model / sub, dest / sub, dirs_exist_ok=True)
+    if (model / "unet").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    else:
+        unet = build_unet(cfg, 2 * cfg.resolution // 2 ** (len(cfg.vae_channels) - 1))
+        unet.load_state_dict(torch.load(out / "checkpoints" / "unet.pt", weights_only=True)["model"])
+    unet.save_pretrained(dest / "unet")
+    ddim_scheduler().save_pretrained(dest / "scheduler")
+    write_model_index(dest)
+    for name in CONTROLNETS:
+        net = build_controlnet(cfg, unet, name)
+        ckpt = out / "checkpoints" / f"controlnet-{name}.pt"
+        if ckpt.is_file():
+            net.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+        net.save_pretrained(dest / f"controlnet-{name}")
+    return dest
+
+
+def copy_model(out: Path, dest: Path) -> Path:
+    """Copy a finished run's model/ folder (the SD layout, fp32 safetensors) and stages.json to ``dest``, atomically."""
+    with _atomic_dir(dest) as tmp:
+        shutil.copytree(out / "model", tmp, dirs_exist_ok=True)
+        shutil.copy2(out / "stages.json", tmp / "stages.json")
+    return dest
