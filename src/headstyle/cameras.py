@@ -134,14 +134,17 @@ def turntable_cameras(frames: int, pitch: float = 0.0) -> Tensor:
 
 
 def parse_angles_degrees(text: str) -> list[float]:
-    """'-90,-30,0' -> radians. Raises ValueError naming the bad item."""
+    """'-90,-30,0' -> radians. Raises ValueError naming the bad item (not a number, not finite, beyond +-360)."""
     out = []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
         try:
-            out.append(math.radians(float(item)))
-        except ValueError as exc:
-            raise ValueError(f"not an angle in degrees: {item!r} (expected e.g. -90,-30,0,30,90)") from exc
+            degrees = float(item)
+        except ValueError:
+            degrees = math.nan
+        if not (math.isfinite(degrees) and abs(degrees) <= 360):
+            raise ValueError(f"not an angle in degrees within [-360, 360]: {item!r} (expected e.g. -90,-30,0,30,90)")
+        out.append(math.radians(degrees))
     return out

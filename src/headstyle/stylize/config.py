@@ -8,24 +8,19 @@ Defaults follow the LD paper's training script (train_LD.py); see
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from headstyle import settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.export import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
+from headstyle.settings import ConfigError
 
 
 @dataclass
@@ -203,10 +198,6 @@ class StylizeConfig:
     style: StyleImageConfig = field(default_factory=StyleImageConfig)
 
 
-class ConfigError(ValueError):
-    """A config file or override names an unknown field or holds a value of the wrong type."""
-
-
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.prior_dtype": ("fp32", "fp16", "bf16"),
     "objective.noise": ("random", "fixed", "mv_nrs"),
@@ -214,51 +205,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _plain(obj: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
-
-
 def to_dict(cfg: StylizeConfig) -> dict[str, dict[str, Any]]:
     """Plain nested dict (tuples become lists) for TOML/JSON; the objective's params sit in its section."""
     out: dict[str, dict[str, Any]] = {}
     for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        out[section.name] = _plain(values)
+        out[section.name] = settings.plain(getattr(cfg, section.name))
     objective = {k: v for k, v in out["objective"].items() if k != "params"}
-    out["objective"] = {"name": objective.pop("name"), **_plain(cfg.objective.params), **objective}
+    out["objective"] = {"name": objective.pop("name"), **settings.plain(cfg.objective.params), **objective}
     return out
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_hint, _) = typing.get_args(hint)
-        return tuple(_coerce(v, item_hint, where) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {hint!r}")
-
-
-def _objective_section(values: dict[str, Any], current: ObjectiveConfig) -> ObjectiveConfig:
+def _objective_section(values: Mapping[str, Any], current: ObjectiveConfig) -> ObjectiveConfig:
     """The objective section: shared fields, then the chosen objective's own ones (a new name starts from
     that objective's defaults)."""
-    name = _coerce(values.get("name", current.name), str, "objective.name")
+    name = settings.coerce(values.get("name", current.name), str, "objective.name")
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name = {name!r} is not one of {', '.join(OBJECTIVES)}")
     params_type = OBJECTIVES[name].params
@@ -271,9 +231,9 @@ def _objective_section(values: dict[str, Any], current: ObjectiveConfig) -> Obje
         if key == "name":
             continue
         if key in shared:
-            changes[key] = _coerce(value, shared[key], f"objective.{key}")
+            changes[key] = settings.coerce(value, shared[key], f"objective.{key}")
         elif key in own:
-            own_changes[key] = _coerce(value, own[key], f"objective.{key}")
+            own_changes[key] = settings.coerce(value, own[key], f"objective.{key}")
         else:
             known = ", ".join(["name", *own, *shared])
             raise ConfigError(f"unknown config field objective.{key} for objective {name}; known: {known}")
@@ -284,38 +244,20 @@ def _objective_section(values: dict[str, Any], current: ObjectiveConfig) -> Obje
     return dataclasses.replace(current, name=name, params=params, **changes)
 
 
-def _field_hint(cfg: StylizeConfig, section: str, name: str, objective: str) -> Any:
-    """The type of section.name (the fields of ``objective`` included), or None when there is no such field."""
-    hints = typing.get_type_hints(type(getattr(cfg, section)))
-    if section == "objective" and name not in hints and objective in OBJECTIVES:
-        hints = typing.get_type_hints(OBJECTIVES[objective].params)
-    return hints.get(name)
+def _field_type(cfg: StylizeConfig, data: Mapping[str, Mapping[str, Any]], section: str, name: str) -> Any:
+    """The type of section.name; in the objective section, the fields of the objective named so far."""
+    hint = settings.field_type(cfg, data, section, name)
+    objective = data.get("objective", {}).get("name", cfg.objective.name)
+    if hint is None and section == "objective" and objective in OBJECTIVES:
+        hint = typing.get_type_hints(OBJECTIVES[objective].params).get(name)
+    return hint
 
 
-def from_dict(data: dict[str, Any], base: StylizeConfig | None = None) -> StylizeConfig:
+def from_dict(data: Mapping[str, Any], base: StylizeConfig | None = None) -> StylizeConfig:
     """Build a config from a (possibly partial) nested dict on top of ``base`` (defaults if None)."""
-    cfg = base if base is not None else StylizeConfig()
-    sections = {f.name: f for f in dataclasses.fields(cfg)}
-    new_sections = {}
-    for name, values in data.items():
-        if name not in sections:
-            raise ConfigError(f"unknown config section {name!r}; known: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {name!r} must be a table of fields")
-        section = getattr(cfg, name)
-        if name == "objective":
-            new_sections[name] = _objective_section(values, section)
-            continue
-        hints = typing.get_type_hints(type(section))
-        changes = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown config field {name}.{key}; known: {', '.join(hints)}")
-            changes[key] = _coerce(value, hints[key], f"{name}.{key}")
-        new_sections[name] = dataclasses.replace(section, **changes)
-    out = dataclasses.replace(cfg, **new_sections)
-    validate(out)
-    return out
+    cfg = settings.from_dict(base if base is not None else StylizeConfig(), data, {"objective": _objective_section})
+    validate(cfg)
+    return cfg
 
 
 def validate(cfg: StylizeConfig) -> None:
@@ -366,38 +308,13 @@ def validate(cfg: StylizeConfig) -> None:
         raise ConfigError(f"single.rank_weights must be >= 0, got {cfg.single.rank_weights}")
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """'objective.name=sds' -> ('objective', 'name', 'sds'). Values are TOML literals; bare words are strings."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form section.field=value (e.g. optim.lr=5e-5)")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    if key.count(".") != 1:
-        raise ConfigError(f"override key {key!r} must be section.field (e.g. run.iterations)")
-    section, name = key.split(".")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return section, name, value
-
-
 def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
     """Apply ``section.field=value`` overrides in order; a str field takes the raw text as is."""
-    data: dict[str, dict[str, Any]] = {}
-    for text in overrides:
-        section, name, value = parse_override(text)
-        objective = data.get("objective", {}).get("name", cfg.objective.name)
-        if hasattr(cfg, section) and _field_hint(cfg, section, name, objective) is str:
-            value = text.split("=", 1)[1].strip()
-        data.setdefault(section, {})[name] = value
-    return from_dict(data, cfg)
+    return from_dict(settings.overrides_dict(cfg, overrides, _field_type), cfg)
 
 
 def dumps(cfg: StylizeConfig, fmt: str = "toml") -> str:
-    data = to_dict(cfg)
-    if fmt == "json":
-        return json.dumps(data, indent=2) + "\n"
-    return tomli_w.dumps(data)
+    return settings.dumps(to_dict(cfg), fmt)
 
 
 def save_config(cfg: StylizeConfig, path: str | Path) -> None:
@@ -409,12 +326,4 @@ def save_config(cfg: StylizeConfig, path: str | Path) -> None:
 
 def load_config(path: str | Path, base: StylizeConfig | None = None) -> StylizeConfig:
     """Load a TOML or JSON config (partial files fill in from ``base`` or the defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
-    return from_dict(data, base)
+    return from_dict(settings.read_file(path), base)

@@ -1,0 +1,150 @@
+"""Typed settings: a dataclass of section dataclasses, read from TOML/JSON and ``section.field=value`` overrides.
+
+Every command's configuration (stylize/config.py, attention/config.py's style-views run) is such a
+dataclass. A field's type decides how a value is read (bool, int, float, str, tuples of them); a
+float is never NaN. A config may read some sections its own way (``readers``), e.g. the objective
+section whose fields depend on the chosen objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+# How a config reads one of its sections: (values, current section) -> new section.
+SectionReader = Callable[[Mapping[str, Any], Any], Any]
+# The type of section.field for overrides (given the overrides read so far), None if there is no such field.
+FieldType = Callable[[Any, Mapping[str, Mapping[str, Any]], str, str], Any]
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or holds a value of the wrong type."""
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` read as type ``hint`` (bool, int, float, str or a tuple of one of them); ConfigError otherwise."""
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_hint, _) = typing.get_args(hint)
+        return tuple(coerce(v, item_hint, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint!r}")
+
+
+def plain(section: Any) -> dict[str, Any]:
+    """A section as a plain dict for TOML/JSON (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+
+
+def read_section(section: T, values: Mapping[str, Any], name: str) -> T:
+    """``section`` with the fields in ``values`` replaced, each read as its declared type."""
+    hints = typing.get_type_hints(type(section))
+    changes = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config field {name}.{key}; known: {', '.join(hints)}")
+        changes[key] = coerce(value, hints[key], f"{name}.{key}")
+    try:
+        return dataclasses.replace(section, **changes)
+    except ValueError as exc:  # a section's own checks (__post_init__)
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def from_dict(cfg: T, data: Mapping[str, Any], readers: Mapping[str, SectionReader] | None = None) -> T:
+    """``cfg`` with the sections in ``data`` (a possibly partial nested dict) read on top of it."""
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    new_sections = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a table of fields")
+        read = (readers or {}).get(name)
+        current = getattr(cfg, name)
+        new_sections[name] = read(values, current) if read else read_section(current, values, name)
+    return dataclasses.replace(cfg, **new_sections)
+
+
+def field_type(cfg: Any, data: Mapping[str, Mapping[str, Any]], section: str, name: str) -> Any:
+    """The declared type of section.name in ``cfg``, None when there is no such field."""
+    if section not in {f.name for f in dataclasses.fields(cfg)}:
+        return None
+    return typing.get_type_hints(type(getattr(cfg, section))).get(name)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'objective.name=sds' -> ('objective', 'name', 'sds'). Values are TOML literals; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.field=value (e.g. optim.lr=5e-5)")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.field (e.g. run.iterations)")
+    section, name = key.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, name, value
+
+
+def overrides_dict(cfg: Any, overrides: list[str], types: FieldType = field_type) -> dict[str, dict[str, Any]]:
+    """``section.field=value`` overrides as a nested dict, later ones winning; a str field takes the raw text."""
+    data: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        if types(cfg, data, section, name) is str:
+            value = text.split("=", 1)[1].strip()
+        data.setdefault(section, {})[name] = value
+    return data
+
+
+def dumps(data: Mapping[str, Any], fmt: str = "toml") -> str:
+    """A nested dict as TOML (default) or JSON text."""
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    return tomli_w.dumps(data)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a TOML or (by its .json suffix) JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    kind = "JSON" if path.suffix == ".json" else "TOML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a {kind} table of sections, got {type(data).__name__}")
+    return data
