@@ -42,8 +42,11 @@ def test_batches_are_the_lab_images(run: Path) -> None:
             rows = [int(((raw[d] - t).abs().flatten(1).amax(1) == 0).nonzero()[0]) for t in tiles]
             assert len(set(rows)) == 4 and len({r // TINY.views for r in rows}) == 1
         else:
-            match = [tp.single_view(raw[d, i : i + 1])[0] for i in range(raw.shape[1])]
-            assert any(torch.equal(batch.images[k], m) for m in match)
+            views = tp.single_view(raw[d])
+            i = next(i for i in range(len(views)) if torch.equal(batch.images[k], views[i]))
+            # the Canny edges (0/1) of that view, as the trainer's canny control
+            assert torch.equal(batch.controls[k], data.canny[d, i].float().expand(3, -1, -1))
+    assert data.canny.amax() == 1 and data.canny.float().mean() > 0.01
 
 
 def test_prior_identities_exclude_the_held_out_set() -> None:

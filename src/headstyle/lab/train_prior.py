@@ -161,9 +161,9 @@ def prompt_table() -> list[str]:
 
 @dataclass
 class LabData:
-    """The cached renders: per domain (DOMAINS order) raw views (D, N, 3, r, r), depth controls
-    (D, N, 1, r, r) and Canny controls of the single view (D, N, 1, 2r, 2r), all uint8; N = identities * views
-    (identity-major)."""
+    """The cached renders: per domain (DOMAINS order) raw views (D, N, 3, r, r) and depth controls
+    (D, N, 1, r, r) as uint8 levels, Canny edges of the single view (D, N, 1, 2r, 2r) as uint8 0/1;
+    N = identities * views (identity-major)."""
 
     raw: Tensor
     depth: Tensor
@@ -197,7 +197,7 @@ def render_domain(z: Tensor, cams: Tensor, domain: str | None, resolution: int, 
         yield {
             "raw": to_uint8((raw + 1) / 2),
             "depth": to_uint8(depth_control(out.depth, out.mask)[:, :1]),
-            "canny": to_uint8(canny_control(single_view(raw))[:, :1] / 255.0),
+            "canny": canny_control(single_view(raw))[:, :1].to(torch.uint8),
         }
 
 
@@ -276,7 +276,7 @@ def sample_batch(data: LabData, n: int, grid_share: float, gen: torch.Generator)
         else:
             raw = data.raw[d, index[k : k + 1]].float() / 127.5 - 1
             images.append(single_view(raw))
-            controls.append(data.canny[d, index[k : k + 1]].float() / 255)
+            controls.append(data.canny[d, index[k : k + 1]].float())
     return Batch(torch.cat(images), torch.cat(controls).expand(-1, 3, -1, -1), domains, grid)
 
 
