@@ -227,8 +227,12 @@ def test_panohead_field_sampler_reproduces_the_original_density_and_raw_colour(p
     # features plus (1 - weight sum) * background, and torgb is affine, so the two must differ by exactly
     # (1 - w) * torgb(background).
     order = torch.sort(depths, dim=2).indices
-    take = lambda x: torch.gather(x.reshape(1, 1024, 24, -1), 2, order.expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
-    composite, _, weights = ray_march(take(rgb), take(sigma.unsqueeze(-1)), take(depths), G.rendering_kwargs)
+
+    def by_depth(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x.reshape(1, 1024, 24, -1), 2, order.expand(-1, -1, -1, x.shape[-1]))
+
+    composite, _, weights = ray_march(by_depth(rgb), by_depth(sigma.unsqueeze(-1)), by_depth(depths),
+                                      G.rendering_kwargs)
     w = weights.sum(2).permute(0, 2, 1).reshape(1, 1, 32, 32)
     with torch.no_grad():
         bcg_rgb = G.torgb(io["case0.bcg_resized"], io["case0.ws"][:, -1], fused_modconv=False)

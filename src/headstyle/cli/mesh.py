@@ -44,7 +44,8 @@ def mesh(
     largest_component: bool = typer.Option(True, "--largest-component/--all-components",
                                            help="Keep only the largest connected piece (drops floaters)."),
     smooth: int = typer.Option(0, help="Taubin smoothing steps (0 = the marching-cubes surface)."),
-    batch_size: int = typer.Option(2**18, help="Points per field evaluation (bounds memory)."),
+    batch_size: int = typer.Option(2**16, help="Points per field evaluation (bounds memory; larger may be faster "
+                                   "on a GPU)."),
     truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
     truncation_cutoff: int = typer.Option(14, help="Number of ws truncated."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),

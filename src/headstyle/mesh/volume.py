@@ -22,7 +22,9 @@ from headstyle.generator.base import FieldSampler
 
 PANOHEAD_TRIM = 30 / 256  # gen_samples.py: pad = int(30 * shape_res / 256) voxels per face
 PAD_VALUE = -1000.0  # the density gen_samples.py writes into the trimmed shell
-DEFAULT_BATCH = 2**18  # points per field evaluation: ~1 KiB of activations each on PanoHead's decoder
+# Points per field evaluation: ~1.2 KiB of activations each through PanoHead's decoder (about 80 MB a
+# batch); on CPU smaller batches were no slower (benchmarks/mesh.py), on a GPU larger ones may help.
+DEFAULT_BATCH = 2**16
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,15 @@ class Volume:
     cube: Cube
 
 
-def lattice_points(cube: Cube, start: int, stop: int, device: torch.device | str = "cpu") -> Tensor:
-    """World points (stop - start, 3) of the inner lattice's flat indices [start, stop), x slowest."""
+def lattice_indices(cube: Cube, start: int, stop: int) -> Tensor:
+    """Lattice indices (i, j, k) (stop - start, 3) of the inner lattice's flat indices [start, stop), x slowest."""
     n = cube.inner
-    flat = torch.arange(start, stop, device=device)
-    ijk = torch.stack((flat // (n * n), (flat // n) % n, flat % n), dim=-1) + cube.trim
+    flat = torch.arange(start, stop)
+    return torch.stack((flat // (n * n), (flat // n) % n, flat % n), dim=-1) + cube.trim
+
+
+def lattice_points(cube: Cube, ijk: Tensor) -> Tensor:
+    """World points (M, 3) of lattice indices (M, 3): origin + ijk * voxel_size."""
     return ijk.to(torch.float64).mul(cube.voxel_size).add(cube.origin[0]).to(torch.float32)
 
 
@@ -92,18 +98,17 @@ def sample_volume(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    r = cube.resolution
+    sigma = np.full((r, r, r), PAD_VALUE, dtype=np.float32)
     total = cube.inner**3
-    inner = np.empty(total, dtype=np.float32)
     with torch.no_grad():
         for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            sigma, _ = sampler(lattice_points(cube, start, stop, device).unsqueeze(0))
-            if sigma.shape[0] != 1:
-                raise ValueError(f"sample_volume takes the sampler of one head, got a batch of {sigma.shape[0]}")
-            inner[start:stop] = sigma[0].to("cpu", torch.float32).numpy()
+            ijk = lattice_indices(cube, start, min(start + batch_size, total))
+            values, _ = sampler(lattice_points(cube, ijk).to(device).unsqueeze(0))
+            if values.shape[0] != 1:
+                raise ValueError(f"sample_volume takes the sampler of one head, got a batch of {values.shape[0]}")
+            i, j, k = ijk.numpy().T
+            sigma[i, j, k] = values[0].to("cpu", torch.float32).numpy()
             if advance is not None:
-                advance(stop - start)
-    r, t, n = cube.resolution, cube.trim, cube.inner
-    sigma = np.full((r, r, r), PAD_VALUE, dtype=np.float32)
-    sigma[t : t + n, t : t + n, t : t + n] = inner.reshape(n, n, n)
+                advance(len(ijk))
     return Volume(sigma, cube)

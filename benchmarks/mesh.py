@@ -1,0 +1,104 @@
+"""Mesh extraction speed and memory: volume sampling, marching cubes, components, vertex colours.
+
+Prints, per resolution (lattice points per axis of PanoHead's extraction cube), the seconds of
+each stage for one head, the field evaluation rate, the peak resident memory the extraction adds
+(ru_maxrss after minus the RSS before; each resolution runs in a fresh process because ru_maxrss
+only grows) and, on CUDA, the peak allocated GPU memory. Defaults: PanoHead's trim (30/256 of
+the cube per face, never evaluated) and batches of 2**16 points.
+
+    .venv/bin/python benchmarks/mesh.py [--resolutions 128,256,512] [--device cpu]
+
+The generator is the parity fixture's (reduced PanoHead: tri-grid 32, the released decoder and
+torgb shapes; the field's cost per point is the decoder's and the same at full size). Its density
+peaks at 8.4, below PanoHead's level 10, so the surface is taken at level 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from headstyle.export import latents_from_seeds
+from headstyle.generator.checkpoint import load_generator
+from headstyle.mesh import extraction_cube, isosurface, largest_component, sample_volume
+from headstyle.mesh.surface import vertex_colours
+
+PARITY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "panohead_parity"
+LEVEL = 4.0
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(resolution: int, device: str) -> dict:
+    """Extract one head's mesh at ``resolution`` in this process; time each stage."""
+    G = load_generator(PARITY, device=device)
+    ws = latents_from_seeds(G, [0])[0].ws
+    before = rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sampler = G.field_sampler(ws)
+    cube = extraction_cube(resolution, G.rendering_kwargs["box_warp"])
+    volume = sample_volume(sampler, cube, device)
+    t1 = time.perf_counter()
+    mesh = isosurface(volume, LEVEL)
+    t2 = time.perf_counter()
+    mesh = largest_component(mesh)
+    t3 = time.perf_counter()
+    vertex_colours(sampler, mesh.vertices, device)
+    t4 = time.perf_counter()
+    return {
+        "resolution": resolution,
+        "points_m": cube.inner**3 / 1e6,
+        "sample_s": t1 - t0,
+        "mc_s": t2 - t1,
+        "component_s": t3 - t2,
+        "colour_s": t4 - t3,
+        "total_s": t4 - t0,
+        "mpts_per_s": cube.inner**3 / (t1 - t0) / 1e6,
+        "vertices_k": len(mesh.vertices) / 1e3,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
+        "gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", default="128,256,512")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.device)))
+        return
+
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    print(f"mesh extraction, parity-fixture generator, {args.device}, {threads} torch threads, level {LEVEL}\n")
+    print("| resolution | points evaluated (M) | sample s | marching cubes s | component s | colours s | total s "
+          "| M points/s | vertices (k) | peak RSS added (MB) | peak GPU (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for res in (int(r) for r in args.resolutions.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--worker", str(res), "--device", args.device],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        gpu = "-" if r["gpu_mb"] is None else f"{r['gpu_mb']:.0f}"
+        print(f"| {res} | {r['points_m']:.2f} | {r['sample_s']:.1f} | {r['mc_s']:.1f} | {r['component_s']:.1f} "
+              f"| {r['colour_s']:.2f} | {r['total_s']:.1f} | {r['mpts_per_s']:.2f} | {r['vertices_k']:.0f} "
+              f"| {r['peak_mb']:.0f} | {gpu} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
