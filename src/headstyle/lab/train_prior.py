@@ -93,7 +93,7 @@ class TrainPriorConfig:
     resolution: int = 32  # raw renders; single views are x2 (64 px), grids 2x2 raw (64 px)
     seed: int = 0
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
