@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli import lab, mesh, render, style_views, stylize  # noqa: F401  (registers the commands)
+from headstyle.cli import lab, mesh, photo, render, style_views, stylize  # noqa: F401  (registers the commands)
 from headstyle.cli.common import UserError, app
 
 __all__ = ["UserError", "app", "main"]
