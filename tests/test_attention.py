@@ -9,14 +9,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from headstyle.attention import (
-    StyleFusionState,
-    adain,
-    fuse_keys_values,
-    install_style_fusion,
-    self_attention_layers,
-    write_bank,
-)
+from headstyle.attention.banks import write_bank
+from headstyle.attention.install import install_style_fusion
+from headstyle.attention.layers import self_attention_layers
+from headstyle.attention.processors import StyleFusionState, adain, fuse_keys_values
 from headstyle.testing import CROSS_ATTENTION_DIM
 
 LATENT_HW = (16, 12)  # non-square, so each layer's token grid must be recovered with the right aspect

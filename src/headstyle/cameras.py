@@ -145,6 +145,6 @@ def parse_angles_degrees(text: str) -> list[float]:
         except ValueError:
             degrees = math.nan
         if not (math.isfinite(degrees) and abs(degrees) <= 360):
-            raise ValueError(f"not an angle in degrees within [-360, 360]: {item!r} (expected e.g. -90,-30,0,30,90)")
+            raise ValueError(f"not an angle in degrees: {item!r} (expected numbers within [-360, 360], e.g. -90,0,90)")
         out.append(math.radians(degrees))
     return out

@@ -14,7 +14,7 @@ import math
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import tomli_w
 
@@ -35,7 +35,12 @@ class ConfigError(ValueError):
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` read as type ``hint`` (bool, int, float, str or a tuple of one of them); ConfigError otherwise."""
+    """``value`` read as type ``hint`` (bool, int, float, str, a Literal of strings or a tuple of one of them);
+    ConfigError otherwise."""
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where} must be one of {', '.join(typing.get_args(hint))}, got {value!r}")
+        return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

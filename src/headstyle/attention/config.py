@@ -3,8 +3,11 @@ import), so configs can validate them before any model loads."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 
 Pairing = Literal["paper", "matched"]
 PAIRINGS: tuple[str, ...] = ("paper", "matched")
@@ -46,13 +49,11 @@ class StyleFusionConfig:
 
 
 @dataclass
-class StyleViewsConfig:
+class SamplingConfig:
     """img2img settings: strength (fraction of the DDIM schedule re-noised), steps (full-schedule DDIM
     steps; strength * steps are run), guidance_scale (CFG w), an optional text prompt, the depth
-    ControlNet's scale, the seed of all noise, the view pitch (radians), the turntable's fps, and
-    render_sr: stylise the super-resolved image (True) or the raw neural render, upsampled."""
+    ControlNet's scale and the seed of all noise."""
 
-    fusion: StyleFusionConfig = field(default_factory=StyleFusionConfig)
     strength: float = 0.6
     steps: int = 30
     guidance_scale: float = 3.0
@@ -60,14 +61,79 @@ class StyleViewsConfig:
     negative_prompt: str = ""
     control_scale: float = 1.0
     seed: int = 0
-    pitch: float = 0.0
-    fps: float = 4.0
-    render_sr: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
         if self.steps < 1 or int(self.steps * self.strength) < 1:
             raise ValueError(f"steps * strength must be at least 1 denoising step, got {self.steps} * {self.strength}")
-        if not self.fps > 0:
+        if not (math.isfinite(self.guidance_scale) and math.isfinite(self.control_scale)):
+            raise ValueError("guidance_scale and control_scale must be finite")
+
+
+@dataclass
+class ViewsConfig:
+    """Which heads and views: latent seeds (truncated with psi / cutoff), yaws and pitch in DEGREES (yaw 0 =
+    front), the output folder, the turntable's fps, and render_sr: stylise the super-resolved image (True)
+    or the raw neural render, upsampled."""
+
+    seeds: tuple[int, ...] = (0,)
+    yaws: tuple[float, ...] = (-90.0, -45.0, 0.0, 45.0, 90.0, 180.0)
+    pitch: float = 0.0
+    truncation_psi: float = 0.7
+    truncation_cutoff: int = 14
+    out: str = ""
+    fps: float = 4.0
+    render_sr: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds):
+            raise ValueError(f"seeds must be integers in [0, 2**32), got {list(self.seeds)}")
+        angles = (*self.yaws, self.pitch)
+        if not self.yaws or not all(math.isfinite(a) and abs(a) <= 360 for a in angles):
+            raise ValueError(f"yaws and pitch are degrees within [-360, 360], got {list(self.yaws)}, {self.pitch}")
+        if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if not math.isfinite(self.truncation_psi):
+            raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
+
+
+@dataclass
+class ViewsModelConfig:
+    """Where the generator and the SD 1.5-family model come from (paths or hub ids).
+
+    generator_config: the base config of a bare .pth ("" = released PanoHead). vae: "auto" (the model
+    folder's vae/ when it has one, else sd-vae-ft-mse), "" (the model's own) or a path.
+    controlnet_depth: "" = none. device: "" = cuda when available, else cpu.
+    neural_rendering_resolution / depth_samples: 0 = the generator's own.
+    """
+
+    generator: str = ""
+    generator_config: str = ""
+    model: str = DEFAULT_MODEL
+    vae: str = "auto"
+    controlnet_depth: str = DEFAULT_CONTROLNETS["depth"]
+    device: str = ""
+    neural_rendering_resolution: int = 0
+    depth_samples: int = 0
+
+
+@dataclass
+class StyleImagesConfig:
+    """The style reference image, an optional second one (blended with fusion.alpha) and an optional mask
+    (white = stylise there, black = keep the content)."""
+
+    image: str = ""
+    image_2: str = ""
+    mask: str = ""
+
+
+@dataclass
+class StyleViewsConfig:
+    """A `headstyle style-views` run: Style Fusion Attention img2img of rendered views (typed, TOML + --set)."""
+
+    model: ViewsModelConfig = field(default_factory=ViewsModelConfig)
+    style: StyleImagesConfig = field(default_factory=StyleImagesConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    fusion: StyleFusionConfig = field(default_factory=StyleFusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

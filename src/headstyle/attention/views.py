@@ -7,15 +7,14 @@ rendered depth drives the depth ControlNet, so every view keeps the generator's 
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from headstyle.attention.config import StyleViewsConfig
+from headstyle.attention.config import SamplingConfig, StyleViewsConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cameras import cameras
 from headstyle.distill.objectives import cfg
@@ -25,23 +24,24 @@ from headstyle.generator.base import Generator
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.progress import progress_bar
 
 
 @torch.no_grad()
 def stylize_image(
-    sfa: StyleFusionPrior, image: Tensor, control: Control | None, config: StyleViewsConfig, generator: torch.Generator
+    sfa: StyleFusionPrior, image: Tensor, control: Control | None, sampling: SamplingConfig, generator: torch.Generator
 ) -> Tensor:
     """img2img of one (1, 3, S, S) image in [-1, 1] with DDIM through ``sfa``, the image as content reference."""
-    prompt = sfa.embed_prompts(config.prompt, config.negative_prompt)
-    timesteps = sfa.inference_timesteps(config.steps)
-    timesteps = timesteps[config.steps - int(config.steps * config.strength) :]
+    prompt = sfa.embed_prompts(sampling.prompt, sampling.negative_prompt)
+    timesteps = sfa.inference_timesteps(sampling.steps)
+    timesteps = timesteps[sampling.steps - int(sampling.steps * sampling.strength) :]
     x0 = sfa.encode(image)
     sfa.set_content(x0)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     x = sfa.add_noise(x0, eps, timesteps[:1])
     for t in timesteps:
         eps_u, eps_c = sfa.predict_noise([Branch(x, t.reshape(1), prompt, control)])[0]
-        x = sfa.prior.scheduler.step(cfg(eps_u, eps_c, config.guidance_scale), t, x).prev_sample
+        x = sfa.prior.scheduler.step(cfg(eps_u, eps_c, sampling.guidance_scale), t, x).prev_sample
     sfa.set_content(None)
     return sfa.decode(x)
 
@@ -50,47 +50,47 @@ def stylize_views(
     G: Generator,
     prior: DiffusersPrior,
     latents: Sequence[Latent],
-    yaws: Sequence[float],
     style_image: Tensor,
-    out: str | os.PathLike,
-    config: StyleViewsConfig | None = None,
+    config: StyleViewsConfig,
     style_image_2: Tensor | None = None,
     style_mask: Tensor | None = None,
     show_progress: bool = True,
 ) -> list[Path]:
-    """Write, per latent, a stylised PNG and its render per yaw (radians), a sheet (renders over
+    """Write into config.views.out, per latent, a stylised PNG and its render per view, a sheet (renders over
     stylised views) and a turntable GIF (+ MP4 with ffmpeg) of the stylised views. Returns the paths.
 
     prior: a DiffusersPrior; its "depth" ControlNet, when loaded, gets the rendered depth.
     style_image(_2): (1, 3, H, W) in [-1, 1]; style_mask: (H, W) in [0, 1], 1 = stylise.
     """
-    config = config or StyleViewsConfig()
+    v, sampling = config.views, config.sampling
     size = prior.image_size
     style_latents = [None if s is None else prior.encode(resize_to(s, size)) for s in (style_image, style_image_2)]
-    sfa = StyleFusionPrior(prior, style_latents[0], style_latents[1], config.fusion, style_mask, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    sfa = StyleFusionPrior(prior, style_latents[0], style_latents[1], config.fusion, style_mask, seed=sampling.seed)
+    generator = torch.Generator().manual_seed(sampling.seed)
     use_depth = "depth" in prior.control_names
-    out = Path(out)
+    yaws, pitch = [math.radians(y) for y in v.yaws], math.radians(v.pitch)
+    out = Path(v.out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with tqdm(total=len(latents) * len(yaws), desc="stylising views", unit="view", disable=not show_progress) as bar:
+    with progress_bar(disable=not show_progress) as bar:
+        task = bar.add_task("stylising views", total=len(latents) * len(yaws))
         for latent in latents:
             renders, stylised = [], []
             for yaw in yaws:
-                r = render_view(G, latent, cameras(yaw, config.pitch), config.render_sr)
-                image = resize_to(r.image if config.render_sr else r.image_raw, size)
+                r = render_view(G, latent, cameras(yaw, pitch), v.render_sr)
+                image = resize_to(r.image if v.render_sr else r.image_raw, size)
                 control = None
                 if use_depth:
                     depth = controls.depth_control(resize_to(r.depth, size), resize_to(r.mask, size))
-                    control = Control("depth", depth, config.control_scale)
-                styled = stylize_image(sfa, image.to(prior.device), control, config, generator)
-                stem = out / view_name(latent, yaw, config.pitch)
+                    control = Control("depth", depth, sampling.control_scale)
+                styled = stylize_image(sfa, image.to(prior.device), control, sampling, generator)
+                stem = out / view_name(latent, yaw, pitch)
                 written.append(save_image(styled[0], stem.with_suffix(".png")))
                 written.append(save_image(image[0], f"{stem}_render.png"))
                 renders.append(image.cpu())
                 stylised.append(styled.cpu())
-                bar.update(1)
+                bar.update(task, advance=1)
             sheet = torch.cat(renders + stylised)
             written.append(save_grid(sheet, out / f"{latent.name}_style_views.png", cols=len(yaws)))
-            written += save_turntable(to_uint8(torch.cat(stylised)), out / f"{latent.name}_style_turntable", config.fps)
+            written += save_turntable(to_uint8(torch.cat(stylised)), out / f"{latent.name}_style_turntable", v.fps)
     return written

@@ -1,8 +1,21 @@
-"""What every command shares: the Typer app and the one-line user error."""
+"""What every command shares: the Typer app, the one-line user error, and the checks and loaders that run
+before any slow work (seeds, views, device, output folder, generator, diffusers prior)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from headstyle.priors.diffusers_prior import DiffusersPrior
 
 app = typer.Typer(
     add_completion=False,
@@ -11,6 +24,110 @@ app = typer.Typer(
     "Bad input gets a one-line error and exit code 2.",
 )
 
+MAX_NEURAL_RENDERING_RESOLUTION = 1024
+MAX_DEPTH_SAMPLES = 1024
+
 
 class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """'0,1' -> [0, 1]: at least one integer seed in [0, 2**32)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: seeds are integers like 0,1") from None
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+        raise UserError(f"{option} must be integers in [0, 2**32), got {text!r}")
+    return seeds
+
+
+def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
+    """'-90,0,90' (degrees) -> radians."""
+    from headstyle.cameras import parse_angles_degrees
+
+    try:
+        return parse_angles_degrees(text)
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The torch device named, or (None / "") cuda when available, else cpu; one that is unknown or not usable
+    here is a UserError naming the devices this machine has."""
+    import torch
+
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--device {name!r} is not usable here ({reason}); available: {', '.join(available)}") from None
+    return dev
+
+
+def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
+    """An output folder that exists or can be created and written, checked before any model loads: the
+    nearest existing folder above it must take a new folder (not a file, not read-only, not /proc)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {out} exists and is not a folder; give a folder path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {out} lies under the file {existing}; give a folder path")
+    try:
+        Path(tempfile.mkdtemp(prefix=".headstyle-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{option} {out}: cannot write in {existing} ({reason}); choose a writable folder") from None
+    return path
+
+
+def check_render_overrides(neural_rendering_resolution: int | None, depth_samples: int | None) -> None:
+    for flag, value, low, high in (
+        ("--neural-rendering-resolution", neural_rendering_resolution, 4, MAX_NEURAL_RENDERING_RESOLUTION),
+        ("--depth-samples", depth_samples, 2, MAX_DEPTH_SAMPLES),
+    ):
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{flag} must lie in [{low}, {high}], got {value}")
+
+
+def load_generator(
+    path: str,
+    device: torch.device,
+    config: str | None = None,
+    neural_rendering_resolution: int | None = None,
+    depth_samples: int | None = None,
+) -> nn.Module:
+    """A generator from a .pkl, .pth, .safetensors or folder (headstyle.generator.checkpoint), optionally
+    rendering at another raw resolution or with another number of samples per ray."""
+    from headstyle.generator.checkpoint import CheckpointError
+    from headstyle.generator.checkpoint import load_generator as load
+
+    check_render_overrides(neural_rendering_resolution, depth_samples)
+    overrides = {"depth_resolution": depth_samples, "depth_resolution_importance": depth_samples}
+    try:
+        return load(path, device=device, config=config, neural_rendering_resolution=neural_rendering_resolution,
+                    rendering_overrides=overrides if depth_samples else None)  # fmt: skip
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+
+
+def load_diffusers_prior(
+    model: str, vae: str, controlnets: Mapping[str, str], device: torch.device, **options: object
+) -> DiffusersPrior:
+    """An SD 1.5-family prior; ``vae`` follows headstyle.priors.diffusers_prior.resolve_vae ("auto", "" or a path)."""
+    from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError, resolve_vae
+
+    try:
+        return DiffusersPrior.from_pretrained(
+            model, vae=resolve_vae(model, vae), controlnets=dict(controlnets), device=device, **options
+        )
+    except PriorLoadError as exc:
+        raise UserError(str(exc)) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from headstyle.cli.common import UserError, app
@@ -34,57 +36,26 @@ def render(
 ) -> None:
     """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
     import math
-    from pathlib import Path
 
-    import torch
-
-    from headstyle.cameras import parse_angles_degrees
-    from headstyle.cli.mesh import MAX_RESOLUTION
+    from headstyle.cli.common import check_out_dir, load_generator, parse_seeds, parse_yaws, pick_device
     from headstyle.export import export_renders, latents_from_npz, latents_from_seeds
-    from headstyle.generator.checkpoint import CheckpointError, load_generator
-    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     if seeds is not None and w_npz is not None:
         raise UserError("give either --seeds or --w-npz, not both")
-    try:
-        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
-        yaw_list = parse_angles_degrees(yaws)
-    except ValueError as exc:
-        raise UserError(f"{exc}; seeds are integers like 0,1 and yaws degrees like -90,0,90") from None
-    if any(not 0 <= s < 2**32 for s in seed_list) or (seeds is not None and not seed_list):
-        raise UserError(f"--seeds must be integers in [0, 2**32), got {seeds!r}")
+    seed_list = parse_seeds(seeds or "0")
+    yaw_list = parse_yaws(yaws)
     if turntable < 0 or (turntable == 0 and not yaw_list):
         raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
-    for name, value, low in (("fps", fps, 1e-3), ("neural-rendering-resolution", neural_rendering_resolution, 4),
-                             ("depth-samples", depth_samples, 2)):
-        if value is not None and not (math.isfinite(value) and value >= low):
-            raise UserError(f"--{name} must be at least {low}, got {value}")
-    if not (math.isfinite(truncation) and math.isfinite(pitch)):
-        raise UserError("--truncation and --pitch must be finite numbers")
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"--device {device!r} is not usable here ({exc}); try --device cpu") from None
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    if not (math.isfinite(fps) and fps >= 1e-3):
+        raise UserError(f"--fps must be at least 0.001, got {fps}")
+    if not (math.isfinite(truncation) and math.isfinite(pitch) and abs(pitch) <= 360):
+        raise UserError("--truncation must be a finite number and --pitch degrees within [-360, 360]")
+    dev = pick_device(device)
+    check_out_dir(out)
     if w_npz is not None and not Path(w_npz).is_file():
         raise UserError(f"--w-npz {w_npz}: no such file")
-    if mesh is not None:
-        try:
-            mesh_formats = parse_formats(mesh)
-        except ValueError as exc:
-            raise UserError(f"--mesh: {exc}") from None
-        if not 8 <= mesh_resolution <= MAX_RESOLUTION:
-            raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {mesh_resolution}")
 
-    overrides = {"depth_resolution": depth_samples, "depth_resolution_importance": depth_samples}
-    try:
-        G = load_generator(generator, device=dev, config=config,
-                           neural_rendering_resolution=neural_rendering_resolution,
-                           rendering_overrides=overrides if depth_samples else None)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
     if w_npz is not None:
         try:
             latents = latents_from_npz(w_npz, G.num_ws, G.w_dim, device=dev)
@@ -94,11 +65,5 @@ def render(
         latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth)
-    if mesh is not None:
-        try:
-            paths += export_meshes(G, latents, out, mesh_formats, G.rendering_kwargs["box_warp"],
-                                   MeshSettings(resolution=mesh_resolution))
-        except EmptySurfaceError as exc:
-            raise UserError(f"{exc} with `headstyle mesh --level` (the renders are written)") from None
     typer.echo(f"wrote {len(paths)} files to {out}")
 

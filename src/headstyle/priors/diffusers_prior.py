@@ -26,6 +26,15 @@ from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAUL
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def resolve_vae(model: str | os.PathLike, vae: str) -> str | None:
+    """The VAE a run loads: "" = the model's own vae/ (None for from_pretrained); "auto" = the model's own when
+    ``model`` is a local folder with a vae/, else sd-vae-ft-mse (the LD script's VAE, which the noVAE
+    checkpoints need); anything else is a VAE folder or hub id."""
+    if vae == "auto":
+        return None if (Path(model) / "vae").is_dir() else DEFAULT_VAE
+    return vae or None
+
+
 class PriorLoadError(ValueError):
     """A model could not be loaded; the message says what to download and where to put it."""
 

@@ -19,7 +19,7 @@ from headstyle import settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.export import atomic_write_text
-from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
+from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 from headstyle.settings import ConfigError
 
 
@@ -30,7 +30,8 @@ class ModelConfig:
     generator: str = ""
     # An SD 1.5-family diffusers folder or hub id (code using other priors passes them to Stylizer).
     prior: str = DEFAULT_MODEL
-    vae: str = DEFAULT_VAE  # "" = the model's own vae/ folder
+    # "auto" = the model folder's own vae/ when it has one, else sd-vae-ft-mse; "" = the model's own.
+    vae: str = "auto"
     canny_controlnet: str = DEFAULT_CONTROLNETS["canny"]  # "" = no ControlNet on the single view
     depth_controlnet: str = DEFAULT_CONTROLNETS["depth"]  # "" = no ControlNet on the grid
     # A local Depth Anything checkpoint for the grid's depth control; "" uses the frozen generator's depth.

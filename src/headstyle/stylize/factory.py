@@ -18,7 +18,7 @@ from headstyle.stylize.trainer import Stylizer, TrainResult
 
 def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
     """The ScorePrior named by cfg.model (the CLI's factory; lab code passes its own prior object)."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior
+    from headstyle.priors.diffusers_prior import DiffusersPrior, resolve_vae
 
     m = cfg.model
     controlnets = {}
@@ -30,7 +30,7 @@ def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
     if device.type == "cpu":
         dtype = torch.float32  # half-precision convolutions are slow or missing on CPU
     prior = DiffusersPrior.from_pretrained(
-        m.prior, vae=m.vae or None, controlnets=controlnets, device=device, dtype=dtype
+        m.prior, vae=resolve_vae(m.prior, m.vae), controlnets=controlnets, device=device, dtype=dtype
     )
     return style_fusion_prior(cfg, prior) if cfg.style.image else prior
 

@@ -1,4 +1,4 @@
-"""What a run writes for people: the metrics log, preview grids, turntables and the progress bar."""
+"""What a run writes for people: the metrics log, preview grids and turntables."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from torch import Tensor
 
 from headstyle import cameras, export
@@ -74,26 +72,6 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-class RateColumn(ProgressColumn):
-    """Iterations per second (rich's own speed estimate)."""
-
-    def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
-
-
-def progress_columns(name: str) -> tuple[ProgressColumn, ...]:
-    """A rich bar with iterations done, rate, ETA and the latest losses (field ``losses``)."""
-    return (
-        TextColumn(f"[bold]{name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-    )
 
 
 class Previews:

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch import Tensor, nn
 
 from headstyle import cameras, export
@@ -41,10 +40,11 @@ from headstyle.generator.base import Generator
 from headstyle.generator.checkpoint import save_generator
 from headstyle.priors import controls
 from headstyle.priors.base import Control, Layout, ScorePrior
+from headstyle.progress import progress_bar
 from headstyle.stylize import checkpointing
 from headstyle.stylize.branches import Rendered, StepContext, build_branches
 from headstyle.stylize.config import StylizeConfig, dumps
-from headstyle.stylize.outputs import MetricsLog, Previews, progress_columns
+from headstyle.stylize.outputs import MetricsLog, Previews
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 
 
@@ -443,8 +443,8 @@ class Stylizer:
         stop = _StopFlag()
         last_ckpt: Path | None = resumed
         interrupted = False
-        with stop.installed(), Progress(*progress_columns("stylize"), disable=not (progress and self.is_main)) as bar:
-            task = bar.add_task("stylize", total=cfg.run.iterations, completed=self.iteration, losses="")
+        with stop.installed(), progress_bar(disable=not (progress and self.is_main)) as bar:
+            task = bar.add_task("stylize", total=cfg.run.iterations, completed=self.iteration)
             while self.iteration < cfg.run.iterations:
                 t0 = time.perf_counter()
                 metrics = self.step()
@@ -462,7 +462,7 @@ class Stylizer:
                 bar.update(
                     task,
                     advance=1,
-                    losses=f"loss {metrics['loss']:.4g} rd {metrics['relative_distance']:.3g} skipped {self.skipped}",
+                    info=f"loss {metrics['loss']:.4g} rd {metrics['relative_distance']:.3g} skipped {self.skipped}",
                 )
                 if self.is_main and self.iteration % cfg.run.sample_every == 0:
                     self.write_samples()
