@@ -147,7 +147,7 @@ def _project(G: Generator, target: Tensor, c: Tensor, perceptual: PerceptualDist
     G.requires_grad_(False)
     try:
         w_avg, w_std = w_statistics(G, cfg.w_avg_samples)
-        target = target.float()
+        target = target.detach().float()
         target_embed = perceptual.embed(perceptual_view(target, cfg.perceptual_size)).detach()
         w_avg = w_avg if cfg.space == "w" else w_avg.repeat(1, G.num_ws, 1)
         w_opt = w_avg.clone().requires_grad_(True)
@@ -200,7 +200,7 @@ def pivotal_tuning(
     if cfg.steps < 1:
         raise ValueError(f"PTI steps must be at least 1, got {cfg.steps}")
     tuned = copy.deepcopy(G).train().requires_grad_(True)
-    target = target.float()
+    target = target.detach().float()
     ws = ws.detach()
     device = target.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
