@@ -1,7 +1,9 @@
 """Mesh extraction speed and memory: volume sampling, marching cubes, components, vertex colours.
 
-Prints, per resolution (lattice points per axis of PanoHead's extraction cube), the seconds of
-each stage for one head, the field evaluation rate, the peak resident memory the extraction adds
+Prints, per resolution (lattice points per axis of PanoHead's extraction cube), the wall-clock
+seconds of each stage for one head, the process CPU seconds of the whole extraction (all threads;
+with one thread the figure least disturbed by other load on a shared machine), the field
+evaluation rate (points per CPU second of sampling), the peak resident memory the extraction adds
 (ru_maxrss after minus the RSS before; each resolution runs in a fresh process because ru_maxrss
 only grows) and, on CUDA, the peak allocated GPU memory. Defaults: PanoHead's trim (30/256 of
 the cube per face, never evaluated) and batches of 2**16 points.
@@ -48,18 +50,18 @@ def worker(resolution: int, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         sampler = G.field_sampler(ws)
     cube = extraction_cube(resolution, G.rendering_kwargs["box_warp"])
     volume = sample_volume(sampler, cube, device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     mesh = isosurface(volume, LEVEL)
     t2 = time.perf_counter()
     mesh = largest_component(mesh)
     t3 = time.perf_counter()
     vertex_colours(sampler, mesh.vertices, device)
-    t4 = time.perf_counter()
+    t4, c4 = time.perf_counter(), time.process_time()
     return {
         "resolution": resolution,
         "points_m": cube.inner**3 / 1e6,
@@ -68,7 +70,8 @@ def worker(resolution: int, device: str) -> dict:
         "component_s": t3 - t2,
         "colour_s": t4 - t3,
         "total_s": t4 - t0,
-        "mpts_per_s": cube.inner**3 / (t1 - t0) / 1e6,
+        "cpu_s": c4 - c0,
+        "mpts_per_cpu_s": cube.inner**3 / (c1 - c0) / 1e6,
         "vertices_k": len(mesh.vertices) / 1e3,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
         "gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
@@ -88,15 +91,16 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
     print(f"mesh extraction, parity-fixture generator, {args.device}, {threads} torch threads, level {LEVEL}\n")
     print("| resolution | points evaluated (M) | sample s | marching cubes s | component s | colours s | total s "
-          "| M points/s | vertices (k) | peak RSS added (MB) | peak GPU (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| total CPU s | M points / CPU s | vertices (k) | peak RSS added (MB) | peak GPU (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for res in (int(r) for r in args.resolutions.split(",")):
         out = subprocess.run([sys.executable, __file__, "--worker", str(res), "--device", args.device],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         gpu = "-" if r["gpu_mb"] is None else f"{r['gpu_mb']:.0f}"
         print(f"| {res} | {r['points_m']:.2f} | {r['sample_s']:.1f} | {r['mc_s']:.1f} | {r['component_s']:.1f} "
-              f"| {r['colour_s']:.2f} | {r['total_s']:.1f} | {r['mpts_per_s']:.2f} | {r['vertices_k']:.0f} "
+              f"| {r['colour_s']:.2f} | {r['total_s']:.1f} | {r['cpu_s']:.1f} | {r['mpts_per_cpu_s']:.2f} "
+              f"| {r['vertices_k']:.0f} "
               f"| {r['peak_mb']:.0f} | {gpu} |", flush=True)
 
 
