@@ -119,7 +119,7 @@ def _load_target(path: str | Path, size: int, device: torch.device) -> tuple[tor
     w, h = image.size
     s = min(w, h)
     image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.LANCZOS)
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.array(image, dtype=np.uint8)
     target = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
     return target, pixels
 

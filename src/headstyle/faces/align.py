@@ -136,7 +136,7 @@ def crop_final(image: np.ndarray, quad: Quad, size: int = CROP_SIZE) -> np.ndarr
 
 def to_projector_size(crop: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """The expanded crop at size x size with Lanczos, as PanoHead's projector resizes its target."""
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
+    return np.array(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
 
 
 def check_pose(yaw: float, pitch: float, roll: float, scale: float, t: np.ndarray, what: str) -> None:
