@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import random
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_overrides_typed_and_errors_name_the_field():
 def test_defaults_follow_the_script():
     cfg = StylizeConfig()
     assert (cfg.latent.truncation_psi, cfg.latent.truncation_cutoff) == (0.75, 14)
-    assert (cfg.latent.cond_yaw, cfg.latent.cond_pitch) == (0.0, 0.2)
+    assert (cfg.latent.cond_yaw, cfg.latent.cond_pitch) == (0.0, math.degrees(0.2))  # degrees: the script's 0.2 rad
     assert cfg.prompt.guidance_scale == 7.5 and cfg.objective.name == "ld"
     assert cfg.objective.params.weighting == "script"
     o = cfg.objective

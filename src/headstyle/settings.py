@@ -153,3 +153,17 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a {kind} table of sections, got {type(data).__name__}")
     return data
+
+
+def comment_units(toml_text: str, units: Mapping[str, str]) -> str:
+    """TOML text with ``# unit`` after the first line of every field named in ``units`` ("section.field")."""
+    section, out = "", []
+    for line in toml_text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif "=" in line and not line.startswith(" "):
+            key = f"{section}.{line.split('=', 1)[0].strip()}"
+            if key in units:
+                line = f"{line}  # {units[key]}"
+        out.append(line)
+    return "\n".join(out) + "\n"

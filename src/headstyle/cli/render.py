@@ -38,7 +38,9 @@ def render(
     import math
 
     from headstyle.cli.common import check_out_dir, load_generator, parse_seeds, parse_yaws, pick_device
+    from headstyle.cli.mesh import MAX_RESOLUTION
     from headstyle.export import export_renders, latents_from_npz, latents_from_seeds
+    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     if seeds is not None and w_npz is not None:
         raise UserError("give either --seeds or --w-npz, not both")
@@ -54,6 +56,13 @@ def render(
     check_out_dir(out)
     if w_npz is not None and not Path(w_npz).is_file():
         raise UserError(f"--w-npz {w_npz}: no such file")
+    if mesh is not None:
+        try:
+            mesh_formats = parse_formats(mesh)
+        except ValueError as exc:
+            raise UserError(f"--mesh: {exc}") from None
+        if not 8 <= mesh_resolution <= MAX_RESOLUTION:
+            raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {mesh_resolution}")
 
     G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
     if w_npz is not None:
@@ -65,5 +74,11 @@ def render(
         latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth)
+    if mesh is not None:
+        try:
+            paths += export_meshes(G, latents, out, mesh_formats, G.rendering_kwargs["box_warp"],
+                                   MeshSettings(resolution=mesh_resolution))
+        except EmptySurfaceError as exc:
+            raise UserError(f"{exc} with `headstyle mesh --level` (the renders are written)") from None
     typer.echo(f"wrote {len(paths)} files to {out}")
 

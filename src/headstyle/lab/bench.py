@@ -96,6 +96,7 @@ def train_variant(
     style: str, variant: str, prior: LabPrior, settings: LabSettings, out: Path, progress: bool = True
 ) -> tuple[LabGenerator, float]:
     """Stylise a fresh lab generator with one variant; returns it and the training wall time."""
+    from headstyle.stylize.checkpointing import clear_run
     from headstyle.stylize.trainer import Stylizer
 
     if variant not in VARIANTS:
@@ -104,6 +105,7 @@ def train_variant(
     G = new_generator(settings)
     cfg = lab_config(style, settings, out / f"{style}-{variant}", VARIANTS[variant])
     start = time.perf_counter()
+    clear_run(cfg.run.out)  # every bench run starts from scratch in its own folder
     Stylizer(cfg, G, prior).train(progress=progress)
     return G.eval(), time.perf_counter() - start
 

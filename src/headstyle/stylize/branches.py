@@ -15,6 +15,7 @@ gives each branch its results back in ``loss``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,8 @@ class SingleView:
 
     def render(self, ws: Tensor) -> Rendered:
         ctx, cfg, n = self.ctx, self.ctx.cfg, ws.shape[0]
-        c, _, _ = cameras.sample_front_cameras(n, ctx.rng, cfg.single.yaw_range, cfg.single.pitch_range)
+        s = cfg.single
+        c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
         cams = torch.cat([c, cameras.mirror(c)]) if cfg.single.mirror else c
         kw = ctx.render_kwargs
         out = ctx.G.synthesis(ws.repeat(len(cams) // n, 1, 1), cams.to(ctx.device), noise_mode="const", **kw)
@@ -191,7 +193,8 @@ class Grid:
 
     def render(self, ws: Tensor) -> Rendered:
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
-        cams = cameras.sample_360_cameras(4 * ws.shape[0], ctx.rng, cfg.grid.pitch_range)[0].to(ctx.device)
+        pitch_range = math.radians(cfg.grid.pitch_range)
+        cams = cameras.sample_360_cameras(4 * ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
         ws4 = ws.repeat_interleave(4, dim=0)
         out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, **ctx.render_kwargs)
         with torch.no_grad():

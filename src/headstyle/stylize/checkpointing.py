@@ -8,8 +8,10 @@ A checkpoint is a folder ``<run>/checkpoints/iter_XXXXXXX/``:
                           tensors the trainer carries over (the previous identity's tri-grids)
   rank{r}.json            per process: numpy and python RNG states
   config.toml             the resolved config
+  checksums.json          sha256 of every file above, written last
 Every process writes into a hidden temp folder; after a barrier the main process renames it
-into place (os.replace), so a checkpoint folder either is complete or does not exist.
+into place (os.replace), so a checkpoint folder either is complete or does not exist. A resume
+from a run folder takes the newest checkpoint whose files match their checksums.
 """
 
 from __future__ import annotations
@@ -29,13 +31,63 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from headstyle.export import atomic_write_text
+from headstyle.io import content_digest
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"^iter_(\d{7})$")
+# What a run writes into its folder (``clear_run`` removes exactly these).
+RUN_FILES = ("config.toml", "log.jsonl", "log.csv", "generator.safetensors", "generator.json")
+RUN_FOLDERS = (CHECKPOINT_DIR, "samples", "turntable", "tensorboard")
 
 
 class ResumeError(ValueError):
     """A checkpoint that cannot continue this run (other process count, other trainable parameters)."""
+
+
+class RunExistsError(ResumeError):
+    """A fresh run was asked to write into a folder that holds another run."""
+
+
+def run_exists(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a run: its config, logs or checkpoints."""
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in ("config.toml", "log.jsonl", "log.csv", CHECKPOINT_DIR))
+
+
+def check_fresh_run_dir(run_dir: str | Path) -> None:
+    """Refuse to start a new run in a folder that holds one (its logs and checkpoints would mix)."""
+    if run_exists(run_dir):
+        raise RunExistsError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another --out, "
+            "or pass --overwrite to clear it first"
+        )
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Remove what a run wrote into ``run_dir`` (and nothing else) so a new run can start there."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the checkpoint matches checksums.json, else what is wrong."""
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is missing or unreadable"
+    if not isinstance(expected, dict) or "state.json" not in expected:
+        return f"{CHECKSUMS} does not list the checkpoint's files"
+    for name, digest in expected.items():
+        file = path / str(name)
+        if not file.is_file():
+            return f"{name} is missing"
+        if content_digest(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 @dataclass
@@ -120,10 +172,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint). Raises FileNotFoundError with the fix."""
+def resolve_checkpoint(path: str | Path, skipped: list[tuple[Path, str]] | None = None) -> Path:
+    """A checkpoint folder (verified), or a run folder: its newest checkpoint that verifies; the corrupt newer
+    ones are appended to ``skipped`` as (path, problem). Raises FileNotFoundError or ResumeError with the fix."""
     path = Path(path)
     if (path / "state.json").is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ResumeError(f"{path} is corrupt ({problem}); resume from its run folder to fall back to an older one")
         return path
     found = list_checkpoints(path)
     if not found:
@@ -131,7 +187,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{path} is neither a checkpoint folder (with state.json) nor a run folder with {CHECKPOINT_DIR}/iter_*; "
             "pass the --out folder of an earlier run or one of its checkpoints"
         )
-    return found[-1]
+    problems = []
+    for ckpt in reversed(found):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            (skipped if skipped is not None else []).extend(problems)
+            return ckpt
+        problems.append((ckpt, problem))
+    raise ResumeError(f"no checkpoint of {path} verifies (newest: {found[-1].name}: {problems[0][1]})")
 
 
 def save_checkpoint(
@@ -166,6 +229,8 @@ def save_checkpoint(
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
     barrier()
     if rank == 0:
+        digests = {p.name: content_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_text(tmp / CHECKSUMS, json.dumps(digests, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headstyle import settings
+from torch import Tensor
+
+from headstyle import cameras, settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.export import atomic_write_text
@@ -61,7 +63,7 @@ class LatentConfig:
     truncation_psi: float = 0.75
     truncation_cutoff: int = 14
     cond_yaw: float = 0.0
-    cond_pitch: float = 0.2
+    cond_pitch: float = math.degrees(0.2)  # the script's 0.2 rad
 
 
 @dataclass
@@ -100,8 +102,8 @@ class SingleViewConfig:
 
     enabled: bool = True
     weight: float = 1.0
-    yaw_range: float = math.pi / 3
-    pitch_range: float = math.pi / 6
+    yaw_range: float = 60.0
+    pitch_range: float = 30.0
     canny_low: float = 50.0
     canny_high: float = 250.0
     control_scale: float = 1.0
@@ -118,7 +120,7 @@ class GridConfig:
 
     enabled: bool = True
     weight: float = 1.0
-    pitch_range: float = math.pi / 6
+    pitch_range: float = 30.0
     control_scale: float = 1.0
 
 
@@ -145,7 +147,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    out: str = "runs/stylize"
+    out: str = ""  # "" = a fresh folder runs/stylize-<date>-<time> (presets: runs/<preset>)
     iterations: int = 10_000
     batch_size: int = 1  # identities per process per iteration
     seed: int = 0
@@ -153,8 +155,8 @@ class RunConfig:
     keep_last: int = 3
     sample_every: int = 250
     sample_identities: int = 4
-    sample_yaws: tuple[float, ...] = (-math.pi / 2, -math.pi / 6, 0.0, math.pi / 6, math.pi / 2)
-    sample_pitch: float = math.radians(10)
+    sample_yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
+    sample_pitch: float = 10.0
     turntable_identities: int = 2
     # Previews and turntables through the super-resolution (slow on CPU); false shows the raw renders.
     preview_sr: bool = True
@@ -199,11 +201,54 @@ class StylizeConfig:
     style: StyleImageConfig = field(default_factory=StyleImageConfig)
 
 
+# Units printed beside the fields of a saved config; every angle is in degrees, as the CLI's flags.
+UNITS: dict[str, str] = {
+    "latent.cond_yaw": "degrees, 0 = front",
+    "latent.cond_pitch": "degrees",
+    "single.yaw_range": "degrees, +- around the front",
+    "single.pitch_range": "degrees, +-",
+    "grid.pitch_range": "degrees, +-",
+    "run.sample_yaws": "degrees, 0 = front",
+    "run.sample_pitch": "degrees",
+    "prompt.guidance_scale": "omega, diffusers CFG form",
+    "optim.lr": "Adam learning rate",
+    "shaping.scale": "divisor of every latent gradient",
+}
+# Closed ranges of numeric fields: (low, high) with None for unbounded.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "latent.cond_yaw": (-180.0, 180.0),
+    "latent.cond_pitch": (-90.0, 90.0),
+    "single.yaw_range": (0.0, 180.0),
+    "single.pitch_range": (0.0, 90.0),
+    "grid.pitch_range": (0.0, 90.0),
+    "run.sample_pitch": (-90.0, 90.0),
+    "latent.truncation_psi": (-2.0, 2.0),
+    "prompt.guidance_scale": (0.0, 100.0),
+    "optim.beta1": (0.0, 0.999999),
+    "optim.beta2": (0.0, 0.999999),
+    "shaping.clamp": (0.0, None),
+    "single.weight": (0.0, None),
+    "grid.weight": (0.0, None),
+    "single.base_weight": (0.0, None),
+    "single.mirror_weight": (0.0, None),
+    "regularisers.relative_distance": (0.0, None),
+    "regularisers.tweedie_mse": (0.0, None),
+    "regularisers.lpips": (0.0, None),
+    "objective.mv_nrs_sigma": (0.0, 1.0),
+}
+# Fields that must be strictly positive and finite.
+POSITIVE = ("optim.lr", "shaping.scale")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.prior_dtype": ("fp32", "fp16", "bf16"),
     "objective.noise": ("random", "fixed", "mv_nrs"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
 }
+
+
+def conditioning_camera(cfg: StylizeConfig) -> Tensor:
+    """The (1, 25) camera label the frozen mapping is conditioned on (latent.cond_yaw / cond_pitch, degrees)."""
+    return cameras.cameras(math.radians(cfg.latent.cond_yaw), math.radians(cfg.latent.cond_pitch))
 
 
 def to_dict(cfg: StylizeConfig) -> dict[str, dict[str, Any]]:
@@ -305,8 +350,37 @@ def validate(cfg: StylizeConfig) -> None:
             f"(got {o.name}{'/' + sds_weighting if sds_weighting else ''}): LD and the script's SDS use only "
             "eps_cond - eps_uncond, where the style image, fused into both predictions, cancels"
         )
+    for key, (low, high) in RANGES.items():
+        value = flat[key]
+        if not ((low is None or value >= low) and (high is None or value <= high)):
+            bounds = f"[{low}, {'inf' if high is None else high}]"
+            raise ConfigError(f"{key} = {value} lies outside {bounds}{' (' + UNITS[key] + ')' if key in UNITS else ''}")
+    for key in POSITIVE:
+        if not (math.isfinite(flat[key]) and flat[key] > 0):
+            raise ConfigError(f"{key} must be a positive number, got {flat[key]}")
+    if not all(math.isfinite(y) and abs(y) <= 360 for y in cfg.run.sample_yaws):
+        raise ConfigError(f"run.sample_yaws are degrees within [-360, 360], got {list(cfg.run.sample_yaws)}")
+    if not cfg.optim.train_modules:
+        raise ConfigError("optim.train_modules is empty: name the modules to train, e.g. ['backbone.synthesis']")
     if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):
         raise ConfigError(f"single.rank_weights must be >= 0, got {cfg.single.rank_weights}")
+
+
+# Settings a resumed run may change: how long it runs and what it writes, not what it computes.
+RESUMABLE = frozenset(
+    f"run.{name}"
+    for name in (
+        "out", "iterations", "checkpoint_every", "keep_last", "sample_every", "sample_identities",
+        "turntable_identities", "preview_sr", "turntable_frames", "max_nonfinite_in_row", "log_every",
+    )
+)  # fmt: skip
+
+
+def resume_differences(saved: StylizeConfig, new: StylizeConfig) -> list[str]:
+    """'section.field: old -> new' for every setting that differs and that a resumed run may not change."""
+    a, b = ({f"{s}.{k}": v for s, vs in to_dict(c).items() for k, v in vs.items()} for c in (saved, new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+            and k not in RESUMABLE]  # fmt: skip
 
 
 def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
@@ -315,7 +389,9 @@ def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
 
 
 def dumps(cfg: StylizeConfig, fmt: str = "toml") -> str:
-    return settings.dumps(to_dict(cfg), fmt)
+    """The config as JSON, or as TOML with each unit-bearing field's unit in a comment."""
+    text = settings.dumps(to_dict(cfg), fmt)
+    return text if fmt == "json" else settings.comment_units(text, UNITS)
 
 
 def save_config(cfg: StylizeConfig, path: str | Path) -> None:

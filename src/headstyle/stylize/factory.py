@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from headstyle.generator.checkpoint import load_generator
+from headstyle.io import content_digest
 from headstyle.priors import controls
 from headstyle.priors.base import ScorePrior
 from headstyle.stylize.config import StylizeConfig
@@ -78,7 +79,15 @@ def build_from_config(cfg: StylizeConfig, accelerator: Any = None) -> Stylizer:
     generator = load_generator(cfg.model.generator, device=accelerator.device)
     dev = accelerator.device
     prior = build_prior(cfg, dev)
-    return Stylizer(cfg, generator, prior, accelerator, build_lpips(cfg, dev), build_depth_estimator(cfg, prior, dev))
+    return Stylizer(
+        cfg,
+        generator,
+        prior,
+        accelerator,
+        lpips=build_lpips(cfg, dev),
+        depth_estimator=build_depth_estimator(cfg, prior, dev),
+        generator_digest=content_digest(cfg.model.generator),
+    )
 
 
 def run_stylize(cfg: StylizeConfig, resume: str | Path | None = None, progress: bool = True) -> TrainResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from torch import Tensor
 
 from headstyle import cameras, export
 from headstyle.generator.base import Generator
-from headstyle.stylize.config import StylizeConfig
+from headstyle.stylize.checkpointing import ResumeError
+from headstyle.stylize.config import StylizeConfig, conditioning_camera
 
 
 class MetricsLog:
@@ -42,7 +44,17 @@ class MetricsLog:
     def _truncate(self, iteration: int) -> None:
         """Drop entries written after the checkpoint we resume from (they are recomputed)."""
         if self.jsonl.is_file():
-            keep = [line for line in self.jsonl.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
+            keep = []
+            for number, line in enumerate(self.jsonl.read_text().splitlines(), start=1):
+                try:
+                    entry_iteration = int(json.loads(line)["iteration"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ResumeError(
+                        f"{self.jsonl}, line {number}: not a log entry ({type(exc).__name__}); the file is torn: "
+                        "delete that line (or the log) and resume again"
+                    ) from None
+                if entry_iteration <= iteration:
+                    keep.append(line)
             export.atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
         if self.csv.is_file():
             with self.csv.open(newline="") as fh:
@@ -93,7 +105,8 @@ class Previews:
 
     def _sample_cameras(self) -> Tensor:
         r = self.cfg.run
-        return cameras.cameras(torch.tensor(r.sample_yaws), torch.full((len(r.sample_yaws),), r.sample_pitch))
+        yaws = torch.tensor([math.radians(y) for y in r.sample_yaws])
+        return cameras.cameras(yaws, torch.full((len(r.sample_yaws),), math.radians(r.sample_pitch)))
 
     @torch.no_grad()
     def _render_views(self, G: Generator, ws: Tensor, cams: Tensor) -> Tensor:
@@ -114,7 +127,7 @@ class Previews:
     def _sample_ws(self, count: int) -> Tensor:
         g = torch.Generator().manual_seed(self.cfg.run.seed + 12345)
         z = torch.randn(count, self.G.z_dim, generator=g).to(self.device)
-        c = cameras.cameras(self.cfg.latent.cond_yaw, self.cfg.latent.cond_pitch).expand(count, -1).to(self.device)
+        c = conditioning_camera(self.cfg).expand(count, -1).to(self.device)
         with torch.no_grad():
             return self.frozen.mapping(z, c, self.cfg.latent.truncation_psi, self.cfg.latent.truncation_cutoff)
 
@@ -142,7 +155,7 @@ class Previews:
         paths: list[Path] = []
         with self._fork_rng():
             ws = self._sample_ws(r.turntable_identities)
-            cams = cameras.turntable_cameras(r.turntable_frames, pitch=r.sample_pitch)
+            cams = cameras.turntable_cameras(r.turntable_frames, pitch=math.radians(r.sample_pitch))
             for i in range(len(ws)):
                 frames = self._render_views(self.G, ws[i : i + 1], cams)
                 paths += export.save_turntable(frames, self.run_dir / "turntable" / f"identity_{i}")

@@ -8,10 +8,11 @@ werewolf", and the other five follow that form. Everything else is the script's 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from headstyle.stylize.checkpointing import resolve_checkpoint
-from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config
+from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config, resume_differences
 
 PROMPTS: dict[str, str] = {
     "pixar": "Portrait of a Pixar character",
@@ -49,13 +50,15 @@ def resolve_config(
     """The run's config: defaults, or the resumed checkpoint's config; then a preset, a file, overrides.
 
     Later sources win. A resumed run keeps writing into the checkpoint's run folder unless run.out
-    is overridden.
+    is overridden, and may change only how long it runs and what it writes (config.RESUMABLE): any
+    other difference from the checkpoint's config is a ConfigError naming it. A new run without an
+    output folder gets a fresh one, runs/stylize-<date>-<time>.
     """
-    cfg = StylizeConfig()
+    cfg = saved = StylizeConfig()
     if resume is not None:
         ckpt_dir = resolve_checkpoint(resume)
-        cfg = load_config(ckpt_dir / "config.toml")
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(ckpt_dir.parent.parent)))
+        saved = load_config(ckpt_dir / "config.toml")
+        cfg = dataclasses.replace(saved, run=dataclasses.replace(saved.run, out=str(ckpt_dir.parent.parent)))
     if preset_name:
         try:
             cfg = preset(preset_name, cfg)
@@ -63,4 +66,15 @@ def resolve_config(
             raise ConfigError(exc.args[0]) from None
     if config_file is not None:
         cfg = load_config(config_file, cfg)
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    if resume is not None:
+        changed = resume_differences(saved, cfg)
+        if changed:
+            raise ConfigError(
+                f"--resume would change settings that define the run ({'; '.join(changed)}): keep the checkpoint's "
+                "values (only run.iterations, run.out and what the run writes may change) or start a new run"
+            )
+    elif not cfg.run.out:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=f"runs/stylize-{stamp}"))
+    return cfg

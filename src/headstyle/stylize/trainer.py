@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headstyle import cameras, export
+from headstyle import export
 from headstyle.distill import noise
 from headstyle.distill.objectives import DistillResult, DistillTarget, get_objective
 from headstyle.distill.timesteps import sample_ddim_steps
@@ -41,9 +41,10 @@ from headstyle.generator.checkpoint import save_generator
 from headstyle.priors import controls
 from headstyle.priors.base import Control, Layout, ScorePrior
 from headstyle.progress import progress_bar
+from headstyle.settings import ConfigError
 from headstyle.stylize import checkpointing
 from headstyle.stylize.branches import Rendered, StepContext, build_branches
-from headstyle.stylize.config import StylizeConfig, dumps
+from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
 from headstyle.stylize.outputs import MetricsLog, Previews
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 
@@ -54,11 +55,14 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """How a run ended; ``signal``: the signal number that interrupted it (SIGINT, SIGTERM), else None."""
+
     iteration: int
     interrupted: bool
     checkpoint: Path | None
     generator_path: Path | None
     skipped_steps: int
+    signal: int | None = None
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -74,18 +78,23 @@ def seed_everything(seed: int) -> None:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, checkpoints and exits cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, checkpoints and exits cleanly. A second
+    signal ends the process at once by that signal (a checkpoint being written stays a hidden temp folder,
+    the previous one intact)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            # A second signal means "now": fall back to the default behaviour.
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.requested = True
+        self.signal = signum
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -109,6 +118,7 @@ class Stylizer:
     and the regulariser. accelerator: an ``accelerate.Accelerator`` (created when None) giving
     the device, the process rank and the number of processes. lpips / depth_estimator: the
     Tweedie-target LPIPS and the grid's monocular depth (stylize/factory.py builds them from cfg).
+    generator_digest: the content hash of the generator's file, when it came from one.
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class Stylizer:
         accelerator: Any = None,
         lpips: LPIPS | None = None,
         depth_estimator: controls.MonocularDepth | None = None,
+        generator_digest: str = "",
     ) -> None:
         if accelerator is None:
             from accelerate import Accelerator
@@ -133,6 +144,8 @@ class Stylizer:
         self.world_size = accelerator.num_processes
         self.run_dir = Path(cfg.run.out)
         self.prior = prior
+        # sha256 of the generator's file, saved with every checkpoint: a resume must continue the same model.
+        self.generator_digest = generator_digest
 
         self.frozen = copy.deepcopy(generator).requires_grad_(False).eval().to(self.device)
         self.G = generator.to(self.device).requires_grad_(False)
@@ -140,7 +153,7 @@ class Stylizer:
             id(p) for p in generator.trainable_parameters(tuple(cfg.optim.train_modules), cfg.optim.train_biases)
         }
         if not trainable:
-            raise ValueError(
+            raise ConfigError(
                 f"optim.train_modules={list(cfg.optim.train_modules)} selects no parameters of this generator; "
                 "name modules it has (e.g. backbone.synthesis, superresolution)"
             )
@@ -165,9 +178,9 @@ class Stylizer:
         if self.objective.needs_source:
             self.source_prompt = prior.embed_prompts(cfg.prompt.source_prompt, cfg.prompt.negative_prompt)
         self.timesteps = prior.inference_timesteps(cfg.objective.num_inference_steps).long().cpu()
-        self.c_cond = cameras.cameras(cfg.latent.cond_yaw, cfg.latent.cond_pitch)
+        self.c_cond = conditioning_camera(cfg)
         if cfg.single.enabled and len(cfg.single.rank_weights) > prior.latent_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"single.rank_weights has {len(cfg.single.rank_weights)} entries but the prior's latents have "
                 f"{prior.latent_channels} channels; give at most {prior.latent_channels} (or [] to disable)"
             )
@@ -359,7 +372,12 @@ class Stylizer:
             state.tensors["prev_planes.trainable"] = self.prev_planes[1].cpu().contiguous()
         if self.scaler is not None:
             state.meta["grad_scaler"] = self.scaler.state_dict()
-        shared = {"skipped": self.skipped, "nonfinite_in_row": self.nonfinite_in_row, "param_names": self.param_names}
+        shared = {
+            "skipped": self.skipped,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "param_names": self.param_names,
+            "generator_sha256": self.generator_digest,
+        }
         return checkpointing.save_checkpoint(
             self.run_dir,
             self.iteration,
@@ -377,6 +395,12 @@ class Stylizer:
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore weights, optimizer, RNG streams, counters and the previous identity from a checkpoint."""
         ckpt = checkpointing.load_checkpoint(path, self.rank, self.world_size)
+        saved_digest = ckpt.meta.get("generator_sha256", "")
+        if saved_digest and self.generator_digest and saved_digest != self.generator_digest:
+            raise checkpointing.ResumeError(
+                f"{ckpt.path} stylises another generator (sha256 {saved_digest[:12]}..., this one "
+                f"{self.generator_digest[:12]}...); resume with the run's own generator ({self.cfg.model.generator})"
+            )
         if ckpt.meta["param_names"] != self.param_names:
             raise checkpointing.ResumeError(
                 f"{ckpt.path} trained a different parameter set (optim.train_modules / train_biases changed?); "
@@ -433,6 +457,8 @@ class Stylizer:
     def train(self, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
         """Run until cfg.run.iterations (resuming from ``resume`` if given); SIGINT/SIGTERM checkpoint and stop."""
         cfg = self.cfg
+        if resume is None and self.is_main:
+            checkpointing.check_fresh_run_dir(self.run_dir)
         resumed = self.load_checkpoint(resume) if resume is not None else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -482,4 +508,4 @@ class Stylizer:
             if cfg.run.turntable_identities > 0:
                 self.write_turntables()
         self._barrier()
-        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped)
+        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped, stop.signal)
