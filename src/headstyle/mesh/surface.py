@@ -6,8 +6,6 @@ as glTF expects), faces counter-clockwise seen from outside (positive volume).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import trimesh
@@ -61,7 +59,7 @@ def smooth(mesh: trimesh.Trimesh, steps: int) -> trimesh.Trimesh:
 def to_uint8_colours(rgb: np.ndarray) -> np.ndarray:
     """Raw-image colours (about [-1, 1]) -> uint8 with PanoHead's rounding (x * 127.5 + 128, clamped,
     truncated), as headstyle.export.to_uint8 writes the raw render's pixels."""
-    return np.clip(rgb.astype(np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
+    return np.clip(np.nan_to_num(rgb.astype(np.float32), nan=0.0) * 127.5 + 128, 0, 255).astype(np.uint8)
 
 
 def vertex_colours(
@@ -69,7 +67,6 @@ def vertex_colours(
     vertices: np.ndarray,
     device: torch.device | str = "cpu",
     batch_size: int = DEFAULT_BATCH,
-    advance: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """uint8 RGB (V, 3) of the field's colour at each vertex (V, 3), mapped as the raw image is."""
     out = np.empty((len(vertices), 3), dtype=np.float32)
@@ -79,6 +76,4 @@ def vertex_colours(
             chunk = points[start : start + batch_size]
             _, rgb = sampler(chunk.to(device).unsqueeze(0))
             out[start : start + len(chunk)] = rgb[0].to("cpu", torch.float32).numpy()
-            if advance is not None:
-                advance(len(chunk))
     return to_uint8_colours(out)
