@@ -6,6 +6,9 @@ Each command lives in its own module; importing this package registers them all.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import typer
 
 from headstyle.cli import lab, mesh, photo, render, style_views, stylize  # noqa: F401  (registers the commands)
@@ -14,7 +17,21 @@ from headstyle.cli.common import UserError, app
 __all__ = ["UserError", "app", "main"]
 
 
+# Quiet third-party output in normal runs (each can be turned back on by setting the variable).
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+QUIET_MODULES = r"(diffusers|transformers|accelerate|huggingface_hub|torch|timm|trimesh)(\..*)?"
+
+
+def quiet_third_party() -> None:
+    """No weight-loading bars, deprecation notices or advisory warnings from the libraries headstyle drives."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
+
+
 def main() -> None:
+    quiet_third_party()
     try:
         app()
     except UserError as exc:

@@ -89,6 +89,20 @@ def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
+def check_image(path: str | os.PathLike, option: str) -> None:
+    """A readable image file (PNG, JPEG, ...), checked before any model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "no such file"
+        raise UserError(f"{option} {path}: {what}; give a PNG or JPEG image")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{option} {path}: not a readable image ({type(exc).__name__}); give a PNG or JPEG") from None
+
+
 def check_render_overrides(neural_rendering_resolution: int | None, depth_samples: int | None) -> None:
     for flag, value, low, high in (
         ("--neural-rendering-resolution", neural_rendering_resolution, 4, MAX_NEURAL_RENDERING_RESOLUTION),

@@ -93,11 +93,10 @@ def style_views(
 
 def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     """Check the inputs (before any model loads), load generator and prior, stylise and write the views."""
-    from pathlib import Path
 
     from headstyle.attention.prior import load_image
     from headstyle.attention.views import stylize_views
-    from headstyle.cli.common import check_out_dir, load_diffusers_prior, load_generator, pick_device
+    from headstyle.cli.common import check_image, check_out_dir, load_diffusers_prior, load_generator, pick_device
     from headstyle.export import latents_from_seeds
 
     m, s = cfg.model, cfg.style
@@ -106,8 +105,8 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     if alpha_given and not s.image_2:
         raise UserError("--alpha blends two styles: give --style-image-2 as well")
     for option, path in (("--style-image", s.image), ("--style-image-2", s.image_2), ("--mask", s.mask)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{option} {path}: no such file")
+        if path:
+            check_image(path, option)
     check_out_dir(cfg.views.out)
     dev = pick_device(m.device)
     G = load_generator(m.generator, dev, m.generator_config or None, m.neural_rendering_resolution or None,

@@ -28,22 +28,30 @@ def stylize(
     config: str | None = typer.Option(None, help="TOML/JSON config file; its fields override the preset's."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: section.field=value (repeatable), e.g. "
                                    "--set objective.name=sds --set single.mirror=false."),
-    resume: str | None = typer.Option(None, help="Continue a run exactly from its folder or one of its checkpoints."),
+    resume: str | None = typer.Option(None, help="Continue a run exactly from its folder (its newest checkpoint that "
+                                      "verifies) or one of its checkpoints."),
+    overwrite: bool = typer.Option(False, help="Clear what an earlier run wrote into --out, then start a new run."),
     print_config: bool = typer.Option(False, help="Print the resolved config as TOML and exit."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
+    from headstyle.cli.common import check_image, check_out_dir, pick_device
+    from headstyle.stylize import checkpointing
     from headstyle.stylize.config import ConfigError, dumps
     from headstyle.stylize.presets import resolve_config
 
+    if resume is not None and overwrite:
+        raise UserError("--resume continues a run and --overwrite clears one: give one of them")
     flags = {"prompt.prompt": prompt, "model.generator": generator, "model.prior": prior, "model.vae": vae,
              "model.canny_controlnet": canny_controlnet, "model.depth_controlnet": depth_controlnet,
              "run.out": out, "run.iterations": iterations, "run.seed": seed, "run.device": device,
              "run.mixed_precision": mixed_precision, "style.image": style_image}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_)
+    skipped: list = []
     try:
-        cfg = resolve_config(preset, config, resume, overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+        checkpoint = checkpointing.resolve_checkpoint(resume, skipped) if resume is not None else None
+        cfg = resolve_config(preset, config, checkpoint, overrides)
+    except (ConfigError, FileNotFoundError, checkpointing.ResumeError) as exc:
         raise UserError(str(exc)) from None
     if print_config:
         typer.echo(dumps(cfg), nl=False)
@@ -53,16 +61,32 @@ def stylize(
                         "sketch) or --style-image IMG")
     if not cfg.model.generator:
         raise UserError("no generator: give --generator PATH (a PanoHead .pkl/.pth or a .safetensors save)")
+    for option, path in (("--style-image", cfg.style.image), ("style.image_2", cfg.style.image_2)):
+        if path:
+            check_image(path, option)
+    if cfg.run.device:
+        pick_device(cfg.run.device)
+    check_out_dir(cfg.run.out)
+    if checkpoint is None:
+        if overwrite:
+            checkpointing.clear_run(cfg.run.out)
+        else:
+            try:
+                checkpointing.check_fresh_run_dir(cfg.run.out)
+            except checkpointing.RunExistsError as exc:
+                raise UserError(str(exc)) from None
+    for path, problem in skipped:
+        typer.secho(f"note: checkpoint {path} is corrupt ({problem}); resuming from {checkpoint}", err=True,
+                    fg=typer.colors.YELLOW)
 
     from headstyle.generator.checkpoint import CheckpointError
     from headstyle.priors.diffusers_prior import PriorLoadError
-    from headstyle.stylize.checkpointing import ResumeError
     from headstyle.stylize.factory import run_stylize
     from headstyle.stylize.trainer import NonFiniteError
 
     try:
-        result = run_stylize(cfg, resume=resume, progress=progress)
-    except (CheckpointError, PriorLoadError, ResumeError) as exc:
+        result = run_stylize(cfg, resume=checkpoint, progress=progress)
+    except (CheckpointError, PriorLoadError, checkpointing.ResumeError, ConfigError) as exc:
         raise UserError(str(exc)) from None
     except NonFiniteError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
@@ -70,7 +94,8 @@ def stylize(
     if result.interrupted:
         typer.echo(f"interrupted at iteration {result.iteration}; checkpoint: {result.checkpoint}\n"
                    f"resume with: headstyle stylize --resume {cfg.run.out}")
-    elif result.generator_path is not None:
+        # 128 + the signal, as shells report a job a signal ended: `stylize ... && render ...` stops here.
+        raise SystemExit(128 + (result.signal or 0))
+    if result.generator_path is not None:
         typer.echo(f"done: {result.iteration} iterations ({result.skipped_steps} skipped); stylised generator: "
                    f"{result.generator_path} (headstyle render --generator {result.generator_path})")
-

@@ -149,9 +149,11 @@ class Stylizer:
 
         self.frozen = copy.deepcopy(generator).requires_grad_(False).eval().to(self.device)
         self.G = generator.to(self.device).requires_grad_(False)
-        trainable = {
-            id(p) for p in generator.trainable_parameters(tuple(cfg.optim.train_modules), cfg.optim.train_biases)
-        }
+        try:
+            selected = generator.trainable_parameters(tuple(cfg.optim.train_modules), cfg.optim.train_biases)
+        except ValueError as exc:
+            raise ConfigError(f"optim.train_modules: {exc}") from None
+        trainable = {id(p) for p in selected}
         if not trainable:
             raise ConfigError(
                 f"optim.train_modules={list(cfg.optim.train_modules)} selects no parameters of this generator; "
