@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from PIL import Image
 
 from headstyle import load_generator
 from headstyle.cameras import cameras
+from headstyle.crafted import npz_declaring
 from headstyle.export import (
+    CodeFileError,
     Latent,
     atomic_path,
     depth_to_uint8,
@@ -127,9 +131,14 @@ def test_w_npz_codes(tmp_path):
         ({"w": np.zeros((1, 14, 512), np.float32)}, r"'w' has 14 ws but this generator takes 8"),
         ({"ws": np.zeros((1, 8, 512), np.float32)}, r"no array 'w' in the npz \(found: ws\)"),
         ({"w": np.zeros((1, 8, 256), np.float32)}, r"must be float \(N, 8, 512\)"),
-        ({"w": np.full((1, 8, 512), np.nan, np.float32)}, "NaN or Inf"),
-        ({"w": np.array([{"evil": 1}], dtype=object)}, "not a plain numeric array"),
-        (None, "found a bare array"),
+        ({"w": np.full((1, 8, 512), np.nan, np.float32)}, "NaN, Inf or values beyond float32's range"),
+        ({"w": np.full((1, 8, 512), 1e300)}, "NaN, Inf or values beyond float32's range"),  # finite only as float64
+        ({"w": np.array([{"evil": 1}], dtype=object)}, "holds Python objects, which would need unpickling"),
+        (None, r"found a bare \.npy array; save it with np\.savez"),
+        # One W+ code saved without its batch axis: never read as 8 heads of one w each.
+        ({"w": np.zeros((8, 512), np.float32)}, r"either one W\+ code without its batch axis or 8 single-w codes; "
+                                                r"save one code as \(1, 8, 512\) .* or 8 codes as \(8, 1, 512\)"),
+        ({"w": np.zeros((14, 512), np.float32)}, r"or 14 single-w codes"),
     ],
 )
 def test_w_npz_errors(tmp_path, arrays, message):
@@ -139,9 +148,32 @@ def test_w_npz_errors(tmp_path, arrays, message):
             np.save(f, np.zeros((1, 8, 512), np.float32))
     else:
         np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(CodeFileError, match=message) as err:
         latents_from_npz(path, num_ws=8)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "descr", "message"),
+    [
+        ((10**6, 14, 512), "<f4", r"declares shape \(1000000, 14, 512\) of float32 \(28672000000 bytes\), more than"),
+        ((2**40,), "<f8", r"declares shape"),
+        ((1, 8, 512), "|O", "holds Python objects"),
+        ((1, 8, 512), "<f4", r"not a readable npz file \(ValueError: EOF"),  # declares more than it holds
+    ],
+)
+def test_w_npz_header_is_checked_before_reading(tmp_path, shape, descr, message):
+    """An npz is a zip of .npy files: its header may declare any size; nothing that large is allocated."""
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(npz_declaring(shape, descr, data=b"\0" * 64))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodeFileError, match=message):
+            latents_from_npz(path, num_ws=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # numpy allocations are traced: far below what the header declares
 
 
 def test_render_view_is_seeded_and_restores_rng(parity_dir):

@@ -285,9 +285,11 @@ def latents_from_npz(
             f"{path}: 'w' has {w.shape[1]} ws but this generator takes {num_ws} "
             "(W+ codes do not transfer between generators of different resolution)"
         )
+    with np.errstate(over="ignore"):
+        w = w.astype(np.float32)
     if not np.isfinite(w).all():
-        raise CodeFileError(f"{path}: 'w' contains NaN or Inf")
-    ws = torch.from_numpy(w.astype(np.float32)).to(device)
+        raise CodeFileError(f"{path}: 'w' contains NaN, Inf or values beyond float32's range")
+    ws = torch.from_numpy(w).to(device)
     return [Latent(f"{path.stem}{i:02d}" if len(ws) > 1 else path.stem, ws[i : i + 1], i) for i in range(len(ws))]
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from headstyle.export import atomic_path
+from headstyle.generator.schema import SchemaError, check_generator_config, plain_data
 
 FORMAT_NAME = "headstyle.generator"
 FORMAT_VERSION = 1
@@ -92,6 +93,9 @@ RELEASED_INIT_KWARGS: dict[str, Any] = {
     "img_channels": 3,
 }
 RELEASED_NEURAL_RENDERING_RESOLUTION = 64
+# PanoHead's module tree is 6 deep with ~400 modules; the bounds stop cyclic or memo-shared trees.
+MAX_MODULE_DEPTH = 32
+MAX_MODULES = 20_000
 
 
 class CheckpointError(ValueError):
@@ -254,7 +258,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         except pickle.UnpicklingError as exc:
             raise UnsafePickleError(
                 f"{self.source}: a tensor storage was refused by torch's weights-only loader; nothing of it was "
-                f"executed ({str(exc).splitlines()[0]})"
+                f"executed ({_weights_only_reason(exc)})"
             ) from exc
         if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
             raise pickle.UnpicklingError(f"storage payload decoded to {type(storage).__name__}, not a storage")
@@ -279,17 +283,21 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: persistent id {pid!r} in a pickle that should have none")
 
 
-def _plain(obj: Any) -> Any:
-    """EasyDicts -> dicts, recursively through containers (records are walked separately)."""
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, _plain(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
-    return obj
+def _weights_only_reason(exc: BaseException) -> str:
+    """The specific cause in torch's weights-only refusal, without its advice to retry with weights_only=False."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch wraps the cause between a paragraph recommending weights_only=False and a documentation link.
+    detail = [line for line in lines if "weights_only" not in line]
+    reason = detail[0] if detail else "it holds objects other than tensors and plain containers"
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _plain(obj: Any, where: str, source: Path) -> Any:
+    """plain_data(obj) (EasyDicts and numpy scalars become dicts and numbers), or a CheckpointError."""
+    try:
+        return plain_data(obj, where)
+    except SchemaError as exc:
+        raise CheckpointError(f"{source}: malformed generator config: {exc}") from None
 
 
 def safe_unpickle(path: str | os.PathLike) -> Any:
@@ -315,35 +323,52 @@ def _module_state(module: Any) -> dict[str, Any]:
 
 
 def module_state_dict(module: Any, prefix: str = "") -> OrderedDict[str, Tensor]:
-    """``state_dict()`` of a module record: parameters, then persistent buffers, then children."""
-    state = _module_state(module)
+    """``state_dict()`` of a module record: parameters, then persistent buffers, then children.
+
+    Raises TypeError for a tree deeper than MAX_MODULE_DEPTH or with more than MAX_MODULES modules
+    (a pickle can make a module its own child, or share one child thousands of times).
+    """
     out: OrderedDict[str, Tensor] = OrderedDict()
-    non_persistent = state.get("_non_persistent_buffers_set", set())
-    tensors = [*state.get("_parameters", {}).items()]
-    tensors += [(k, v) for k, v in state.get("_buffers", {}).items() if k not in non_persistent]
-    for name, value in tensors:
-        if value is None:
-            continue
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
-        out[prefix + name] = value
-    for name, child in state.get("_modules", {}).items():
-        if child is not None:
-            out.update(module_state_dict(child, f"{prefix}{name}."))
+    visited = 0
+
+    def walk(module: Any, prefix: str, depth: int) -> None:
+        nonlocal visited
+        visited += 1
+        if depth > MAX_MODULE_DEPTH or visited > MAX_MODULES:
+            raise TypeError(f"module tree deeper than {MAX_MODULE_DEPTH} or larger than {MAX_MODULES} modules")
+        state = _module_state(module)
+        non_persistent = state.get("_non_persistent_buffers_set", set())
+        tensors = [*state.get("_parameters", {}).items()]
+        tensors += [(k, v) for k, v in state.get("_buffers", {}).items() if k not in non_persistent]
+        for name, value in tensors:
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+            out[prefix + name] = value
+        for name, child in state.get("_modules", {}).items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.", depth + 1)
+
+    walk(module, prefix, 0)
     return out
 
 
 def _config_from_record(record: PersistentRecord, source: Path) -> GeneratorConfig:
     state = record.state
-    args = state.get("_init_args", ())
-    kwargs = _plain(state.get("_init_kwargs", {}))
+    args = _plain(state.get("_init_args", ()), "G_ema._init_args", source)
+    kwargs = _plain(state.get("_init_kwargs", {}), "G_ema._init_kwargs", source)
     if not isinstance(kwargs, dict) or not isinstance(args, tuple | list) or len(args) > len(_POSITIONAL):
         raise CheckpointError(f"{source}: G_ema has malformed _init_args/_init_kwargs")
     init = {**dict(zip(_POSITIONAL, args, strict=False)), **kwargs}
     if "rendering_kwargs" not in init and "rendering_kwargs" not in state:
         raise CheckpointError(f"{source}: G_ema carries no rendering_kwargs; is it a PanoHead/EG3D generator?")
-    nrr = state.get("neural_rendering_resolution", RELEASED_NEURAL_RENDERING_RESOLUTION)
-    return GeneratorConfig.from_init_kwargs(init, int(nrr), _plain(state.get("rendering_kwargs")))
+    rendering = _plain(state.get("rendering_kwargs", init.get("rendering_kwargs")), "G_ema.rendering_kwargs", source)
+    nrr = _plain(state.get("neural_rendering_resolution", RELEASED_NEURAL_RENDERING_RESOLUTION),
+                 "G_ema.neural_rendering_resolution", source)
+    config = GeneratorConfig({k: v for k, v in init.items() if k != "class_name"}, rendering, nrr)
+    validate_config(config, source)
+    return config
 
 
 def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> GeneratorCheckpoint:
@@ -353,7 +378,7 @@ def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> Generat
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict snapshot with G_ema, found {type(data).__name__}")
     if key not in data:
-        raise CheckpointError(f"{path}: no {key!r} in the snapshot (keys: {', '.join(map(str, data))})")
+        raise CheckpointError(f"{path}: no {key!r} in the snapshot (keys: {_first([str(k)[:40] for k in data])})")
     record = data[key]
     if not isinstance(record, PersistentRecord):
         raise CheckpointError(f"{path}: {key} is a {type(record).__name__}, not a persistent PanoHead module")
@@ -364,7 +389,7 @@ def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> Generat
         state_dict = module_state_dict(record)
     except (TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed module tree in {key}: {exc}") from exc
-    extras = {"training_set_kwargs": _plain(data.get("training_set_kwargs"))}
+    extras = {"training_set_kwargs": _plain(data.get("training_set_kwargs"), "training_set_kwargs", path)}
     return GeneratorCheckpoint(config, state_dict, path, extras)
 
 
@@ -373,13 +398,16 @@ def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> Generat
 
 
 def _as_state_dict(obj: Any, path: Path) -> OrderedDict[str, Tensor]:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return OrderedDict(obj)
-    if isinstance(obj, Mapping):
-        for key in ("G_ema", "state_dict", "generator", "G"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return _as_state_dict(obj[key], path)
-    raise CheckpointError(f"{path}: expected a PanoHead generator state_dict (a dict of tensors), got {type(obj)}")
+    """The dict of tensors itself, or one found under G_ema / state_dict / generator / G (up to 3 levels)."""
+    for _ in range(4):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+            return OrderedDict(obj)
+        obj = next((obj[k] for k in ("G_ema", "state_dict", "generator", "G") if isinstance(obj.get(k), Mapping)), None)
+    raise CheckpointError(
+        f"{path}: expected a PanoHead generator state_dict (a dict of name -> tensor), got {type(obj).__name__}"
+    )
 
 
 def read_state_dict_pth(path: str | os.PathLike) -> OrderedDict[str, Tensor]:
@@ -388,7 +416,10 @@ def read_state_dict_pth(path: str | os.PathLike) -> OrderedDict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafePickleError(f"{path}: refused by torch's weights-only loader: {exc}") from exc
+        raise UnsafePickleError(
+            f"{path}: refused: it holds more than tensors and plain containers ({_weights_only_reason(exc)}); nothing "
+            "of it was executed. Load a plain state dict (torch.save(G.state_dict(), ...)) or a .safetensors save"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
     return _as_state_dict(obj, path)
@@ -399,41 +430,47 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (the JSON config that goes with the weights)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, too many digits
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise CheckpointError(f"{path}: not valid JSON ({reason})") from None
 
 
-def config_from_json(data: Mapping[str, Any], path: Path) -> GeneratorConfig:
-    """Our sidecar format, or the parity fixture's config.json (its "reduced" entry)."""
-    try:
-        return _config_from_json(data, path)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: malformed generator config ({type(exc).__name__}: {exc})") from exc
-
-
-def _config_from_json(data: Mapping[str, Any], path: Path) -> GeneratorConfig:
+def config_from_json(data: Any, path: Path) -> GeneratorConfig:
+    """Our sidecar format, or the parity fixture's config.json (its "reduced" entry); validated."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if data.get("format") == FORMAT_NAME:
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        version = data.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CheckpointError(f"{path}: malformed generator config: format_version must be an integer")
+        if version > FORMAT_VERSION:
             raise CheckpointError(
-                f"{path}: format version {data['format_version']} is newer than this headstyle reads "
-                f"({FORMAT_VERSION}); upgrade headstyle"
+                f"{path}: format version {version} is newer than this headstyle reads ({FORMAT_VERSION}); "
+                "upgrade headstyle"
             )
-        return GeneratorConfig(
-            dict(data["init_kwargs"]), dict(data["rendering_kwargs"]), int(data["neural_rendering_resolution"])
-        )
-    if "reduced" in data and "G_kwargs" in data["reduced"]:
+        fields = {name: data.get(name) for name in ("init_kwargs", "rendering_kwargs", "neural_rendering_resolution")}
+    elif isinstance(data.get("reduced"), dict) and isinstance(data["reduced"].get("G_kwargs"), dict):
         entry = data["reduced"]
-        return GeneratorConfig.from_init_kwargs(
-            {**entry["G_kwargs"], **entry["common_kwargs"]}, entry["neural_rendering_resolution"]
-        )
-    raise CheckpointError(f"{path}: not a headstyle generator config (no 'format': '{FORMAT_NAME}')")
+        common = entry.get("common_kwargs", {})
+        if not isinstance(common, dict):
+            raise CheckpointError(f"{path}: malformed generator config: reduced.common_kwargs must be an object")
+        init = {k: v for k, v in {**entry["G_kwargs"], **common}.items() if k != "class_name"}
+        fields = {
+            "init_kwargs": init,
+            "rendering_kwargs": init.get("rendering_kwargs"),
+            "neural_rendering_resolution": entry.get("neural_rendering_resolution"),
+        }
+    else:
+        raise CheckpointError(f"{path}: not a headstyle generator config (no 'format': '{FORMAT_NAME}')")
+    fields = {name: _plain(value, name, path) for name, value in fields.items()}
+    config = GeneratorConfig(**fields)
+    validate_config(config, path)
+    return config
 
 
 def read_safetensors(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> GeneratorCheckpoint:
@@ -484,6 +521,7 @@ def read_checkpoint(
         return read_safetensors(path)
     if suffix in (".pth", ".pt") or head.startswith(b"PK\x03\x04"):
         base = config if isinstance(config, GeneratorConfig) else read_config(config) if config else released_config()
+        validate_config(base, f"the base config for {path}")
         return GeneratorCheckpoint(base, read_state_dict_pth(path), path)
     if suffix == ".pkl" or head[:1] == b"\x80":
         return read_panohead_pickle(path)
@@ -500,16 +538,33 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
+    # Any float precision loads into a float entry (cast on copy, as load_state_dict does).
+    return stored == expected or (stored.is_floating_point and expected.is_floating_point)
+
+
 def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], source: Path | str) -> None:
-    """Raise CheckpointError naming the first missing / unexpected / mis-shaped keys, if any."""
+    """Raise CheckpointError naming the first missing / unexpected / mis-shaped / mis-typed keys, if any.
+
+    ``module`` may live on the meta device: only names, shapes and dtypes are compared. The stored
+    tensors must also be dense CPU tensors that each hold their own data, so that loading them
+    costs no more memory than the file has bytes (stride-0 or overlapping views of a small
+    storage could otherwise claim the shapes of a large network).
+    """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [str(k) for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
+    dtypes = [
+        f"{k} {state[k].dtype} vs {v.dtype}"
+        for k, v in expected.items()
+        if k in state and not _dtype_fits(state[k].dtype, v.dtype)
+    ]
+    not_dense = [str(k) for k, t in state.items() if t.layout != torch.strided or t.device.type != "cpu"]
     problems = []
     if missing:
         problems.append(f"missing keys: {_first(missing)}")
@@ -517,18 +572,47 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], source: Pat
         problems.append(f"unexpected keys: {_first(unexpected)}")
     if shapes:
         problems.append(f"shape mismatch (checkpoint vs config): {_first(shapes, 3)}")
+    if dtypes:
+        problems.append(f"dtype mismatch (checkpoint vs config): {_first(dtypes, 3)}")
+    if not_dense:
+        problems.append(f"not dense CPU tensors: {_first(not_dense)}")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the configured generator; " + "; ".join(problems))
+    claimed = sum(t.numel() * t.element_size() for t in state.values())
+    held = sum({s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in state.values())}.values())
+    if claimed > held:
+        raise CheckpointError(
+            f"{source}: its tensors claim {claimed} bytes but hold only {held} (views that repeat or share data); "
+            "a genuine checkpoint stores every tensor's own values"
+        )
 
 
-def build_generator(config: GeneratorConfig) -> nn.Module:
-    """A TriPlaneGenerator from a configuration (random weights), in eval mode."""
+def validate_config(config: GeneratorConfig, source: Path | str) -> None:
+    """Raise CheckpointError naming ``source`` unless the config's kwargs have known keys, types and sane ranges."""
+    try:
+        check_generator_config(config.init_kwargs, config.rendering_kwargs, config.neural_rendering_resolution)
+    except SchemaError as exc:
+        raise CheckpointError(f"{source}: malformed generator config: {exc}") from None
+
+
+def _construct(config: GeneratorConfig, source: Path | str, device: str | torch.device) -> nn.Module:
+    """TriPlaneGenerator(**init_kwargs) with its tensors created on ``device`` ("meta": no memory), in eval mode."""
     from headstyle.generator.triplane import TriPlaneGenerator
 
-    G = TriPlaneGenerator(**copy.deepcopy(config.init_kwargs))
+    validate_config(config, source)
+    try:
+        with torch.device(device):
+            G = TriPlaneGenerator(**copy.deepcopy(config.init_kwargs))
+    except ValueError as exc:  # a combination the network cannot take, e.g. an SR for another resolution
+        raise CheckpointError(f"{source}: the config does not describe a buildable generator ({exc})") from None
     G.rendering_kwargs = copy.deepcopy(config.rendering_kwargs)
     G.neural_rendering_resolution = config.neural_rendering_resolution
     return G.eval()
+
+
+def build_generator(config: GeneratorConfig) -> nn.Module:
+    """A TriPlaneGenerator from a validated configuration (random weights, CPU), in eval mode."""
+    return _construct(config, "generator config", "cpu")
 
 
 def generator_config(G: nn.Module) -> GeneratorConfig:
@@ -552,14 +636,18 @@ def load_generator(
     it renders, not its weights. Returns the generator in eval mode on ``device``.
     """
     ckpt = read_checkpoint(path, config)
-    cfg = ckpt.config
+    cfg = copy.deepcopy(ckpt.config)
     if neural_rendering_resolution is not None:
-        cfg.neural_rendering_resolution = int(neural_rendering_resolution)
+        cfg.neural_rendering_resolution = neural_rendering_resolution
     cfg.rendering_kwargs.update(rendering_overrides or {})
-    G = build_generator(cfg)
+    source = ckpt.source if cfg == ckpt.config else f"{ckpt.source} (with the requested rendering overrides)"
+    # Shapes are compared on the meta device, so a config that asks for a huge network costs nothing;
+    # memory is spent only on a network whose every tensor the file has supplied.
+    G = _construct(cfg, source, "meta")
     check_state_dict(G, ckpt.state_dict, ckpt.source)
-    G.load_state_dict(ckpt.state_dict, strict=True)
-    return G.to(device)
+    weights = {k: torch.empty_like(v, device=device).copy_(ckpt.state_dict[k]) for k, v in G.state_dict().items()}
+    G.load_state_dict(weights, strict=True, assign=True)
+    return G
 
 
 def _json_value(obj: Any) -> Any:
