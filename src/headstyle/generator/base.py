@@ -38,7 +38,11 @@ class Generator(Protocol):
     """A camera-conditioned 3D head generator with PanoHead's call signature.
 
     mapping(z, c, truncation_psi, truncation_cutoff) -> ws (N, num_ws, w_dim)
-    synthesis(ws, c, noise_mode=..., render_sr=True, generate_background=True) -> RenderOutput
+    trigrid(ws) -> planes: the ws-dependent volume every camera is rendered from (PanoHead's tri-grid)
+    synthesis(ws, c, noise_mode=..., render_sr=True, generate_background=True, planes=None) -> RenderOutput
+
+    planes=trigrid(ws), row for row with ws, renders more cameras of identities whose tri-grid is
+    already computed (the backbone runs once per identity; gradients through shared planes sum).
 
     generate_background=False renders without a background network (the LD script trains so);
     a generator without one renders its constant background either way. init_kwargs: the
@@ -54,8 +58,16 @@ class Generator(Protocol):
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> Tensor: ...
 
+    def trigrid(self, ws: Tensor, noise_mode: str = "const") -> Tensor: ...
+
     def synthesis(
-        self, ws: Tensor, c: Tensor, noise_mode: str = "const", render_sr: bool = True, generate_background: bool = True
+        self,
+        ws: Tensor,
+        c: Tensor,
+        noise_mode: str = "const",
+        render_sr: bool = True,
+        generate_background: bool = True,
+        planes: Tensor | None = None,
     ) -> RenderOutput: ...
 
     def trainable_parameters(self, modules: tuple[str, ...], train_biases: bool) -> list[nn.Parameter]: ...

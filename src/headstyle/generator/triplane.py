@@ -272,6 +272,7 @@ class TriPlaneGenerator(nn.Module):
         draws: RenderDraws | None = None,
         generator: torch.Generator | None = None,
         generate_background: bool = True,
+        planes: Tensor | None = None,
     ) -> RenderOutput:
         """Render ws (N, num_ws, w_dim) at cameras c (N, 25).
 
@@ -281,14 +282,18 @@ class TriPlaneGenerator(nn.Module):
         ``generator`` (or the global RNG), which also drives noise_mode='random'. The SR always uses
         rendering_kwargs['superresolution_noise_mode'], whatever noise_mode says.
         generate_background=False skips the background network, as the LD script renders its training views.
+        ``planes``: trigrid(ws) computed before, one row per row of ws (the backbone is not run again).
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"c must be (N, 25) camera labels [cam2world (16), intrinsics (9)], got {tuple(c.shape)}")
         resolution = neural_rendering_resolution or self.neural_rendering_resolution
         n = ws.shape[0]
         ray_origins, ray_directions = ray_sampler(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3), resolution)
-        planes = self.trigrid(ws, noise_mode=noise_mode, generator=generator)
-        grid = planes.view(n, TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
+        if planes is None:
+            planes = self.trigrid(ws, noise_mode=noise_mode, generator=generator)
+        elif planes.shape[0] != n:
+            raise ValueError(f"planes hold {planes.shape[0]} tri-grids for {n} ws: pass one row per row of ws")
+        grid = planes.reshape(n, TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
         features, depth, weights_sum = self.renderer(
             grid, self.decoder, ray_origins, ray_directions, self.rendering_kwargs, draws=draws, generator=generator
         )

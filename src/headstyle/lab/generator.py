@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -95,6 +96,14 @@ def descriptors(field_rgb: Tensor, regions: Tensor, sdf: Tensor) -> Tensor:
     return torch.cat([field_rgb, regions, torch.tanh(sdf / 0.02).unsqueeze(-1)], dim=-1)
 
 
+def _world_precision(like: Tensor) -> contextlib.AbstractContextManager:
+    """The procedural world is the ground truth, not a network: evaluated without grad and in fp32 under autocast."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(torch.autocast(like.device.type, enabled=False))
+    return stack
+
+
 class LabGenerator(nn.Module):
     """Procedural heads with PanoHead's generator interface (see the module docstring).
 
@@ -153,7 +162,7 @@ class LabGenerator(nn.Module):
 
         The residual acts where the frozen field is shaded (within SHADING_BAND of its surface).
         """
-        with torch.no_grad():
+        with _world_precision(points):
             frozen = head_field(params_from_z(ws[:, 0]), points, self.style)
         if self.backbone is None:
             return frozen.sigma, frozen.rgb
@@ -174,6 +183,10 @@ class LabGenerator(nn.Module):
 
         return sample
 
+    def trigrid(self, ws: Tensor, noise_mode: str = "const") -> Tensor:
+        """The lab's per-identity volume: its lattice (the renders themselves query the field point by point)."""
+        return self.lattice(ws)
+
     def lattice(self, ws: Tensor) -> Tensor:
         """The field on a LATTICE^3 grid over the head, as a tri-grid (N, 3, C, L, L) for the regulariser.
 
@@ -186,7 +199,7 @@ class LabGenerator(nn.Module):
         n = ws.shape[0]
         axis = torch.linspace(-0.28, 0.28, LATTICE, device=ws.device)
         pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3).expand(n, -1, -1)
-        with torch.no_grad():
+        with _world_precision(pts):
             frozen = head_field(params_from_z(ws[:, 0]), pts, self.style, shading_band=float("inf"))
         sdf, rgb = 5 * frozen.sdf, frozen.rgb
         if self.backbone is not None:
@@ -209,13 +222,15 @@ class LabGenerator(nn.Module):
         noise_mode: str = "const",
         render_sr: bool = True,
         generate_background: bool = True,
+        planes: Tensor | None = None,
         neural_rendering_resolution: int | None = None,
     ) -> RenderOutput:
         """Render ws (N, num_ws, w_dim) at cameras c (N, 25): images in [-1, 1], ray depth, mask, lattice.
 
         Samples sit at fixed depths (no stratified jitter), so rendering is deterministic. The lab has
         no noise inputs and no background network (``noise_mode`` and ``generate_background`` change
-        nothing: the background is the constant rendering_kwargs["background"]).
+        nothing: the background is the constant rendering_kwargs["background"]). ``planes``: trigrid(ws) computed
+        before, returned as the renders' planes instead of computing the lattice again.
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"c must be (N, 25) camera labels, got {tuple(c.shape)}")
@@ -242,7 +257,11 @@ class LabGenerator(nn.Module):
         image_raw = to_image(rgb_img) * 2 - 1
         image = self.superresolution(image_raw) if render_sr else None
         return RenderOutput(
-            image=image, image_raw=image_raw, depth=to_image(depth), mask=to_image(mask), planes=self.lattice(ws)
+            image=image,
+            image_raw=image_raw,
+            depth=to_image(depth),
+            mask=to_image(mask),
+            planes=self.lattice(ws) if planes is None else planes,
         )
 
     def trainable_parameters(

@@ -77,20 +77,34 @@ class StepContext:
 
 
 @dataclass
+class Identities:
+    """The identities of one step: ws (N, num_ws, w_dim) and their tri-grids from the trainable and the frozen
+    generator, each computed ONCE; every camera of every branch is rendered from them."""
+
+    ws: Tensor
+    planes: Tensor
+    frozen_planes: Tensor
+
+    def per_camera(self, k: int, interleave: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """ws and both tri-grids for k cameras per identity: identity-major (interleave) or camera-major."""
+        if interleave:
+            return tuple(x.repeat_interleave(k, dim=0) for x in (self.ws, self.planes, self.frozen_planes))
+        return tuple(x.repeat(k, *([1] * (x.dim() - 1))) for x in (self.ws, self.planes, self.frozen_planes))
+
+
+@dataclass
 class Rendered:
     """One branch's renders of one step.
 
     images: what the prior encodes (trainable renders at its size); mask: the gradient mask;
-    source: the frozen renders as DDS/IDS source or content reference; planes: (frozen, trainable)
-    tri-grids for the regulariser; geometry: frozen (depth, mask, cameras) of the grid's views.
-    latents / source_latents: filled in after the step's one encode.
+    source: the frozen renders as DDS/IDS source or content reference; geometry: frozen (depth,
+    mask, cameras) of the grid's views. latents / source_latents: filled in after the step's one encode.
     """
 
     images: Tensor
     mask: Tensor
     control: Control | None
     source: Tensor | None
-    planes: tuple[Tensor, Tensor] | None
     geometry: tuple[Tensor, Tensor, Tensor] | None = None
     latents: Tensor | None = None
     source_latents: Tensor | None = None
@@ -108,21 +122,25 @@ class SingleView:
         self.ctx = ctx
         self.slot = slot
 
-    def render(self, ws: Tensor) -> Rendered:
-        ctx, cfg, n = self.ctx, self.ctx.cfg, ws.shape[0]
+    def render(self, ids: Identities) -> Rendered:
+        """The view and its mirror by the trainable generator (with SR); the frozen SR render of the view only
+        when something reads it (the canny control, a DDS/IDS source or content reference)."""
+        ctx, cfg, n = self.ctx, self.ctx.cfg, ids.ws.shape[0]
         s = cfg.single
         c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
         cams = torch.cat([c, cameras.mirror(c)]) if cfg.single.mirror else c
         kw = ctx.render_kwargs
-        out = ctx.G.synthesis(ws.repeat(len(cams) // n, 1, 1), cams.to(ctx.device), noise_mode="const", **kw)
-        with torch.no_grad():
-            fro = ctx.frozen.synthesis(ws, c.to(ctx.device), noise_mode="const", **kw)
+        ws, planes, _ = ids.per_camera(len(cams) // n, interleave=False)
+        out = ctx.G.synthesis(ws, cams.to(ctx.device), noise_mode="const", planes=planes, **kw)
+        fro = None
+        if "canny" in ctx.prior.control_names or ctx.need_source:
+            with torch.no_grad():
+                fro = ctx.frozen.synthesis(ids.ws, c.to(ctx.device), noise_mode="const", planes=ids.frozen_planes, **kw)
         return Rendered(
             images=shaping.resize_to(out.image.float(), ctx.image_size),
             mask=out.mask.detach().float(),
             control=ctx.control("canny", lambda: self._canny(fro.image), cfg.single.control_scale),
             source=shaping.resize_to(fro.image.float(), ctx.image_size) if ctx.need_source else None,
-            planes=None if out.planes is None else (fro.planes, out.planes[:n]),
         )
 
     def _canny(self, image: Tensor) -> Tensor:
@@ -191,21 +209,23 @@ class Grid:
         self.ctx = ctx
         self.slot = slot
 
-    def render(self, ws: Tensor) -> Rendered:
+    def render(self, ids: Identities) -> Rendered:
+        """Four raw views per identity by the trainable generator; the frozen raw views for mask, depth control
+        and MV-NRS (with SR only for a monocular depth estimator)."""
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
         pitch_range = math.radians(cfg.grid.pitch_range)
-        cams = cameras.sample_360_cameras(4 * ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
-        ws4 = ws.repeat_interleave(4, dim=0)
-        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, **ctx.render_kwargs)
+        cams = cameras.sample_360_cameras(4 * ids.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
+        ws4, planes4, frozen_planes4 = ids.per_camera(4, interleave=True)
+        kw = ctx.render_kwargs
+        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=planes4, **kw)
         with torch.no_grad():
             sr = ctx.depth_estimator is not None
-            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, **ctx.render_kwargs)
+            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, planes=frozen_planes4, **kw)
         return Rendered(
             images=grid_image(out.image_raw, size),
             mask=grid_image(fro.mask, 2 * fro.mask.shape[-1]),
             control=ctx.control("depth", lambda: self._depth(fro, size), cfg.grid.control_scale),
             source=grid_image(fro.image_raw, size) if ctx.need_source else None,
-            planes=None if out.planes is None else (fro.planes[::4], out.planes[::4]),
             geometry=(fro.depth.float(), fro.mask.float(), cams),
         )
 

@@ -43,7 +43,7 @@ from headstyle.priors.base import Control, Layout, ScorePrior
 from headstyle.progress import progress_bar
 from headstyle.settings import ConfigError
 from headstyle.stylize import checkpointing
-from headstyle.stylize.branches import Rendered, StepContext, build_branches
+from headstyle.stylize.branches import Identities, Rendered, StepContext, build_branches
 from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
 from headstyle.stylize.outputs import MetricsLog, Previews
 from headstyle.stylize.regularisers import LPIPS, relative_distance
@@ -258,25 +258,28 @@ class Stylizer:
             r.source_latents = chunks[len(rendered) + i] if sources else None
 
     @torch.no_grad()
-    def _first_previous_identity(self, n: int) -> tuple[Tensor, Tensor] | None:
+    def _first_previous_identity(self, n: int) -> tuple[Tensor, Tensor]:
         """Tri-grids of an identity drawn before training (the script's batch 0), so the relative-distance
-        regulariser acts from the first iteration. Trainable and frozen still agree, so one render serves both."""
-        ws = self._mapping(n)
-        out = self.frozen.synthesis(
-            ws, self.c_cond.expand(n, -1).to(self.device), render_sr=False, **self.ctx.render_kwargs
-        )
-        return None if out.planes is None else (out.planes.float(), out.planes.float())
+        regulariser acts from the first iteration. Trainable and frozen still agree, so one tri-grid serves both."""
+        planes = self.frozen.trigrid(self._mapping(n)).float()
+        return planes, planes
 
-    def _regulariser(self, rendered: list[Rendered]) -> Tensor | None:
+    def _identities(self, ws: Tensor) -> Identities:
+        """The identities ws and their tri-grids, each generator's backbone run once for all branches."""
+        with torch.no_grad():
+            frozen_planes = self.frozen.trigrid(ws)
+        return Identities(ws, self.G.trigrid(ws), frozen_planes)
+
+    def _regulariser(self, ids: Identities) -> Tensor | None:
         """Relative distance between this and the previous identity's tri-grids (frozen vs trainable), None
         when off or without a previous identity; this identity becomes the previous one."""
-        planes = next((r.planes for r in rendered if r.planes is not None), None)
-        if self.cfg.regularisers.relative_distance <= 0 or planes is None:
+        if self.cfg.regularisers.relative_distance <= 0:
             return None
-        previous, self.prev_planes = self.prev_planes, (planes[0].detach().float(), planes[1].detach().float())
+        previous = self.prev_planes
+        self.prev_planes = (ids.frozen_planes.detach().float(), ids.planes.detach().float())
         if previous is None:
             return None
-        return relative_distance(previous[0], planes[0], previous[1], planes[1])
+        return relative_distance(previous[0], ids.frozen_planes, previous[1], ids.planes)
 
     def step(self) -> dict[str, Any]:
         """One training iteration on this process; returns its metrics (after the optimizer step or skip)."""
@@ -286,7 +289,8 @@ class Stylizer:
             self.prev_planes = self._first_previous_identity(n)
         ws = self._mapping(n)
         with self._autocast():
-            rendered = [branch.render(ws) for branch in self.branches]
+            ids = self._identities(ws)
+            rendered = [branch.render(ids) for branch in self.branches]
             self._encode(rendered)
         groups = [branch.targets(r, self._target) for branch, r in zip(self.branches, rendered, strict=True)]
         targets = [t for group in groups for t in group]
@@ -306,7 +310,7 @@ class Stylizer:
             for term in terms:
                 loss = loss + term
             metrics.update(branch_metrics)
-        reg = self._regulariser(rendered)
+        reg = self._regulariser(ids)
         if reg is not None:
             loss = loss + cfg.regularisers.relative_distance * reg
         metrics["relative_distance"] = 0.0 if reg is None else float(reg.detach())
