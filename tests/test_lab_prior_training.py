@@ -194,3 +194,15 @@ def test_cli_bad_input_exits_2(args, message, run: Path, tmp_path: Path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "x").exists()
+
+
+def test_decoder_finetune_keeps_the_encoder(run: Path) -> None:
+    """The decoder stage changes the decoder only: the encoder (so every latent the UNet saw) is the VAE stage's."""
+    vae_stage = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["model"]
+    final = tp._load_vae(run).state_dict()
+    enc = [k for k in final if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in final if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec
+    assert all(torch.equal(final[k], vae_stage[k]) for k in enc)
+    assert any(not torch.equal(final[k], vae_stage[k]) for k in dec)
+    assert [s for s in tp.read_stages(run) if s != "data"] == [*tp.STAGES[1:4], "controlnet-depth", "controlnet-canny"]

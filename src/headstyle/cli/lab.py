@@ -86,7 +86,7 @@ def lab_bench(
 def lab_train_prior(
     out: str = typer.Option(..., help="Run folder: data/, checkpoints/, model/ (the SD-layout prior), logs."),
     resume: bool = typer.Option(False, help="Continue a run in --out from its checkpoints."),
-    stage: str = typer.Option("all", help="Stage to run: data, vae, unet, controlnet or all (every unfinished one)."),
+    stage: str = typer.Option("all", help="Stage: data, vae, decoder, unet, controlnet or all (every unfinished one)."),
     config: str = typer.Option("full", help="Sizes and steps: full (the shipped prior) or tiny (tests)."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -131,10 +131,10 @@ def lab_prior_card(
     import torch
 
     from headstyle.lab.prior_card import write_card
-    from headstyle.lab.train_prior import CONFIGS, TrainPriorConfig, copy_model, stage_done
+    from headstyle.lab.train_prior import CONFIGS, STAGES, TrainPriorConfig, copy_model, stage_done
 
     folder = Path(run)
-    if not all(stage_done(folder, s) for s in ("data", "vae", "unet", "controlnet")):
+    if not all(stage_done(folder, s) for s in STAGES):
         raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
     if threads:
         torch.set_num_threads(threads)
