@@ -31,8 +31,6 @@ from headstyle import crafted
 from headstyle.generator.checkpoint import released_config
 from headstyle.generator.triplane import TriPlaneGenerator
 
-PARITY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "panohead_parity"
-
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
