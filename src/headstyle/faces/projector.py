@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -126,11 +127,13 @@ def project(
     perceptual: PerceptualDistance,
     cfg: ProjectConfig | None = None,
     show_progress: bool = True,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Projection:
     """Optimise w (W) or ws (W+) so that G renders ``target`` (1, 3, H, W) in [-1, 1] at camera c (1, 25).
 
     H, W must be the render's size (G.img_resolution, or the neural rendering resolution with cfg.raw).
-    The generator is left unchanged; the global RNG is restored afterwards.
+    The generator is left unchanged; the global RNG is restored afterwards. ``on_step(step, render)``, when
+    given, sees every step's render (1, 3, H, W), detached (progress and previews in the web app).
     """
     cfg = cfg or ProjectConfig()
     if cfg.steps < 1:
@@ -138,11 +141,11 @@ def project(
     device = target.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        return _project(G, target, c, perceptual, cfg, show_progress)
+        return _project(G, target, c, perceptual, cfg, show_progress, on_step)
 
 
 def _project(G: Generator, target: Tensor, c: Tensor, perceptual: PerceptualDistance, cfg: ProjectConfig,
-             show_progress: bool) -> Projection:
+             show_progress: bool, on_step: Callable[[int, Tensor], None] | None) -> Projection:
     frozen = [p.requires_grad for p in G.parameters()]
     G.requires_grad_(False)
     try:
@@ -172,6 +175,8 @@ def _project(G: Generator, target: Tensor, c: Tensor, perceptual: PerceptualDist
                 if step % cfg.frame_every == 0:
                     frames.append(_frame(target, image))
                 progress.update(task, advance=1, info=f"loss {loss.item():.4f} (mse {mse.item():.4f})")
+                if on_step is not None:
+                    on_step(step, image.detach())
         ws = w_opt.detach().expand(-1, G.num_ws, -1).clone()
         with torch.no_grad():
             final = _render(G, ws, c, cfg.raw).float()
