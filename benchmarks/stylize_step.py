@@ -1,22 +1,25 @@
-"""Cost of one stylize iteration, broken down by stage, fused (headstyle) vs per-branch (the LD script).
+"""Cost of one stylize iteration, by stage: headstyle's step against the LD script's structure (train_LD.py).
 
-fused:      Stylizer.step() as shipped: the single view (+ mirror) and the 2x2 grid share ONE VAE
-            encode, ONE UNet call (each branch with its own ControlNet) and ONE backward.
-per-branch: the paper script's order: the single view and the grid each get their own encode,
-            UNet call and backward (two Stylizers with one branch each, relative distance on the
-            single view only), as train_LD.py does.
-Stages are timed with hooks: render (generator synthesis minus SR), SR, VAE encode, ControlNets,
-UNet, backward, optimizer, other; plus UNet/ControlNet/backward call counts and peak memory
-(CUDA: allocator peak; CPU: torch.profiler running allocation peak). Medians over --steps after
-one warm-up step; the ratio is per-branch / fused within this run, the two variants alternating step by step.
+ours:    Stylizer.step() as shipped: each generator's tri-grid computed ONCE per identity and every camera
+         (single view, mirror, 2x2 grid; trainable and frozen) rendered from it; the frozen generator renders
+         only what is read; ONE VAE encode, ONE UNet call (each branch with its ControlNet), ONE backward.
+script:  the training script's structure, written out here with the same library pieces: the single view and
+         its mirror each rendered by the trainable generator (a backbone pass each), the frozen SR render for
+         the canny control, two VAE encodes and a UNet CFG call, a backward; then the grid: per camera a
+         trainable and a frozen render (a backbone pass each), a VAE encode, a UNet CFG call, a backward.
+Stages are timed with hooks: backbone (the tri-grid), render (synthesis minus backbone and SR), SR, VAE
+encode, ControlNets, UNet, backward, optimizer, other; plus call counts and peak memory (CUDA: allocator
+peak; CPU: torch.profiler running allocation peak). Medians over --steps after one warm-up step, the two
+variants alternating step by step; the ratio is ours / script within this run.
 
-    .venv/bin/python benchmarks/stylize_step.py [--steps 3] [--generator lab|panohead] [--device cpu]
+    .venv/bin/python benchmarks/stylize_step.py [--steps 3] [--generator lab|panohead|panohead-full] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -31,15 +34,24 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from headstyle import cameras
+from headstyle.distill import shaping
+from headstyle.distill.inject import inject
+from headstyle.distill.objectives import DistillTarget, ld
+from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.checkpoint import RELEASED_INIT_KWARGS, GeneratorConfig, build_generator
 from headstyle.lab.generator import LabGenerator
+from headstyle.priors import controls
+from headstyle.priors.base import Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.stylize.branches import grid_image
 from headstyle.stylize.config import StylizeConfig, apply_overrides
+from headstyle.stylize.regularisers import relative_distance
 from headstyle.stylize.trainer import Stylizer
 from headstyle.testing import build_tiny_sd
 from objectives import _peak_bytes
 
-STAGES = ("render", "SR", "VAE encode", "ControlNets", "UNet", "backward", "optimizer", "other")
+STAGES = ("backbone", "render", "SR", "VAE encode", "ControlNets", "UNet", "backward", "optimizer", "other")
 
 
 class StageClock:
@@ -116,21 +128,90 @@ def timed_backward(clock: StageClock) -> Iterator[None]:
 
 
 def make_generator(kind: str) -> torch.nn.Module:
+    """lab: the synthetic lab generator; panohead: a reduced PanoHead with the 512 px SR; panohead-full: the
+    released PanoHead's architecture (53.7M parameters, 256 px tri-grid, 48 + 48 samples per ray) with
+    random weights."""
     if kind == "lab":
         G = LabGenerator(resolution=16, sr_factor=4, seed=0)
         G.rendering_kwargs["depth_resolution"] = 12
         return G
     init = copy.deepcopy(RELEASED_INIT_KWARGS)
-    init.update(channel_base=1024, channel_max=64)
-    init["rendering_kwargs"].update(triplane_size=32, depth_resolution=12, depth_resolution_importance=12)
+    if kind == "panohead":
+        init.update(channel_base=1024, channel_max=64)
+        init["rendering_kwargs"].update(triplane_size=32, depth_resolution=12, depth_resolution_importance=12)
     torch.manual_seed(0)
-    return build_generator(GeneratorConfig.from_init_kwargs(init, 32))
+    return build_generator(GeneratorConfig.from_init_kwargs(init, 32 if kind == "panohead" else 64))
+
+
+class ScriptStep:
+    """One iteration with train_LD.py's structure (see the module docstring), on the same generator, prior,
+    config and maths as the Stylizer it is built beside (its optimizer, frozen copy and prompt)."""
+
+    def __init__(self, stylizer: Stylizer) -> None:
+        self.st = stylizer
+        self.G, self.frozen, self.prior, self.cfg = stylizer.G, stylizer.frozen, stylizer.prior, stylizer.cfg
+        self.optimizer = stylizer.optimizer
+        self.rng = torch.Generator().manual_seed(1)
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.size = stylizer.ctx.image_size
+
+    def _target(self, latents: torch.Tensor, control: Control | None) -> DistillTarget:
+        o = self.cfg.objective
+        ts = sample_ddim_steps(1, o.min_step_index, o.max_step_index, timesteps=self.st.timesteps, generator=self.rng)
+        return DistillTarget(latents, self.st.prompt, ts.t, torch.randn(latents.shape, generator=self.rng),
+                             control=control, step_index=ts.step_index)  # fmt: skip
+
+    def _shape(self, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        sh = self.cfg.shaping
+        return shaping.postprocess(grad, mask, sh.scale, sh.clamp)[0]
+
+    def step(self) -> None:
+        cfg, dev, kw = self.cfg, self.st.device, {"generate_background": False}
+        s = cfg.single
+        ws = self.st._mapping(1)
+        self.optimizer.zero_grad(set_to_none=False)
+        # Single view and mirror: each camera its own synthesis (backbone + SR), the frozen SR render for canny.
+        c = cameras.sample_front_cameras(1, self.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))[0]
+        out = self.G.synthesis(ws, c.to(dev), **kw)
+        out_m = self.G.synthesis(ws, cameras.mirror(c).to(dev), **kw)
+        with torch.no_grad():
+            fro = self.frozen.synthesis(ws, c.to(dev), **kw)
+        lat = self.prior.encode(shaping.resize_to(out.image, self.size)).float()
+        lat_m = self.prior.encode(shaping.resize_to(out_m.image, self.size)).float()
+        canny = None
+        if "canny" in self.prior.control_names:
+            canny = Control("canny", controls.canny_control(shaping.resize_to(fro.image, self.size), 50.0, 250.0))
+        (res,) = ld(self.prior, [self._target(lat, canny)], guidance_scale=cfg.prompt.guidance_scale)
+        grad = shaping.rank_reweight(res.grad, s.rank_weights, s.restandardize) if s.rank_weights else res.grad
+        g, g_m = shaping.mirror_gradients(grad, s.base_weight, s.mirror_weight)
+        loss = inject(lat, self._shape(g, out.mask)) + inject(lat_m, self._shape(g_m, out_m.mask))
+        if self.prev is not None:
+            loss = loss + relative_distance(self.prev[0], fro.planes, self.prev[1], out.planes)
+        self.prev = (fro.planes.detach(), out.planes.detach())
+        loss.backward()
+        # Grid: four cameras, each a trainable raw render and a frozen one (backbone each), one encode, one call.
+        cams = cameras.sample_360_cameras(4, self.rng, math.radians(cfg.grid.pitch_range))[0].to(dev)
+        raws, frozen = [], []
+        for k in range(4):
+            raws.append(self.G.synthesis(ws, cams[k : k + 1], render_sr=False, **kw))
+            with torch.no_grad():
+                frozen.append(self.frozen.synthesis(ws, cams[k : k + 1], render_sr=False, **kw))
+        lat_g = self.prior.encode(grid_image(torch.cat([r.image_raw for r in raws]), self.size)).float()
+        mask = torch.cat([f.mask for f in frozen])
+        depth = None
+        if "depth" in self.prior.control_names:
+            depth = Control("depth", grid_image(controls.depth_control(torch.cat([f.depth for f in frozen]), mask),
+                                                self.size))  # fmt: skip
+        (res_g,) = ld(self.prior, [self._target(lat_g, depth)], guidance_scale=cfg.prompt.guidance_scale)
+        inject(lat_g, self._shape(res_g.grad, grid_image(mask, 2 * mask.shape[-1]))).backward()
+        self.optimizer.step()
 
 
 def instrument(stylizers: list[Stylizer], prior: DiffusersPrior, clock: StageClock) -> None:
     for st in stylizers:
         for G in (st.G, st.frozen):
             clock.method(G, "synthesis", "synthesis")
+            clock.method(G, "trigrid", "backbone")
             clock.module(G.superresolution, "SR")
         clock.method(st.optimizer, "step", "optimizer")
     clock.method(prior, "encode", "VAE encode")
@@ -139,28 +220,28 @@ def instrument(stylizers: list[Stylizer], prior: DiffusersPrior, clock: StageClo
         clock.module(net, "ControlNets")
 
 
-def measure(variants: dict[str, list[Stylizer]], prior: DiffusersPrior, steps: int, device: torch.device) -> dict:
+def measure(variants: dict[str, Any], prior: DiffusersPrior, steps: int, device: torch.device) -> dict:
     """Per variant: median ms per stage, calls per iteration and peak memory. Variants alternate step by step,
     so a machine whose load drifts slows both alike."""
     clock = StageClock(device)
-    instrument([st for sts in variants.values() for st in sts], prior, clock)
+    instrument([v.st if isinstance(v, ScriptStep) else v for v in variants.values()], prior, clock)
     totals: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in variants}
     calls: dict[str, dict[str, int]] = {}
     with timed_backward(clock):
-        for sts in variants.values():  # warm-up
-            for st in sts:
-                st.step()
+        for variant in variants.values():  # warm-up
+            variant.step()
         for _ in tqdm(range(steps), desc="iterations", leave=False):
-            for name, sts in variants.items():
+            for name, variant in variants.items():
                 clock.reset()
                 t0 = time.perf_counter()
-                for st in sts:
-                    st.step()
+                variant.step()
                 clock._sync()
                 total = time.perf_counter() - t0
                 s = clock.seconds
+                # A synthesis call that computes its own tri-grid calls trigrid inside: backbone time is in both.
                 stage = {
-                    "render": s["synthesis"] - s["SR"],
+                    "backbone": s["backbone"],
+                    "render": s["synthesis"] - s["SR"] - s["backbone"],
                     "SR": s["SR"],
                     "VAE encode": s["VAE encode"],
                     "ControlNets": s["ControlNets"],
@@ -172,8 +253,8 @@ def measure(variants: dict[str, list[Stylizer]], prior: DiffusersPrior, steps: i
                 stage["total"] = total
                 for k, v in stage.items():
                     totals[name][k].append(v)
-                calls[name] = {k: clock.calls[k] for k in ("UNet", "ControlNets", "VAE encode", "backward")}
-        peaks = {name: _peak_bytes(lambda sts=sts: [st.step() for st in sts], device) for name, sts in variants.items()}
+                calls[name] = {k: clock.calls[k] for k in ("backbone", "UNet", "ControlNets", "VAE encode", "backward")}
+        peaks = {name: _peak_bytes(variant.step, device) for name, variant in variants.items()}
     clock.remove()
     return {
         name: {
@@ -188,12 +269,7 @@ def measure(variants: dict[str, list[Stylizer]], prior: DiffusersPrior, steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument(
-        "--generator",
-        choices=("lab", "panohead"),
-        default="lab",
-        help="lab: the synthetic lab generator (fast); panohead: a reduced PanoHead with its 512 px SR",
-    )
+    parser.add_argument("--generator", choices=("lab", "panohead", "panohead-full"), default="lab")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -201,28 +277,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sd = build_tiny_sd(Path(tmp) / "sd")
         prior = DiffusersPrior.from_pretrained(sd.model, vae=None, controlnets=sd.controlnets, device=device)
-        base = apply_overrides(
-            StylizeConfig(),
-            [
-                "prompt.prompt=portrait of a werewolf",
-                f"run.out={tmp}/run",
-                f"run.device={device.type}",
-            ],
-        )
+        overrides = ["prompt.prompt=portrait of a werewolf", f"run.device={device.type}", "regularisers.tweedie_mse=0"]
         if args.generator == "lab":
-            base = apply_overrides(base, ["single.rank_weights=[1, 0.75, 0.5]"])  # the lab prior sees 3 channels
-        variants = {
-            "fused": [Stylizer(base, make_generator(args.generator), prior)],
-            "per-branch": [
-                Stylizer(apply_overrides(base, ["grid.enabled=false"]), make_generator(args.generator), prior),
-                Stylizer(
-                    apply_overrides(base, ["single.enabled=false", "regularisers.relative_distance=0"]),
-                    make_generator(args.generator),
-                    prior,
-                ),
-            ],
-        }
-        results = measure(variants, prior, args.steps, device)
+            overrides.append("single.rank_weights=[1, 0.75, 0.5]")  # the lab prior sees 3 channels
+        ours = Stylizer(apply_overrides(StylizeConfig(), [*overrides, f"run.out={tmp}/ours"]),
+                        make_generator(args.generator), prior)  # fmt: skip
+        script = Stylizer(apply_overrides(StylizeConfig(), [*overrides, f"run.out={tmp}/script"]),
+                          make_generator(args.generator), prior)  # fmt: skip
+        results = measure({"ours": ours, "script": ScriptStep(script)}, prior, args.steps, device)
 
     table = Table(
         title=f"stylize iteration on {device.type} ({args.generator} generator, tiny SD + 2 ControlNets), "
@@ -231,15 +293,15 @@ def main() -> None:
     table.add_column("stage")
     for name in results:
         table.add_column(f"{name} ms", justify="right")
-    table.add_column("per-branch / fused", justify="right")
+    table.add_column("ours / script", justify="right")
     for stage in (*STAGES, "total"):
-        f, p = results["fused"]["ms"][stage], results["per-branch"]["ms"][stage]
-        table.add_row(stage, f"{f:.1f}", f"{p:.1f}", f"{p / f:.2f}" if f > 0.05 else "-")
-    for what in ("UNet", "ControlNets", "VAE encode", "backward"):
-        f, p = results["fused"]["calls"][what], results["per-branch"]["calls"][what]
-        table.add_row(f"{what} calls", str(f), str(p), f"{p / f:.2f}" if f else "-")
-    f, p = results["fused"]["peak"], results["per-branch"]["peak"]
-    table.add_row("peak memory MiB", f"{f / 2**20:.1f}", f"{p / 2**20:.1f}", f"{p / f:.2f}" if f else "-")
+        o, sc = results["ours"]["ms"][stage], results["script"]["ms"][stage]
+        table.add_row(stage, f"{o:.1f}", f"{sc:.1f}", f"{o / sc:.2f}" if sc > 0.05 else "-")
+    for what in ("backbone", "UNet", "ControlNets", "VAE encode", "backward"):
+        o, sc = results["ours"]["calls"][what], results["script"]["calls"][what]
+        table.add_row(f"{what} calls", str(o), str(sc), f"{o / sc:.2f}" if sc else "-")
+    o, sc = results["ours"]["peak"], results["script"]["peak"]
+    table.add_row("peak memory MiB", f"{o / 2**20:.1f}", f"{sc / 2**20:.1f}", f"{o / sc:.2f}" if sc else "-")
     Console().print(table)
 
 

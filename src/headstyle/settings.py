@@ -55,9 +55,15 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}"[:300])
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {str(value)[:20]}... is too large for a number") from None
+        if math.isnan(number):
+            raise ConfigError(f"{where}: expected a number, got nan")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -86,6 +92,8 @@ def read_section(section: T, values: Mapping[str, Any], name: str) -> T:
 
 def from_dict(cfg: T, data: Mapping[str, Any], readers: Mapping[str, SectionReader] | None = None) -> T:
     """``cfg`` with the sections in ``data`` (a possibly partial nested dict) read on top of it."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config is a table of sections, got {type(data).__name__}")
     sections = {f.name for f in dataclasses.fields(cfg)}
     new_sections = {}
     for name, values in data.items():
@@ -116,7 +124,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, name = key.split(".")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # not a TOML literal (TOMLDecodeError), or an integer past Python's digit limit
         value = raw
     return section, name, value
 
@@ -148,7 +156,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # the decoders' errors are ValueErrors
         raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a {kind} table of sections, got {type(data).__name__}")

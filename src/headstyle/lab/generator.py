@@ -261,7 +261,7 @@ class LabGenerator(nn.Module):
             image_raw=image_raw,
             depth=to_image(depth),
             mask=to_image(mask),
-            planes=self.lattice(ws) if planes is None else planes,
+            planes=self.trigrid(ws) if planes is None else planes,
         )
 
     def trainable_parameters(
