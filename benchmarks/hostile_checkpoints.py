@@ -36,7 +36,7 @@ import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 cap = int(float(sys.argv[4]) * 2**30)
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-from headstyle.export import latents_from_npz
+from headstyle.generator.latents import latents_from_npz
 from headstyle.generator.checkpoint import load_generator
 import torch
 torch.empty(1, device="meta") + 1

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from headstyle.export import latents_from_seeds
 from headstyle.generator.checkpoint import load_generator
+from headstyle.generator.latents import latents_from_seeds
 from headstyle.mesh import extraction_cube, isosurface, largest_component, sample_volume
 from headstyle.mesh.surface import vertex_colours
 

@@ -21,12 +21,13 @@ import torch
 from skimage import data
 
 from headstyle.cameras import cameras
-from headstyle.export import Latent, render_view
+from headstyle.export import render_view
 from headstyle.faces.align import align_photo
 from headstyle.faces.detect import detect_faces
 from headstyle.faces.perceptual import load_perceptual
 from headstyle.faces.projector import ProjectConfig, PTIConfig, pivotal_tuning, project, w_statistics
 from headstyle.generator.checkpoint import load_generator
+from headstyle.generator.latents import Latent
 
 PARITY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "panohead_parity"
 # (name, raw render size, samples per ray (coarse = importance), super-resolution)

@@ -14,21 +14,18 @@ from headstyle import load_generator
 from headstyle.cameras import cameras
 from headstyle.crafted import npz_declaring
 from headstyle.export import (
-    CodeFileError,
-    Latent,
-    atomic_path,
     depth_to_uint8,
     ffmpeg_available,
     image_grid,
-    latents_from_npz,
     render_view,
     save_grid,
     save_image,
     save_turntable,
     save_video,
     to_uint8,
-    z_from_seed,
 )
+from headstyle.generator.latents import CodeFileError, Latent, latents_from_npz, z_from_seed
+from headstyle.io import atomic_path
 
 
 def test_to_uint8_matches_panohead_rounding():

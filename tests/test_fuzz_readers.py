@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
 from headstyle import crafted, load_generator
-from headstyle.export import CodeFileError, latents_from_npz
 from headstyle.generator.checkpoint import CheckpointError, read_checkpoint, read_config
+from headstyle.generator.latents import CodeFileError, latents_from_npz
 from headstyle.stylize import config as stylize_config
 from headstyle.stylize.presets import preset_names, resolve_config
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from headstyle import load_generator
 from headstyle.cameras import cameras
 from headstyle.cli import app, main
-from headstyle.export import latents_from_seeds
 from headstyle.generator.checkpoint import save_generator
+from headstyle.generator.latents import latents_from_seeds
 from headstyle.generator.renderer import crop_mask, ray_march
 from headstyle.geometry import project
 from headstyle.lab.generator import LabGenerator

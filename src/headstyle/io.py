@@ -1,9 +1,13 @@
-"""File helpers every floor may use: content digests of model files and folders."""
+"""File helpers every floor may use: atomic writes (readers never see a half-written file) and content digests."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -21,3 +25,31 @@ def content_digest(path: str | os.PathLike) -> str:
             while chunk := fh.read(_CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix) and move it onto ``path`` on success.
+
+    Readers never see a half-written file; on an exception the temporary file is removed. The
+    result has the usual permissions (0666 less the umask, e.g. 0644), whatever the writer used.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        # Created empty first, so the kernel applies the umask (reading the umask itself is not thread-safe).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        yield tmp
+        # Some writers replace the file with a private one (safetensors' save_file writes 0600).
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text through atomic_path: readers never see a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -19,8 +19,9 @@ from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cameras import cameras
 from headstyle.distill.objectives import cfg
 from headstyle.distill.shaping import resize_to
-from headstyle.export import Latent, render_view, save_grid, save_image, save_turntable, to_uint8, view_name
+from headstyle.export import render_view, save_grid, save_image, save_turntable, to_uint8, view_name
 from headstyle.generator.base import Generator
+from headstyle.generator.latents import Latent
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
 from headstyle.priors.diffusers_prior import DiffusersPrior

@@ -57,8 +57,8 @@ def mesh(
 
     import torch
 
-    from headstyle.export import latents_from_npz, latents_from_seeds
     from headstyle.generator.checkpoint import CheckpointError, load_generator
+    from headstyle.generator.latents import latents_from_npz, latents_from_seeds
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     if seeds is not None and w_npz is not None:

@@ -71,8 +71,9 @@ def _align(images: list[str], face: int | None) -> list[AlignedFace]:
 
 
 def _write_aligned(out: Path, images: list[str], aligned: list[AlignedFace]) -> list[str]:
-    from headstyle.export import atomic_write_text, save_image
+    from headstyle.export import save_image
     from headstyle.faces.dataset import dataset_json
+    from headstyle.io import atomic_write_text
 
     names = [f"{Path(p).stem}.png" for p in images]
     if len(set(names)) != len(names):
@@ -152,7 +153,8 @@ def _load(path: str, device: torch.device, config: str | None, nrr: int | None, 
 def _write_projection(out: Path, pixels: np.ndarray, result: Projection, tuned: Projection | None, fps: float) -> None:
     import numpy as np
 
-    from headstyle.export import atomic_path, atomic_write_text, save_image, save_video
+    from headstyle.export import save_image, save_video
+    from headstyle.io import atomic_path, atomic_write_text
 
     save_image(pixels, out / "target.png")
     save_image(result.image[0], out / ("proj_w.png" if tuned else "proj.png"))
@@ -270,9 +272,10 @@ def photo(
     from PIL import Image
 
     from headstyle.cameras import parse_angles_degrees
-    from headstyle.export import Latent, export_renders, render_view, save_image, to_uint8
+    from headstyle.export import export_renders, render_view, save_image, to_uint8
     from headstyle.faces.projector import ProjectConfig
     from headstyle.faces.projector import project as run_projection
+    from headstyle.generator.latents import Latent
 
     if space not in ("w", "w+"):
         raise UserError(f"--space must be w or w+, got {space!r}")

@@ -39,7 +39,8 @@ def render(
 
     from headstyle.cli.common import check_out_dir, load_generator, parse_seeds, parse_yaws, pick_device
     from headstyle.cli.mesh import MAX_RESOLUTION
-    from headstyle.export import export_renders, latents_from_npz, latents_from_seeds
+    from headstyle.export import export_renders
+    from headstyle.generator.latents import latents_from_npz, latents_from_seeds
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     if seeds is not None and w_npz is not None:

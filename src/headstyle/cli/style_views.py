@@ -97,7 +97,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     from headstyle.attention.prior import load_image
     from headstyle.attention.views import stylize_views
     from headstyle.cli.common import check_image, check_out_dir, load_diffusers_prior, load_generator, pick_device
-    from headstyle.export import latents_from_seeds
+    from headstyle.generator.latents import latents_from_seeds
 
     m, s = cfg.model, cfg.style
     if not (m.generator and s.image and cfg.views.out):

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from headstyle.export import atomic_path
 from headstyle.generator.schema import SchemaError, check_generator_config, plain_data
+from headstyle.io import atomic_path
 
 FORMAT_NAME = "headstyle.generator"
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from headstyle.export import atomic_write_text
+from headstyle.io import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import LabPrior, build_lab_prior

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from headstyle import export
 from headstyle.cameras import cameras, turntable_cameras
+from headstyle.io import atomic_write_text
 from headstyle.lab import evaluate as lab_eval
 from headstyle.lab.bench import COLUMNS, LabSettings, new_generator, train_variant
 from headstyle.lab.generator import LabGenerator
@@ -103,7 +104,7 @@ img{{image-rendering:pixelated;margin:2px}}</style></head><body>
 <h2>Definitions</h2><ul>{defs}</ul>
 </body></html>
 """
-    export.atomic_write_text(path, page)
+    atomic_write_text(path, page)
 
 
 def run_demo(
@@ -175,7 +176,7 @@ def run_demo(
         "definitions": DEFINITIONS,
         "note": note,
     }
-    export.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     rows = [("untrained", results["untrained"]), ("LD (paper recipe)", results["ld"]), ("SDS", results["sds"])]
     _summary_html(rows, title, {"note": note, "identities": len(ev.z)}, out / "summary.html")
     row_labels = [f"{i}: {panel}" for i in range(len(ev.z)) for panel in PANELS]

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headstyle.distill.shaping import tile_2x2
-from headstyle.export import atomic_write_text, save_grid
+from headstyle.export import save_grid
+from headstyle.io import atomic_write_text
 from headstyle.lab.prior import held_out_z, stratified_360_cameras
 from headstyle.lab.train_prior import (
     CONTROLNETS,

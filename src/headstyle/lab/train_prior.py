@@ -54,7 +54,7 @@ from rich.text import Text
 from torch import Tensor, nn
 
 from headstyle.distill.shaping import tile_2x2
-from headstyle.export import atomic_path, atomic_write_text
+from headstyle.io import atomic_path, atomic_write_text
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.lab.world import STYLES, sample_z, style_prompt

@@ -1,7 +1,7 @@
 """Mesh and volume files: PLY (vertex colours), OBJ (vertex colours), binary glTF, PanoHead's .mrc.
 
 Meshes are written by trimesh, the volume by mrcfile; every write goes to a temporary file
-beside the target and is renamed into place (headstyle.export.atomic_path).
+beside the target and is renamed into place (headstyle.io.atomic_path).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import mrcfile
 import numpy as np
 import trimesh
 
-from headstyle.export import atomic_path
+from headstyle.io import atomic_path
 from headstyle.mesh.volume import Volume
 
 MESH_FORMATS = ("glb", "ply", "obj")

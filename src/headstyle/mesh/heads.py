@@ -11,8 +11,8 @@ import torch
 import trimesh
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from headstyle.export import Latent
 from headstyle.generator.base import FieldSampler, Generator
+from headstyle.generator.latents import Latent
 from headstyle.mesh.files import MESH_FORMATS, side_by_side, write_mesh, write_mrc
 from headstyle.mesh.surface import PANOHEAD_LEVEL, isosurface, largest_component, smooth, vertex_colours
 from headstyle.mesh.volume import DEFAULT_BATCH, PANOHEAD_TRIM, Volume, extraction_cube, sample_volume

@@ -30,8 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from headstyle.export import atomic_write_text
-from headstyle.io import content_digest
+from headstyle.io import atomic_write_text, content_digest
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKSUMS = "checksums.json"

@@ -20,7 +20,7 @@ from torch import Tensor
 from headstyle import cameras, settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
-from headstyle.export import atomic_write_text
+from headstyle.io import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 from headstyle.settings import ConfigError
 

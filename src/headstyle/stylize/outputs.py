@@ -14,6 +14,7 @@ from torch import Tensor
 
 from headstyle import cameras, export
 from headstyle.generator.base import Generator
+from headstyle.io import atomic_write_text
 from headstyle.stylize.checkpointing import ResumeError
 from headstyle.stylize.config import StylizeConfig, conditioning_camera
 
@@ -55,14 +56,14 @@ class MetricsLog:
                     ) from None
                 if entry_iteration <= iteration:
                     keep.append(line)
-            export.atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
+            atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
         if self.csv.is_file():
             with self.csv.open(newline="") as fh:
                 rows = list(csv.reader(fh))
             out = io.StringIO()
             writer = csv.writer(out)
             writer.writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= iteration])
-            export.atomic_write_text(self.csv, out.getvalue())
+            atomic_write_text(self.csv, out.getvalue())
 
     def write(self, metrics: dict[str, Any]) -> None:
         with self.jsonl.open("a") as fh:

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headstyle import export
 from headstyle.distill import noise
 from headstyle.distill.objectives import DistillResult, DistillTarget, get_objective
 from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.base import Generator
 from headstyle.generator.checkpoint import save_generator
+from headstyle.io import atomic_write_text
 from headstyle.priors import controls
 from headstyle.priors.base import Control, Layout, ScorePrior
 from headstyle.progress import progress_bar
@@ -468,7 +468,7 @@ class Stylizer:
         resumed = self.load_checkpoint(resume) if resume is not None else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            export.atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
+            atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
         log = MetricsLog(self.run_dir, self.iteration if resumed else None) if self.is_main else None
         if self.is_main and self.iteration == 0:
             self.write_samples()
