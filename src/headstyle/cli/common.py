@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from headstyle.generator.latents import Latent
     from headstyle.priors.diffusers_prior import DiffusersPrior
 
 app = typer.Typer(
@@ -54,20 +55,13 @@ def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
 
 
 def pick_device(name: str | None) -> torch.device:
-    """The torch device named, or (None / "") cuda when available, else cpu; one that is unknown or not usable
-    here is a UserError naming the devices this machine has."""
-    import torch
+    """headstyle.runtime.resolve_device, its error as a UserError about --device."""
+    from headstyle.runtime import resolve_device
 
-    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--device {name!r} is not usable here ({reason}); available: {', '.join(available)}") from None
-    return dev
+        return resolve_device(name)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
 
 
 def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
@@ -130,6 +124,31 @@ def load_generator(
         return load(path, device=device, config=config, neural_rendering_resolution=neural_rendering_resolution,
                     rendering_overrides=overrides if depth_samples else None)  # fmt: skip
     except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_heads(seeds: str | None, w_npz: str | None) -> list[int]:
+    """The seeds to render (default 0), or [] when the heads come from a W+ npz that exists; not both."""
+    if seeds is not None and w_npz is not None:
+        raise UserError("give either --seeds or --w-npz, not both")
+    if w_npz is not None:
+        if not Path(w_npz).is_file():
+            raise UserError(f"--w-npz {w_npz}: no such file")
+        return []
+    return parse_seeds(seeds or "0")
+
+
+def heads(
+    G: nn.Module, seeds: list[int], w_npz: str | None, truncation: float, truncation_cutoff: int, device: torch.device
+) -> list[Latent]:
+    """The latents to render: W+ codes from ``w_npz`` (checked against G), else ws of ``seeds``."""
+    from headstyle.generator.latents import latents_from_npz, latents_from_seeds
+
+    if w_npz is None:
+        return latents_from_seeds(G, seeds, truncation, truncation_cutoff)
+    try:
+        return latents_from_npz(w_npz, G.num_ws, G.w_dim, device=device)
+    except ValueError as exc:
         raise UserError(str(exc)) from None
 
 

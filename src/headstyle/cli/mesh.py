@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from headstyle.cli.common import UserError, app
@@ -53,51 +55,29 @@ def mesh(
 ) -> None:
     """Extract each head's surface (marching cubes on the density, vertex colours as the raw render shows them)."""
     import math
-    from pathlib import Path
 
-    import torch
-
-    from headstyle.generator.checkpoint import CheckpointError, load_generator
-    from headstyle.generator.latents import latents_from_npz, latents_from_seeds
+    from headstyle.cli.common import check_heads, check_out_dir, heads, load_generator, pick_device
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
-    if seeds is not None and w_npz is not None:
-        raise UserError("give either --seeds or --w-npz, not both")
+    seed_list = check_heads(seeds, w_npz)
     try:
-        seed_list = [int(s) for s in (seeds or "0").split(",") if s.strip()]
         formats = parse_formats(format)
     except ValueError as exc:
-        raise UserError(f"{exc}; seeds are integers like 0,1") from None
-    if any(not 0 <= s < 2**32 for s in seed_list) or (seeds is not None and not seed_list):
-        raise UserError(f"--seeds must be integers in [0, 2**32), got {seeds!r}")
+        raise UserError(f"--format: {exc}") from None
     check_mesh_options(resolution, level, trim, smooth, batch_size)
     if not math.isfinite(truncation):
         raise UserError("--truncation must be a finite number")
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"--device {device!r} is not usable here ({exc}); try --device cpu") from None
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if w_npz is not None and not Path(w_npz).is_file():
-        raise UserError(f"--w-npz {w_npz}: no such file")
+    dev = pick_device(device)
+    check_out_dir(out)
+    if stylized is not None and not Path(stylized).exists():
+        raise UserError(f"--stylized {stylized}: no such file")
 
-    try:
-        G = load_generator(generator, device=dev, config=config)
-        G_stylized = None if stylized is None else load_generator(stylized, device=dev, config=config)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    G = load_generator(generator, dev, config)
+    G_stylized = None if stylized is None else load_generator(stylized, dev, config)
     if G_stylized is not None and (G_stylized.num_ws, G_stylized.w_dim) != (G.num_ws, G.w_dim):
         raise UserError(f"--stylized {stylized} takes {G_stylized.num_ws} ws of {G_stylized.w_dim}, the base generator "
                         f"{G.num_ws} of {G.w_dim}: give the stylised version of the same generator")
-    if w_npz is not None:
-        try:
-            latents = latents_from_npz(w_npz, G.num_ws, G.w_dim, device=dev)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    else:
-        latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
+    latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     settings = MeshSettings(resolution=resolution, level=level, trim=trim, largest_component=largest_component,
                             smooth_steps=smooth, batch_size=batch_size)
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from headstyle.cli.common import UserError, app
@@ -37,15 +35,12 @@ def render(
     """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
     import math
 
-    from headstyle.cli.common import check_out_dir, load_generator, parse_seeds, parse_yaws, pick_device
+    from headstyle.cli.common import check_heads, check_out_dir, heads, load_generator, parse_yaws, pick_device
     from headstyle.cli.mesh import MAX_RESOLUTION
     from headstyle.export import export_renders
-    from headstyle.generator.latents import latents_from_npz, latents_from_seeds
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
-    if seeds is not None and w_npz is not None:
-        raise UserError("give either --seeds or --w-npz, not both")
-    seed_list = parse_seeds(seeds or "0")
+    seed_list = check_heads(seeds, w_npz)
     yaw_list = parse_yaws(yaws)
     if turntable < 0 or (turntable == 0 and not yaw_list):
         raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
@@ -55,8 +50,6 @@ def render(
         raise UserError("--truncation must be a finite number and --pitch degrees within [-360, 360]")
     dev = pick_device(device)
     check_out_dir(out)
-    if w_npz is not None and not Path(w_npz).is_file():
-        raise UserError(f"--w-npz {w_npz}: no such file")
     if mesh is not None:
         try:
             mesh_formats = parse_formats(mesh)
@@ -66,13 +59,7 @@ def render(
             raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {mesh_resolution}")
 
     G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
-    if w_npz is not None:
-        try:
-            latents = latents_from_npz(w_npz, G.num_ws, G.w_dim, device=dev)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    else:
-        latents = latents_from_seeds(G, seed_list, truncation, truncation_cutoff)
+    latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth)
     if mesh is not None:
