@@ -27,9 +27,13 @@ def prior():
     return pc.load_prior(MODEL)
 
 
+FULL = CONFIGS["full"]
+IDENTITIES, VIEWS = 6, 2
+
+
 @pytest.fixture(scope="module")
 def held_out():
-    return pc.held_out_truth(identities=8, views=2)
+    return pc.held_out_truth(IDENTITIES, VIEWS, FULL)
 
 
 def test_diffusion_classifier_names_the_domain_of_held_out_renders(prior, held_out) -> None:
@@ -40,7 +44,7 @@ def test_diffusion_classifier_names_the_domain_of_held_out_renders(prior, held_o
 
 def test_not_a_memoriser(prior, held_out) -> None:
     """Denoising error at t <= 281 on held-out identities is within 1.1x of the training identities'."""
-    train = pc.training_truth(identities=8, views=2, cfg=CONFIGS["full"])
+    train = pc.training_truth(IDENTITIES, VIEWS, FULL)
     ratio = pc.denoising_error(prior, held_out) / pc.denoising_error(prior, train)
     assert ratio <= 1.1
 

@@ -48,8 +48,8 @@ from headstyle.priors.base import Branch, Control
 SHIPPED = Path(__file__).with_name("learned_prior")
 CLASSIFIER_T = (101, 181, 281)
 IMG2IMG_T = (281, 481)
-EVAL_CAMERA_SEED = 4_000
 GUIDANCE = 5.0
+CONTROL_T = 681
 
 
 def load_prior(folder: Path = SHIPPED, controls: bool = True):
@@ -91,17 +91,24 @@ def render_truth(z: Tensor, cams: Tensor, resolution: int = 32) -> Renders:
     return Renders(raw, depth, len(cams) // len(z))
 
 
-def held_out_truth(identities: int, views: int, resolution: int = 32) -> Renders:
-    """The lab's held-out identities at stratified cameras of their own seed."""
-    cams = stratified_360_cameras(identities, views, torch.Generator().manual_seed(EVAL_CAMERA_SEED))
-    return render_truth(held_out_z(identities), cams, resolution)
+def eval_cameras(identities: int, views: int, cfg: TrainPriorConfig) -> Tensor:
+    """(identities * views, 25): the training cameras of the first ``identities`` training identities, ``views``
+    of each spread over their 360-degree sectors. Held-out and training identities are rendered at these same
+    cameras, so the two sets differ only in who is rendered."""
+    gen = torch.Generator().manual_seed(IDENTITY_SEED + cfg.seed + 1)
+    cams = stratified_360_cameras(cfg.identities, cfg.views, gen).reshape(cfg.identities, cfg.views, 25)
+    return cams[:identities, torch.arange(views) * (cfg.views // views)].reshape(-1, 25)
+
+
+def held_out_truth(identities: int, views: int, cfg: TrainPriorConfig) -> Renders:
+    """The lab's held-out identities (never seen by the prior) at eval_cameras."""
+    return render_truth(held_out_z(identities), eval_cameras(identities, views, cfg), cfg.resolution)
 
 
 def training_truth(identities: int, views: int, cfg: TrainPriorConfig) -> Renders:
-    """The first ``identities`` training identities at their first ``views`` training cameras."""
-    gen = torch.Generator().manual_seed(IDENTITY_SEED + cfg.seed + 1)
-    cams = stratified_360_cameras(cfg.identities, cfg.views, gen).reshape(cfg.identities, cfg.views, 25)
-    return render_truth(prior_identities(cfg)[:identities], cams[:identities, :views].reshape(-1, 25), cfg.resolution)
+    """The first ``identities`` training identities at eval_cameras (images the prior was trained on)."""
+    cams = eval_cameras(identities, views, cfg)
+    return render_truth(prior_identities(cfg)[:identities], cams, cfg.resolution)
 
 
 # ---------------------------------------------------------------------------------------------- eps errors
@@ -201,7 +208,7 @@ def colour_features(images: Tensor) -> Tensor:
     """Colour statistics (N, 9): per-channel mean and std over the image, per-channel mean over the head
     (pixels not near the white background)."""
     x = (images.float() + 1) / 2
-    fg = (x.amin(1, keepdim=True) < 0.9).float()
+    fg = foreground(images).unsqueeze(1).float()
     fg_mean = (x * fg).sum((2, 3)) / fg.sum((2, 3)).clamp_min(1)
     return torch.cat([x.mean((2, 3)), x.std((2, 3)), fg_mean], dim=1)
 
@@ -246,19 +253,44 @@ def img2img_ratios(prior, renders: Renders, seed: int = 0, steps: int = 50) -> d
     return out
 
 
+def foreground(images: Tensor) -> Tensor:
+    """Head pixels (N, H, W): not near the white background."""
+    return ((images.float() + 1) / 2).amin(1) < 0.9
+
+
+def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, steps: int = 50) -> dict[str, float]:
+    """Silhouette IoU with the ground-truth stylised grid of DDIM img2img of unstyled 2x2 grids from t0 with each
+    style prompt, without and with the depth ControlNet (the grid branch's control): does the control keep the
+    identity's geometry?"""
+    src, depth = renders.grids(None)
+    latents = encode(prior, src)
+    x_t = prior.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)),
+                          torch.tensor([t0]))  # fmt: skip
+    out = {}
+    for control in (None, Control("depth", depth)):
+        ious = []
+        for style in DOMAINS[1:]:
+            truth = foreground(renders.grids(style)[0])
+            pred = foreground(prior.decode(ddim(prior, x_t, PHRASINGS[style][0], t0, steps, GUIDANCE, control)))
+            ious.append(((pred & truth).sum((1, 2)) / (pred | truth).sum((1, 2)).clamp_min(1)).mean())
+        out["depth" if control is not None else "none"] = float(torch.stack(ious).mean())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the card
 
 
 def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 16, views: int = 4, samples: int = 8) -> dict:
     """Every figure of the card (see the module docstring)."""
     prior = load_prior(folder)
-    held = held_out_truth(identities, views, cfg.resolution)
+    held = held_out_truth(identities, views, cfg)
     train = training_truth(identities, views, cfg)
     single_acc, single_conf = classify(prior, held, grid=False)
     grid_acc, _ = classify(prior, held, grid=True)
     held_err, train_err = denoising_error(prior, held), denoising_error(prior, train)
     sample_acc, sheet = sample_accuracy(prior, held, samples)
     ratios = img2img_ratios(prior, held)
+    iou = control_iou(prior, held)
     return {
         "classifier_single": single_acc,
         "classifier_single_confusion": single_conf.tolist(),
@@ -268,6 +300,7 @@ def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 16, views: in
         "eps_error_ratio": held_err / train_err,
         "sample_accuracy": sample_acc,
         "img2img_ratio": {f"{s}@{t}": r for (s, t), r in ratios.items()},
+        "grid_silhouette_iou": iou,
         "_sheet": sheet,
     }
 
@@ -353,5 +386,14 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
     for style in DOMAINS[1:]:
         ratios = (f["img2img_ratio"][f"{style}@{t}"] for t in IMG2IMG_T)
         lines.append(f"| {style} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
-    lines += ["", "![samples](samples.png)", ""]
+    iou = f["grid_silhouette_iou"]
+    lines += [
+        "",
+        f"- Geometry under control: img2img of unstyled 2x2 grids from t0 = {CONTROL_T} with each style prompt; "
+        f"silhouette IoU with the ground-truth stylised grid {iou['none']:.3f} without, {iou['depth']:.3f} with "
+        "the depth ControlNet.",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
     return "\n".join(lines)
