@@ -113,7 +113,7 @@ class TrainPriorConfig:
     prompt_dropout: float = 0.15
     grid_share: float = 0.5
     controlnet_channels: tuple[int, ...] = (16, 32, 32)
-    controlnet_steps: int = 300
+    controlnet_steps: int = 200
     controlnet_batch: int = 16
     controlnet_lr: float = 5e-4
     warmup: int = 100
