@@ -112,17 +112,22 @@ def load_generator(
     config: str | None = None,
     neural_rendering_resolution: int | None = None,
     depth_samples: int | None = None,
+    ray_start: float | None = None,
 ) -> nn.Module:
     """A generator from a .pkl, .pth, .safetensors or folder (headstyle.generator.checkpoint), optionally
-    rendering at another raw resolution or with another number of samples per ray."""
+    rendering at another raw resolution, with another number of samples per ray, or from another ray start."""
     from headstyle.generator.checkpoint import CheckpointError
     from headstyle.generator.checkpoint import load_generator as load
 
     check_render_overrides(neural_rendering_resolution, depth_samples)
-    overrides = {"depth_resolution": depth_samples, "depth_resolution_importance": depth_samples}
+    overrides: dict[str, float] = {}
+    if depth_samples:
+        overrides.update(depth_resolution=depth_samples, depth_resolution_importance=depth_samples)
+    if ray_start is not None:
+        overrides["ray_start"] = ray_start
     try:
         return load(path, device=device, config=config, neural_rendering_resolution=neural_rendering_resolution,
-                    rendering_overrides=overrides if depth_samples else None)  # fmt: skip
+                    rendering_overrides=overrides or None)  # fmt: skip
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
 

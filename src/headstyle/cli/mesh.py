@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from headstyle.cli.common import UserError, app
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from headstyle.generator.latents import Latent
 
 MAX_RESOLUTION = 1024  # 1024^3 float32 is a 4 GiB volume
 
@@ -27,6 +34,37 @@ def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, 
         extraction_cube(resolution, 1.0, trim)
     except ValueError as exc:
         raise UserError(f"--trim: {exc}") from None
+
+
+def check_mesh_flags(mesh: str, resolution: int) -> tuple[str, ...]:
+    """The formats of another command's --mesh option (and its --mesh-resolution), checked before models load."""
+    from headstyle.mesh import parse_formats
+
+    try:
+        formats = tuple(parse_formats(mesh))
+    except ValueError as exc:
+        raise UserError(f"--mesh: {exc}") from None
+    if not 8 <= resolution <= MAX_RESOLUTION:
+        raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {resolution}")
+    return formats
+
+
+def write_meshes(
+    G: nn.Module,
+    latents: list[Latent],
+    out: str | os.PathLike,
+    formats: tuple[str, ...],
+    resolution: int,
+    G_stylized: nn.Module | None = None,
+) -> list[Path]:
+    """Another command's --mesh: each head's mesh at PanoHead's settings (and the stylised one beside it)."""
+    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes
+
+    try:
+        return export_meshes(G, latents, out, formats, G.rendering_kwargs["box_warp"],
+                             MeshSettings(resolution=resolution), G_stylized)  # fmt: skip
+    except EmptySurfaceError as exc:
+        raise UserError(f"{exc} with `headstyle mesh --level` (the other outputs are written)") from None
 
 
 @app.command()

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app
+from headstyle.cli.common import UserError, app, check_out_dir, load_generator, pick_device
+from headstyle.cli.mesh import check_mesh_flags, write_meshes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,24 +25,6 @@ GENERATOR_HELP = ("Generator: PanoHead .pkl, .pth state dict, .safetensors (+ .j
 VGG_HELP = ("LPIPS-VGG16 weights: NVIDIA's TorchScript vgg16.pt (what PanoHead's projector uses; its tensors are read, "
             "its code never runs) or a torchvision VGG16 state dict with --lpips-lin. Without it the projector uses a "
             "Laplacian-pyramid L1 distance instead of LPIPS and says so.")
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    try:
-        dev = torch.device(name)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"--device {name!r} is not usable here ({exc}); try --device cpu") from None
-    return dev
-
-
-def _check_out(out: str) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    return path
 
 
 def _check_positive(**values: float | None) -> None:
@@ -95,7 +78,7 @@ def align(
     face: int | None = typer.Option(None, help="Which face when a photo has several (0 = largest, the default)."),
 ) -> None:
     """Crop photos the way PanoHead's 3DDFA_V2 cropping does and estimate each camera (25-vector labels)."""
-    out_path = _check_out(out)
+    out_path = check_out_dir(out)
     for name in images:
         _check_file("photo", name)
     aligned = _align(images, face)
@@ -131,22 +114,6 @@ def _load_perceptual(vgg16: str | None, lpips_lin: str | None, device: torch.dev
     try:
         return load_perceptual(vgg16, lpips_lin).to(device)
     except WeightsError as exc:
-        raise UserError(str(exc)) from None
-
-
-def _load(path: str, device: torch.device, config: str | None, nrr: int | None, depth_samples: int | None,
-          ray_start: float | None):
-    from headstyle.generator.checkpoint import CheckpointError, load_generator
-
-    overrides: dict[str, float] = {}
-    if depth_samples:
-        overrides.update(depth_resolution=depth_samples, depth_resolution_importance=depth_samples)
-    if ray_start is not None:
-        overrides["ray_start"] = ray_start
-    try:
-        return load_generator(path, device=device, config=config, neural_rendering_resolution=nrr,
-                              rendering_overrides=overrides)
-    except CheckpointError as exc:
         raise UserError(str(exc)) from None
 
 
@@ -217,13 +184,13 @@ def project(
                     neural_rendering_resolution=neural_rendering_resolution)
     if pti < 0:
         raise UserError(f"--pti must be 0 (none) or a number of steps, got {pti}")
-    out_path = _check_out(out)
+    out_path = check_out_dir(out)
     for option, path in (("--image", image), ("--vgg16", vgg16), ("--lpips-lin", lpips_lin)):
         _check_file(option, path)
     c_np = _camera(image, camera)
-    dev = _device(device)
+    dev = pick_device(device)
     perceptual = _load_perceptual(vgg16, lpips_lin, dev)
-    G = _load(generator, dev, config, neural_rendering_resolution, depth_samples, ray_start)
+    G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples, ray_start)
     size = G.neural_rendering_resolution if raw else G.img_resolution
     target, pixels = _load_target(image, size, dev)
     c = torch.from_numpy(c_np)[None].to(dev)
@@ -265,6 +232,9 @@ def photo(
     config: str | None = typer.Option(None, help="Base config for a bare .pth base generator."),
     neural_rendering_resolution: int | None = typer.Option(None, help="Override the raw render size (both)."),
     depth_samples: int | None = typer.Option(None, help="Override samples per ray (both generators)."),
+    mesh: str | None = typer.Option(None, help="Also write the head's coloured mesh through the base and the "
+                                    "stylised generator, side by side: glb, ply, obj, mrc, a list or all."),
+    mesh_resolution: int = typer.Option(256, help="Lattice points per axis of the --mesh extraction cube."),
 ) -> None:
     """Stylise a real person: align the photo, project it with the base generator, render the stylised one."""
     import numpy as np
@@ -287,16 +257,17 @@ def photo(
         raise UserError(str(exc)) from None
     if turntable < 0 or not math.isfinite(pitch):
         raise UserError("--turntable must be >= 0 and --pitch a finite number")
-    out_path = _check_out(out)
+    mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
+    out_path = check_out_dir(out)
     for option, path in (("photo", image), ("--generator", generator), ("--stylized", stylized), ("--vgg16", vgg16),
                          ("--lpips-lin", lpips_lin)):
         _check_file(option, path)
     # The photo is checked before any model is loaded.
     aligned = _align([image], face)[0]
-    dev = _device(device)
+    dev = pick_device(device)
     perceptual = _load_perceptual(vgg16, lpips_lin, dev)
-    G = _load(generator, dev, config, neural_rendering_resolution, depth_samples, ray_start)
-    S = _load(stylized, dev, config or generator, neural_rendering_resolution, depth_samples, None)
+    G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples, ray_start)
+    S = load_generator(stylized, dev, config or generator, neural_rendering_resolution, depth_samples)
     if (S.num_ws, S.w_dim) != (G.num_ws, G.w_dim):
         raise UserError(f"--stylized takes {S.num_ws} ws of {S.w_dim} but the base generator {G.num_ws} of {G.w_dim}: "
                         "they are not the same PanoHead")
@@ -317,5 +288,8 @@ def photo(
     side = aligned.crop.shape[0]
     row = [np.asarray(Image.fromarray(p).resize((side, side), Image.LANCZOS)) for p in panels]
     save_image(np.concatenate(row, axis=1), out_path / "sheet.png")
+    if mesh_formats:
+        write_meshes(G, [latent], out_path, mesh_formats, mesh_resolution, S)
+    meshes = ", stylized_base/_stylized/_pair meshes" if mesh_formats else ""
     typer.echo(f"wrote {out}: sheet.png (photo | base reconstruction | stylised), stylized_*.png, "
-               "stylized_turntable, projected_w.npz")
+               f"stylized_turntable, projected_w.npz{meshes}")

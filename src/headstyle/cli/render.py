@@ -36,9 +36,8 @@ def render(
     import math
 
     from headstyle.cli.common import check_heads, check_out_dir, heads, load_generator, parse_yaws, pick_device
-    from headstyle.cli.mesh import MAX_RESOLUTION
+    from headstyle.cli.mesh import check_mesh_flags, write_meshes
     from headstyle.export import export_renders
-    from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
     seed_list = check_heads(seeds, w_npz)
     yaw_list = parse_yaws(yaws)
@@ -50,23 +49,13 @@ def render(
         raise UserError("--truncation must be a finite number and --pitch degrees within [-360, 360]")
     dev = pick_device(device)
     check_out_dir(out)
-    if mesh is not None:
-        try:
-            mesh_formats = parse_formats(mesh)
-        except ValueError as exc:
-            raise UserError(f"--mesh: {exc}") from None
-        if not 8 <= mesh_resolution <= MAX_RESOLUTION:
-            raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {mesh_resolution}")
+    mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
 
     G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
     latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth)
-    if mesh is not None:
-        try:
-            paths += export_meshes(G, latents, out, mesh_formats, G.rendering_kwargs["box_warp"],
-                                   MeshSettings(resolution=mesh_resolution))
-        except EmptySurfaceError as exc:
-            raise UserError(f"{exc} with `headstyle mesh --level` (the renders are written)") from None
+    if mesh_formats:
+        paths += write_meshes(G, latents, out, mesh_formats, mesh_resolution)
     typer.echo(f"wrote {len(paths)} files to {out}")
 
