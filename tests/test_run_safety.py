@@ -4,7 +4,9 @@ loads): the stylize CLI's and the trainer's guards, each on a case that used to 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +165,12 @@ with flag.installed():
     assert proc.returncode == -signal.SIGINT and proc.stdout == "requested True\n", proc.stderr
     assert "Traceback" not in proc.stderr
     assert checkpointing.resolve_checkpoint(tmp_path / "run").name == "iter_0000001"
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    """safetensors' save_file writes 0600; every checkpoint file gets 0666 less the umask like the run's others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    ckpt = _save(tmp_path / "run", 1, 1.0)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ckpt.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from headstyle.io import atomic_write_text, content_digest
+from headstyle.io import atomic_path, atomic_write_text, content_digest
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKSUMS = "checksums.json"
@@ -196,6 +196,12 @@ def resolve_checkpoint(path: str | Path, skipped: list[tuple[Path, str]] | None 
     raise ResumeError(f"no checkpoint of {path} verifies (newest: {found[-1].name}: {problems[0][1]})")
 
 
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """safetensors through atomic_path: the file gets the usual permissions (save_file alone writes 0600)."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
 def save_checkpoint(
     run_dir: Path,
     iteration: int,
@@ -217,12 +223,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    save_file(rank_state.tensors, str(tmp / f"rank{rank}.safetensors"))
+    _save_tensors(rank_state.tensors, tmp / f"rank{rank}.safetensors")
     atomic_write_text(tmp / f"rank{rank}.json", json.dumps(rank_state.meta))
     if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        _save_tensors({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         meta = {"iteration": iteration, "world_size": world_size, "optimizer": opt_meta, **shared_meta}
         atomic_write_text(tmp / "config.toml", config_text)
         atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
