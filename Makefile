@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[dev]"
+	# torch-fidelity: the reference FID Inception for tests; its torchvision requirement cannot be installed here.
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 install: $(STAMP)
