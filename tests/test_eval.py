@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,3 +372,45 @@ def test_reference_img2img_matches_diffusers_pipeline_and_is_cached(tiny_sd, tmp
     assert reference_key(u8, ReferenceSettings("portrait of a zombie"), fingerprint) != key
     assert reference_key(to_uint8(image.flip(-1)), settings, fingerprint) != key
     assert reference_key(u8, settings, model_fingerprint(tiny_sd.vae, None)) != key
+
+
+# ---------------------------------------------------------------------------------------------
+# `headstyle eval` end to end
+
+
+def test_eval_command_on_identical_generators_gives_the_known_answers(
+    parity_dir, clip_dir, depth_dir, inception_file, tiny_sd, tmp_path
+):
+    """Base = stylised (the parity fixture twice): CLIP-I 1, FID 0, Delta D 0, equal warp errors; the fixture's
+    random heads have no detectable face, which is counted and noted, not scored."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from headstyle.cli import app
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "eval", "--base", str(parity_dir), "--stylized", str(parity_dir), "--out", str(out), "--identities", "1",
+        "--views", "-20,20", "--raw-only", "--neural-rendering-resolution", "16", "--depth-samples", "6",
+        "--prompt", "portrait of a statue", "--clip", str(clip_dir), "--inception", inception_file,
+        "--depth-anything", str(depth_dir), "--prior", str(tiny_sd.model), "--vae", "", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert m["multiview"]["mv_warp_error"] == m["multiview"]["mv_warp_error_base"]
+    assert m["clip"]["clip_i_base"] == pytest.approx(1.0, abs=1e-6)
+    assert m["clip"]["clip_t"] == pytest.approx(m["clip"]["clip_t_base"], abs=1e-6)
+    assert m["fid"]["fid_base"] < 1e-6 * m["fid"]["fid_ref"]
+    assert m["depth_anything"]["delta_d"] == pytest.approx(0.0, abs=1e-12)
+    assert report["counts"] == {"views": 2, "faces_base": 0, "faces_stylized": 0, "face_pairs": 0}
+    assert "no view has a detectable face" in report["skipped"]["id_dlib"]
+    assert {"id_arcface", "met3r"} <= set(report["skipped"])
+    for group in ("clip", "fid", "depth_anything", "id_dlib"):
+        assert len(report["weights"][group]["sha256"]) == 64
+    assert report["weights"]["reference"]["cached"] == "false"
+    assert sorted(p.name for p in (out / "reference").iterdir()) == [Path(report["weights"]["reference"]["path"]).name]
+    # One identity: rows base, stylised, reference; two 16 px views with 2 px padding.
+    assert Image.open(out / "views.png").size == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2)
+    assert "| fid | fid_ref |" in (out / "metrics.md").read_text()

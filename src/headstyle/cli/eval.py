@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import Renders, Scorers
 
-DEFAULT_VIEWS = 8
-
-
 def ring_yaws(views: int) -> list[float]:
     """``views`` yaws evenly spaced over 360 degrees from the front, wrapped to [-pi, pi) (the lab's cameras)."""
     return [(2 * math.pi * k / views + math.pi) % (2 * math.pi) - math.pi for k in range(views)]
@@ -70,7 +67,8 @@ def eval_command(
     prompt: str | None = typer.Option(None, help="Style prompt: CLIP-T and the reference set's img2img prompt."),
     identities: int = typer.Option(4, help="Identities: seeds 0..N-1 (--lab: the bench's held-out ones)."),
     seeds: str | None = typer.Option(None, help="Explicit latent seeds instead of --identities, e.g. 0,5,7."),
-    views: str | None = typer.Option(None, help="View yaws in degrees (0 = front); default 8 around the head."),
+    ring: int = typer.Option(8, help="Views evenly spaced over 360 degrees from the front (the lab bench's cameras)."),
+    views: str | None = typer.Option(None, help="Explicit view yaws in degrees (0 = front) instead of --ring."),
     pitch: float = typer.Option(10.0, help="View pitch in degrees."),
     truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
     truncation_cutoff: int = typer.Option(14, help="Number of ws truncated."),
@@ -118,7 +116,9 @@ def eval_command(
     if identities < 1:
         raise UserError(f"--identities must be >= 1, got {identities}")
     seed_list = parse_seeds(seeds) if seeds is not None else list(range(identities))
-    yaws = parse_yaws(views) if views is not None else ring_yaws(DEFAULT_VIEWS)
+    if ring < 1:
+        raise UserError(f"--ring must be >= 1 view, got {ring}")
+    yaws = parse_yaws(views, "--views") if views is not None else ring_yaws(ring)
     if not yaws:
         raise UserError("--views needs at least one yaw")
     if not (math.isfinite(pitch) and abs(pitch) <= 360 and math.isfinite(truncation)):
@@ -147,7 +147,7 @@ def eval_command(
 
     job = EvalJob(
         lab=lab, base=base, stylized=stylized, seeds=seed_list, identities=identities, yaws=yaws,
-        default_views=views is None, pitch=math.radians(pitch), truncation=truncation,
+        ring=views is None, pitch=math.radians(pitch), truncation=truncation,
         truncation_cutoff=truncation_cutoff, raw_only=raw_only, neural_rendering_resolution=neural_rendering_resolution,
         depth_samples=depth_samples, device=dev, prompt=prompt, prior=prior, vae=vae,
         reference=reference, cache=Path(reference_cache) if reference_cache else Path(out) / "reference",
@@ -165,7 +165,7 @@ class EvalJob:
     seeds: list[int]
     identities: int
     yaws: list[float]
-    default_views: bool
+    ring: bool
     pitch: float
     truncation: float
     truncation_cutoff: int
@@ -251,8 +251,8 @@ def run_eval(job: EvalJob, scorers: Scorers, out: Path, progress: bool) -> None:
     from headstyle.metrics.suite import SCORE_STEPS, score, views_sheet, write_report
     from headstyle.progress import progress_bar
 
-    if job.lab and job.default_views:
-        cams = eval_cameras(DEFAULT_VIEWS, job.pitch)  # the bench's cameras, bit for bit
+    if job.lab and job.ring:
+        cams = eval_cameras(len(job.yaws), job.pitch)  # the bench's cameras, bit for bit
     else:
         cams = cameras(torch.tensor(job.yaws), torch.full((len(job.yaws),), job.pitch))
     lab_figures = None
