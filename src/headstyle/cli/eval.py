@@ -128,6 +128,8 @@ def eval_command(
         raise UserError("--raw-only and the render overrides are for PanoHead generators; the lab renders as its bench")
     if prior is not None and not prompt:
         raise UserError("--prior makes the reference set by img2img with the style prompt: give --prompt too")
+    if prior is not None and not Path(prior).is_dir() and (Path(prior).exists() or prior.count("/") != 1):
+        raise UserError(f"--prior {prior}: not a diffusers model folder or a hub id (owner/name)")
     try:
         reference = ReferenceSettings(prompt or "", negative_prompt, reference_steps, reference_start,
                                       reference_guidance, reference_seed)  # fmt: skip

@@ -56,7 +56,7 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "clip_t": ("higher", "CLIP image-text cosine of stylised views with the prompt"),
     "clip_t_base": ("", "CLIP image-text cosine of base views with the prompt"),
     "fid_ref": ("lower", "FID, stylised views vs the SD img2img reference set (DiffStyle360)"),
-    "kid_ref": ("lower", "KID (x1000 not applied), stylised vs reference set"),
+    "kid_ref": ("lower", "KID (the MMD^2 itself; papers often print it x1000), stylised vs reference set"),
     "fid_base": ("", "FID, stylised vs base views"),
     "kid_base": ("", "KID, stylised vs base views"),
     "delta_d": ("lower", "Delta D: mean squared difference of normalised Depth Anything depths"),
@@ -254,7 +254,9 @@ def score(
         report.metrics["clip"] = clip
     advance()
 
-    if scorers.inception is not None:
+    if scorers.inception is not None and n < 2:
+        report.skipped["fid"] = "FID and KID need at least 2 views in each set"
+    elif scorers.inception is not None:
         fs, fb = inception_features(scorers.inception, styl_flat), inception_features(scorers.inception, base_flat)
         values = {"fid_base": fid(fs, fb), "kid_base": kid(fs, fb)[0]}
         if reference is not None:
