@@ -242,6 +242,25 @@ def test_arcface_ir_se50_file_embeds_aligned_faces(ir_se50_file, photos):
     assert cos.diagonal().mean() > cos[[0, 1, 2], [1, 2, 0]].mean()
 
 
+def test_suite_pairs_views_by_identity_and_a_permutation_scores_worse(ir_se50_file, photos):
+    """score() on 2 identities x 1 view: base = (astronaut, Hopper), stylised = their mirror images, then permuted."""
+    from headstyle.metrics.dlib_identity import DlibIdentity
+    from headstyle.metrics.suite import Renders, Scorers, score
+
+    base = torch.cat([to_tensor(photos["astronaut"]), to_tensor(photos["hopper"])])
+    mirrored = base.flip(-1)
+    zeros = torch.zeros(2, 1, 1, 8, 8)
+    scorers = Scorers(dlib=DlibIdentity(), arcface=A.ArcFace(ir_se50_file))
+    cams = torch.zeros(1, 25)
+    paired = score(Renders(base[:, None], zeros, zeros), Renders(mirrored[:, None], zeros, zeros), cams, scorers)
+    swapped = score(Renders(base[:, None], zeros, zeros), Renders(mirrored[[1, 0], None], zeros, zeros), cams, scorers)
+    assert paired.counts == {"views": 2, "faces_base": 2, "faces_stylized": 2, "face_pairs": 2}
+    assert paired.metrics["id_dlib"]["id_dlib_match"] == 1.0 and swapped.metrics["id_dlib"]["id_dlib_match"] == 0.0
+    assert paired.metrics["id_dlib"]["id_dlib_distance"] < swapped.metrics["id_dlib"]["id_dlib_distance"]
+    assert paired.metrics["id_arcface"]["id_arcface"] > swapped.metrics["id_arcface"]["id_arcface"]
+    assert "multiview" in paired.skipped and "fid" not in paired.metrics  # one view; no Inception given
+
+
 def test_arcface_five_points_land_on_the_template(photos):
     from headstyle.faces.detect import detect_faces
 

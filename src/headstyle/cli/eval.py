@@ -134,7 +134,7 @@ def eval_command(
         reference = ReferenceSettings(prompt or "", negative_prompt, reference_steps, reference_start,
                                       reference_guidance, reference_seed)  # fmt: skip
     except ValueError as exc:
-        raise UserError(f"--reference-start/--reference-steps: {exc}") from None
+        raise UserError(f"--reference-start/--reference-steps/--reference-guidance: {exc}") from None
     paths = WeightPaths(dlib=dlib, arcface=arcface, clip=clip, inception=inception, depth_anything=depth_anything)
     try:
         check_paths(paths)

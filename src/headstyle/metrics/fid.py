@@ -21,7 +21,8 @@ the same images, by up to several FID points at 512 px.
   there are fewer images than 2048); 0 for identical sets.
 - KID = unbiased MMD^2 with the cubic kernel k(x, y) = (x . y / d + 1)^3, averaged over ``subsets``
   random subsets of ``subset_size`` (torch-fidelity's 100 x 1000, capped at the smaller set); its
-  mean and standard deviation over subsets. Both need at least 2 images per set.
+  mean and standard deviation over subsets (one subset, std 0, when both sets fit whole). Both need
+  at least 2 images per set.
 """
 
 from __future__ import annotations
@@ -298,6 +299,8 @@ def kid(feats_a: Tensor, feats_b: Tensor, subsets: int = KID_SUBSETS, subset_siz
     size = min(subset_size, len(feats_a), len(feats_b))
     if size < 2:
         raise ValueError("KID needs at least 2 images in each set")
+    if size == len(feats_a) == len(feats_b):
+        return polynomial_mmd2(feats_a, feats_b), 0.0  # every subset would be the whole of both sets
     rng = np.random.default_rng(seed)
     values = [
         polynomial_mmd2(feats_a[rng.choice(len(feats_a), size, replace=False)],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,6 +54,8 @@ class ReferenceSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.steps:
             raise ValueError(f"reference start step must lie in [0, {self.steps}), got {self.start}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"reference guidance must be a finite number, got {self.guidance_scale}")
 
 
 def model_fingerprint(model: str | os.PathLike, vae: str | None) -> str:

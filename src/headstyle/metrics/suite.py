@@ -192,6 +192,18 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
 
+def dlib_figures(base: Tensor, stylized: Tensor) -> dict[str, float]:
+    """Mean descriptor distance of paired faces and the fraction under dlib's same-person threshold."""
+    dist = descriptor_distance(base, stylized)
+    match = (dist < SAME_PERSON_DISTANCE).double().mean()
+    return {"id_dlib_distance": float(dist.mean()), "id_dlib_match": float(match)}
+
+
+def arcface_figures(base: Tensor, stylized: Tensor) -> dict[str, float]:
+    """Mean cosine of paired ArcFace embeddings."""
+    return {"id_arcface": float(paired_cosine(base, stylized).mean())}
+
+
 def score(
     base: Renders,
     stylized: Renders,
@@ -222,8 +234,8 @@ def score(
         report.counts["faces_stylized"] = sum(f is not None for f in styl_faces)
         both = [a is not None and b is not None for a, b in zip(base_faces, styl_faces, strict=True)]
         report.counts["face_pairs"] = sum(both)
-        identity = {"id_dlib": scorers.dlib, "id_arcface": scorers.arcface}
-        for group, scorer in identity.items():
+        identity = {"id_dlib": (scorers.dlib, dlib_figures), "id_arcface": (scorers.arcface, arcface_figures)}
+        for group, (scorer, figures) in identity.items():
             if scorer is None:
                 continue
             if not any(both):
@@ -232,14 +244,7 @@ def score(
             eb, found_b = scorer.embed(base_u8, base_faces)
             es, found_s = scorer.embed(styl_u8, styl_faces)
             ok = found_b & found_s
-            if group == "id_dlib":
-                dist = descriptor_distance(eb[ok], es[ok])
-                report.metrics[group] = {
-                    "id_dlib_distance": float(dist.mean()),
-                    "id_dlib_match": float((dist < SAME_PERSON_DISTANCE).double().mean()),
-                }
-            else:
-                report.metrics[group] = {"id_arcface": float(paired_cosine(eb[ok], es[ok]).mean())}
+            report.metrics[group] = figures(eb[ok], es[ok])
     advance()
 
     if scorers.clip is not None:
