@@ -107,7 +107,8 @@ class TrainPriorConfig:
     text_width: int = 64
     text_layers: int = 2
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_steps: int = 2400
+    unet_steps: int = 1800
+    unet_horizon: int = 2400  # the cosine schedule's length; training stops at unet_steps (lr then 0.25 x peak)
     unet_batch: int = 16
     unet_lr: float = 1e-3
     prompt_dropout: float = 0.15
@@ -143,6 +144,7 @@ CONFIGS: dict[str, TrainPriorConfig] = {
         text_layers=1,
         unet_channels=(8, 16, 16),
         unet_steps=6,
+        unet_horizon=6,
         unet_batch=4,
         controlnet_channels=(8, 8, 8),
         controlnet_steps=4,
@@ -520,9 +522,11 @@ def run_stage(
     cfg: TrainPriorConfig,
     progress: bool,
     seed: int,
+    horizon: int | None = None,
 ) -> StageState:
     """AdamW on ``model``'s trainable parameters for ``steps`` steps of loss_fn(gen), checkpointed to
-    out/checkpoints/<name>.pt every cfg.checkpoint_seconds (and at the end) and resumed from it exactly."""
+    out/checkpoints/<name>.pt every cfg.checkpoint_seconds (and at the end) and resumed from it exactly.
+    The learning rate follows lr_at over ``horizon`` steps (default: ``steps``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -558,7 +562,7 @@ def run_stage(
         while state.step < steps:
             t0 = time.perf_counter()
             for group in opt.param_groups:
-                group["lr"] = lr_at(state.step, steps, lr, cfg.warmup)
+                group["lr"] = lr_at(state.step, horizon or steps, lr, cfg.warmup)
             loss = loss_fn(gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -648,7 +652,9 @@ def stage_unet(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
         prompts = sample_prompts(batch.domains, cfg.prompt_dropout, gen)
         return eps_loss(unet, encode_latents(vae, batch.images, gen), text[prompts], abar, gen)
 
-    state = run_stage(out, "unet", unet, loss_fn, cfg.unet_steps, cfg.unet_lr, cfg, progress, cfg.seed + 31)
+    state = run_stage(
+        out, "unet", unet, loss_fn, cfg.unet_steps, cfg.unet_lr, cfg, progress, cfg.seed + 31, cfg.unet_horizon
+    )
     with _atomic_dir(folder / "unet") as tmp:
         unet.save_pretrained(tmp)
     with _atomic_dir(folder / "scheduler") as tmp:
