@@ -38,7 +38,7 @@ def _shape(face: Face) -> object:
     """The detector's box and 68 landmarks as the dlib object the recognition model reads."""
     import dlib
 
-    points = [dlib.point(round(x), round(y)) for x, y in face.landmarks]
+    points = [dlib.point(int(x), int(y)) for x, y in face.landmarks]  # dlib's own integer positions
     return dlib.full_object_detection(dlib.rectangle(*face.box), points)
 
 
