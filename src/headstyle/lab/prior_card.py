@@ -236,7 +236,7 @@ def sample_accuracy(prior, renders: Renders, n: int, seed: int = 0, steps: int =
     return correct / (n * len(DOMAINS)), samples
 
 
-def img2img_ratios(prior, renders: Renders, seed: int = 0, steps: int = 50) -> dict[tuple[str, int], float]:
+def img2img_ratios(prior, renders: Renders, seed: int = 0, steps: int = 25) -> dict[tuple[str, int], float]:
     """(style, t0) -> mean rgb error(img2img of the unstyled render, GT style) / rgb error(unstyled, GT style)."""
     src = renders.single(None)
     latents = encode(prior, src)
@@ -258,7 +258,7 @@ def foreground(images: Tensor) -> Tensor:
     return ((images.float() + 1) / 2).amin(1) < 0.9
 
 
-def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, steps: int = 50) -> dict[str, float]:
+def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, steps: int = 25) -> dict[str, float]:
     """Silhouette IoU with the ground-truth stylised grid of DDIM img2img of unstyled 2x2 grids from t0 with each
     style prompt, without and with the depth ControlNet (the grid branch's control): does the control keep the
     identity's geometry?"""
@@ -280,7 +280,7 @@ def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, ste
 # ---------------------------------------------------------------------------------------------- the card
 
 
-def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 16, views: int = 4, samples: int = 8) -> dict:
+def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 8, views: int = 4, samples: int = 8) -> dict:
     """Every figure of the card (see the module docstring)."""
     prior = load_prior(folder)
     held = held_out_truth(identities, views, cfg)
@@ -292,6 +292,7 @@ def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 16, views: in
     ratios = img2img_ratios(prior, held)
     iou = control_iou(prior, held)
     return {
+        "held_out": {"identities": identities, "views": views, "samples_per_prompt": samples},
         "classifier_single": single_acc,
         "classifier_single_confusion": single_conf.tolist(),
         "classifier_grid_depth": grid_acc,
@@ -365,10 +366,18 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
             + (f"{s['final_loss']:.4f}" if "final_loss" in s else "")
             + " |"
         )
-    lines += ["", "Parameters per component: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), ""]
+    lines += [
+        "",
+        "Wall seconds of one torch thread on a shared 2-core machine (other jobs ran beside it; the decoder stage "
+        "ran beside the UNet stage, which it cannot affect: the encoder is frozen).",
+        "",
+        "Parameters per component: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+        "",
+    ]
     f = figures
     lines += [
-        "## What it learned (held-out identities)",
+        f"## What it learned ({f['held_out']['identities']} held-out identities x {f['held_out']['views']} "
+        "training cameras, every domain)",
         "",
         f"- Diffusion classifier at t in {CLASSIFIER_T}: single views {f['classifier_single']:.3f}, "
         f"2x2 grids with depth control {f['classifier_grid_depth']:.3f}.",
@@ -377,7 +386,8 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         f"- DDIM (25 steps) + CFG {GUIDANCE} samples classified to their domain by colour statistics: "
         f"{f['sample_accuracy']:.3f}. Sheet: samples.png (rows: "
         + ", ".join(domain_name(d) for d in DOMAINS) + ").",
-        "- img2img of unstyled renders with each style prompt, rgb error to the ground-truth style "
+        f"- img2img (DDIM over the 25-step grid, CFG {GUIDANCE}) of unstyled renders with each style prompt, "
+        "rgb error to the ground-truth style "
         "relative to the unstyled render's (below 1 = closer):",
         "",
         "| style | " + " | ".join(f"t0 = {t}" for t in IMG2IMG_T) + " |",
