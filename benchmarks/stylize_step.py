@@ -7,11 +7,12 @@ script:  the training script's structure, written out here with the same library
          its mirror each rendered by the trainable generator (a backbone pass each), the frozen SR render for
          the canny control, two VAE encodes and a UNet CFG call, a backward; then the grid: per camera a
          trainable and a frozen render (a backbone pass each), a VAE encode, a UNet CFG call, a backward.
-Stages are timed with hooks, in process CPU time on CPU (run it with OMP_NUM_THREADS=1; other processes on the
-machine then do not skew the ratio) and wall time on CUDA: backbone (the tri-grid), render (synthesis minus
-backbone and SR), SR, VAE encode, ControlNets, UNet, backward, optimizer, other; plus call counts and peak memory (CUDA: allocator
-peak; CPU: torch.profiler running allocation peak). Medians over --steps after one warm-up step, the two
-variants alternating step by step; the ratio is ours / script within this run.
+Stages are timed with hooks, in process CPU time on CPU (run it with OMP_NUM_THREADS=1; other processes
+on the machine then do not skew the ratio) and wall time on CUDA: backbone (the tri-grid), render
+(synthesis minus backbone and SR), SR, VAE encode, ControlNets, UNet, backward, optimizer, other; plus
+call counts and peak memory (CUDA: allocator peak; CPU: torch.profiler running allocation peak).
+Medians over --steps after one warm-up step, the two variants alternating step by step; the ratio is
+ours / script within this run.
 
     .venv/bin/python benchmarks/stylize_step.py [--steps 3] [--generator lab|panohead|panohead-full] [--device cpu]
 """
