@@ -22,7 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/headstyle demo --out runs/demo
 
-test: $(STAMP)
+# The web app's browser test drives Debian's Chromium (Playwright's own browser download cannot run here).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 

