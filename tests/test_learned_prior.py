@@ -28,7 +28,7 @@ def prior():
 
 
 FULL = CONFIGS["full"]
-IDENTITIES, VIEWS = 6, 2
+IDENTITIES, VIEWS = 4, 2
 
 
 @pytest.fixture(scope="module")
