@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -206,3 +207,19 @@ def test_decoder_finetune_keeps_the_encoder(run: Path) -> None:
     assert all(torch.equal(final[k], vae_stage[k]) for k in enc)
     assert any(not torch.equal(final[k], vae_stage[k]) for k in dec)
     assert [s for s in tp.read_stages(run) if s != "data"] == [*tp.STAGES[1:4], "controlnet-depth", "controlnet-canny"]
+
+
+def test_text_encoder_trains_with_the_unet_when_asked(run: Path, tmp_path: Path) -> None:
+    """train_text: the UNet stage updates the text encoder too and saves it; the ControlNet stage reads it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    shutil.copytree(run / "data", out / "data")
+    for sub in ("vae", "tokenizer", "text_encoder"):
+        shutil.copytree(run / "model" / sub, out / "model" / sub)
+    tp.stage_unet(out, replace(TINY, train_text=True), progress=False)
+    before = load_file(run / "model" / "text_encoder" / "model.safetensors")
+    after = load_file(out / "model" / "text_encoder" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert tp.read_stages(out)["unet"]["parameters"] > tp.read_stages(run)["unet"]["parameters"]
