@@ -794,6 +794,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     """A temporary folder beside ``path``, moved onto it on success (readers never see half a model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make shipped model folders private
     try:
         yield tmp
         shutil.rmtree(path, ignore_errors=True)
