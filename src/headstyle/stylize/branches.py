@@ -85,11 +85,10 @@ class Identities:
     planes: Tensor
     frozen_planes: Tensor
 
-    def per_camera(self, k: int, interleave: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """ws and both tri-grids for k cameras per identity: identity-major (interleave) or camera-major."""
-        if interleave:
-            return tuple(x.repeat_interleave(k, dim=0) for x in (self.ws, self.planes, self.frozen_planes))
-        return tuple(x.repeat(k, *([1] * (x.dim() - 1))) for x in (self.ws, self.planes, self.frozen_planes))
+    @staticmethod
+    def per_camera(x: Tensor, k: int, interleave: bool) -> Tensor:
+        """A per-identity tensor for k cameras per identity: identity-major (interleave) or camera-major rows."""
+        return x.repeat_interleave(k, dim=0) if interleave else x.repeat(k, *([1] * (x.dim() - 1)))
 
 
 @dataclass
@@ -130,7 +129,7 @@ class SingleView:
         c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
         cams = torch.cat([c, cameras.mirror(c)]) if cfg.single.mirror else c
         kw = ctx.render_kwargs
-        ws, planes, _ = ids.per_camera(len(cams) // n, interleave=False)
+        ws, planes = (ids.per_camera(x, len(cams) // n, interleave=False) for x in (ids.ws, ids.planes))
         out = ctx.G.synthesis(ws, cams.to(ctx.device), noise_mode="const", planes=planes, **kw)
         fro = None
         if "canny" in ctx.prior.control_names or ctx.need_source:
@@ -215,7 +214,7 @@ class Grid:
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
         pitch_range = math.radians(cfg.grid.pitch_range)
         cams = cameras.sample_360_cameras(4 * ids.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
-        ws4, planes4, frozen_planes4 = ids.per_camera(4, interleave=True)
+        ws4, planes4, frozen_planes4 = (ids.per_camera(x, 4, True) for x in (ids.ws, ids.planes, ids.frozen_planes))
         kw = ctx.render_kwargs
         out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=planes4, **kw)
         with torch.no_grad():
