@@ -858,8 +858,16 @@ def snapshot(out: Path, dest: Path) -> Path:
     if (model / "unet").is_dir():
         unet = UNet2DConditionModel.from_pretrained(model / "unet")
     else:
+        from transformers import CLIPTextModel
+
         unet = build_unet(cfg, 2 * cfg.resolution // 2 ** (len(cfg.vae_channels) - 1))
-        unet.load_state_dict(torch.load(out / "checkpoints" / "unet.pt", weights_only=True)["model"])
+        state = torch.load(out / "checkpoints" / "unet.pt", weights_only=True)["model"]
+        if cfg.train_text:
+            encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+            nn.ModuleDict({"unet": unet, "text_encoder": encoder}).load_state_dict(state)
+            encoder.save_pretrained(dest / "text_encoder")
+        else:
+            unet.load_state_dict(state)
     unet.save_pretrained(dest / "unet")
     ddim_scheduler().save_pretrained(dest / "scheduler")
     write_model_index(dest)
