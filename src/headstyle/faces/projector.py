@@ -20,12 +20,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from headstyle.cameras import camera_label, look_at_pose
 from headstyle.faces.perceptual import PerceptualDistance
 from headstyle.generator.base import Generator
+from headstyle.progress import progress_bar
 
 # PanoHead computes w_avg at LookAtPoseSampler.sample(3.14 / 2, 3.14 / 2, lookat (0, 0, 0)).
 W_AVG_YAW = W_AVG_PITCH = 3.14 / 2 - math.pi / 2
@@ -115,11 +115,6 @@ def _frame(target: Tensor, image: Tensor) -> np.ndarray:
     return (pair * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _progress(description: str) -> Progress:
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-
-
 def project(
     G: Generator,
     target: Tensor,
@@ -156,8 +151,8 @@ def _project(G: Generator, target: Tensor, c: Tensor, perceptual: PerceptualDist
         w_opt = w_avg.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=cfg.initial_learning_rate)
         frames, losses = [], []
-        with _progress("projecting") as progress:
-            task = progress.add_task("", total=cfg.steps, info="", visible=show_progress)
+        with progress_bar(disable=not show_progress) as progress:
+            task = progress.add_task("projecting", total=cfg.steps)
             for step in range(cfg.steps):
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, cfg)
@@ -213,8 +208,8 @@ def pivotal_tuning(
         target_embed = perceptual.embed(perceptual_view(target, perceptual_size)).detach()
         optimizer = torch.optim.Adam(tuned.parameters(), betas=(0.9, 0.999), lr=cfg.learning_rate)
         frames, losses = [], []
-        with _progress("pivotal tuning") as progress:
-            task = progress.add_task("", total=cfg.steps, info="", visible=show_progress)
+        with progress_bar(disable=not show_progress) as progress:
+            task = progress.add_task("pivotal tuning", total=cfg.steps)
             for step in range(cfg.steps):
                 image = _render(tuned, ws, c, raw).float()
                 mse = (target - image).square().mean()

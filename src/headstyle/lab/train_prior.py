@@ -43,16 +43,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from torch import Tensor, nn
 
 from headstyle.distill.shaping import tile_2x2
@@ -61,6 +51,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.lab.world import STYLES, sample_z, style_prompt
 from headstyle.priors.controls import canny_control, depth_control
+from headstyle.progress import progress_bar
 
 # The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
 IDENTITY_SEED = 3_000
@@ -236,14 +227,14 @@ def stage_data(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     todo = [d for d in DOMAINS if not (folder / f"{domain_name(d)}.safetensors").is_file()]
     chunks = math.ceil(len(cams) / cfg.render_chunk)
     start = time.perf_counter()
-    with _progress(progress) as bar:
-        task = bar.add_task("data", total=chunks * len(todo), loss="")
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("data", total=chunks * len(todo))
         for domain in todo:
             parts: dict[str, list[Tensor]] = {"raw": [], "depth": [], "canny": []}
             for part in render_domain(z, cams, domain, cfg.resolution, cfg.render_chunk):
                 for k, v in part.items():
                     parts[k].append(v)
-                bar.update(task, advance=1, loss=domain_name(domain))
+                bar.update(task, advance=1, info=domain_name(domain))
             tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
             tensors["z"], tensors["cams"] = z.contiguous(), cams.contiguous()
             with atomic_path(folder / f"{domain_name(domain)}.safetensors") as tmp:
@@ -563,8 +554,8 @@ def run_stage(
 
     model.train()
     last_save = time.perf_counter()
-    with _progress(progress) as bar:
-        task = bar.add_task(name, total=steps, completed=state.step, loss="")
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(name, total=steps, completed=state.step)
         while state.step < steps:
             t0 = time.perf_counter()
             for group in opt.param_groups:
@@ -580,7 +571,7 @@ def run_stage(
                 mean = sum(state.losses) / len(state.losses)
                 _log(out, {"stage": name, "step": state.step, "loss": mean, "lr": opt.param_groups[0]["lr"],
                            "seconds": round(state.seconds, 2)})  # fmt: skip
-                bar.update(task, loss=f"loss {mean:.4f}")
+                bar.update(task, info=f"loss {mean:.4f}")
             bar.update(task, completed=state.step)
             if time.perf_counter() - last_save > cfg.checkpoint_seconds:
                 save()
@@ -765,28 +756,6 @@ def train_prior(out: Path, cfg: TrainPriorConfig, stage: str = "all", progress: 
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[loss]}"),
-        disable=not enabled,
-    )
-
-
-class _RateColumn(ProgressColumn):
-    """Steps per second (rich's own speed estimate)."""
-
-    def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
 
 
 @contextmanager

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 import trimesh
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from headstyle.generator.base import FieldSampler, Generator
 from headstyle.generator.latents import Latent
 from headstyle.mesh.files import MESH_FORMATS, side_by_side, write_mesh, write_mrc
 from headstyle.mesh.surface import PANOHEAD_LEVEL, isosurface, largest_component, smooth, vertex_colours
 from headstyle.mesh.volume import DEFAULT_BATCH, PANOHEAD_TRIM, Volume, extraction_cube, sample_volume
+from headstyle.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,6 @@ def head_mesh(
     return HeadMesh(mesh, volume)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-
-
 def export_meshes(
     G: Generator,
     latents: Sequence[Latent],
@@ -95,18 +83,16 @@ def export_meshes(
     generators = [("", G)] if stylized is None else [("_base", G), ("_stylized", stylized)]
     cube = extraction_cube(settings.resolution, box_warp, settings.trim)
     written: list[Path] = []
-    with _progress() as progress:
+    with progress_bar(disable=not show_progress) as progress:
         for latent in latents:
             meshes = []
             for suffix, gen in generators:
                 task = progress.add_task(
-                    f"mesh {latent.name}{suffix}", total=cube.inner**3, rate="", visible=show_progress
+                    f"mesh {latent.name}{suffix}", total=cube.inner**3, info="points"
                 )
 
                 def advance(n: int, task: int = task) -> None:
                     progress.update(task, advance=n)
-                    speed = progress.tasks[task].speed
-                    progress.update(task, rate=f"{speed / 1e6:.2f} M points/s" if speed else "")
 
                 head = head_mesh(gen.field_sampler(latent.ws), box_warp, settings, latent.ws.device, advance)
                 meshes.append(head.mesh)
