@@ -281,10 +281,10 @@ def test_arcface_five_points_land_on_the_template(photos):
 def clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from headstyle.testing import write_tiny_clip_tokenizer
+    from headstyle.priors.tokenizer import write_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
-    vocab = write_tiny_clip_tokenizer(folder)
+    vocab = write_clip_tokenizer(folder, ["portrait", "of", "a", "face", "statue"])
     torch.manual_seed(0)
     text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip

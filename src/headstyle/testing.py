@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from headstyle.priors.tokenizer import write_clip_tokenizer
+
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
 CROSS_ATTENTION_DIM = 32
@@ -44,54 +46,6 @@ class TinySD:
     latent_size: int = LATENT_SIZE
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chars from U+0100."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def write_tiny_clip_tokenizer(folder: Path, max_length: int = 77) -> int:
-    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP BPE; returns the vocab size.
-
-    Vocab: <|startoftext|>, <|endoftext|>, the 256 byte symbols with and without the end-of-word
-    suffix, and merges that build a few prompt words whole, so those encode to one token each.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
-    merges: list[str] = []
-    for word in _WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = f"{symbols[0]} {symbols[1]}"
-            merged = symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-                tokens.append(merged)
-            symbols = [merged, *symbols[2:]]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": max_length,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return len(vocab)
-
-
 def _randomise_zero_convs(controlnet: torch.nn.Module, std: float) -> None:
     """ControlNets start with zero convolutions (no effect); give them weights so tests can see controls."""
     zero_modules = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
@@ -107,7 +61,7 @@ def _build(folder: Path, seed: int) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     model = folder / "tiny-sd"
-    vocab_size = write_tiny_clip_tokenizer(model / "tokenizer")
+    vocab_size = write_clip_tokenizer(model / "tokenizer", _WORDS)
     CLIPTokenizer.from_pretrained(model / "tokenizer")  # fail here, not in a test, if the files are unreadable
 
     with torch.random.fork_rng(devices=[]):

@@ -51,6 +51,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.lab.world import STYLES, sample_z, style_prompt
 from headstyle.priors.controls import canny_control, depth_control
+from headstyle.priors.tokenizer import write_clip_tokenizer
 from headstyle.progress import progress_bar
 
 # The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
@@ -344,44 +345,6 @@ def build_controlnet(cfg: TrainPriorConfig, unet: nn.Module, name: str) -> nn.Mo
         return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to chars from U+0100."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
-def write_tokenizer(folder: Path, words: list[str], max_length: int = 77) -> int:
-    """A CLIP byte-level BPE (vocab.json, merges.txt, tokenizer_config.json) whose merges build ``words`` whole;
-    any other text still encodes, byte by byte. Returns the vocabulary size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
-    merges: list[str] = []
-    for word in words:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair, merged = f"{symbols[0]} {symbols[1]}", symbols[0] + symbols[1]
-            if pair not in merges:
-                merges.append(pair)
-                tokens.append(merged)
-            symbols = [merged, *symbols[2:]]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": max_length,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return len(vocab)
-
-
 def prompt_words() -> list[str]:
     """The words of every phrasing, in first-seen order (commas split off, as CLIP's pre-tokeniser does)."""
     words = (w for p in prompt_table() for w in p.replace(",", " ").split())
@@ -393,7 +356,7 @@ def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with _atomic_dir(folder / "tokenizer") as tmp:
-        vocab_size = write_tokenizer(tmp, prompt_words())
+        vocab_size = write_clip_tokenizer(tmp, prompt_words())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 10)
         encoder = CLIPTextModel(
