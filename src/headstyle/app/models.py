@@ -16,6 +16,7 @@ from torch import nn
 
 from headstyle.app.config import AppConfig, LabSection, RenderSection, tab_reasons
 from headstyle.app.jobs import AppError
+from headstyle.runtime import resolve_device
 
 # PanoHead's projector renders with ray_start 2.35 (the generator's own 2.25 elsewhere).
 PROJECTION_RAY_START = 2.35
@@ -23,15 +24,11 @@ GROUND_TRUTH = " (ground truth)"
 
 
 def device_from_name(name: str) -> torch.device:
-    """The torch device named, or ("") cuda when available, else cpu; AppError when it is not usable here."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """headstyle.runtime.resolve_device, its error as an AppError about server.device."""
     try:
-        dev = torch.device(name)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise AppError(f"server.device {name!r} is not usable here ({str(exc).splitlines()[0]})") from None
-    return dev
+        return resolve_device(name)
+    except ValueError as exc:
+        raise AppError(f"server.{exc}") from None
 
 
 def trained_styles(folder: Path) -> dict[str, str]:
