@@ -294,8 +294,12 @@ def test_a_run_of_the_configured_models_is_a_checked_stylize_config(cfg, tmp_pat
         str(parity_dir), "/models/sd", "")
     assert (c["prompt"]["prompt"], c["run"]["iterations"], c["run"]["out"]) == (
         "Portrait of a werewolf", 12, str(tmp_path / "wolf"))
-    picture = training.models_spec(cfg, tmp_path / "pic", 5, style_image="style.png").config
-    assert (picture["objective"]["name"], picture["style"]["image"]) == ("sds", "style.png")
+    upload = tmp_path / "upload.PNG"
+    Image.fromarray(data.coffee()).save(upload, format="PNG")
+    picture = training.models_spec(cfg, tmp_path / "pic", 5, style_image=str(upload)).config
+    # SDS with the picture (LD cancels a fused style), read from the run's own copy of it.
+    assert (picture["objective"]["name"], picture["style"]["image"]) == ("sds", str(tmp_path / "pic" / "style.png"))
+    assert (tmp_path / "pic" / "style.png").read_bytes() == upload.read_bytes()
     with pytest.raises(AppError, match="no target"):
         training.models_spec(cfg, tmp_path / "x", 5)
 

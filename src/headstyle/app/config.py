@@ -27,7 +27,6 @@ from typing import Any
 from headstyle import settings
 from headstyle.settings import ConfigError
 
-TABS = ("photo", "generate", "style_image", "train")
 TAB_TITLES = {"photo": "Photo", "generate": "Generate", "style_image": "Style image", "train": "Train a style"}
 
 
@@ -195,7 +194,8 @@ def _need(cfg: AppConfig, key: str, purpose: str) -> str | None:
 
 
 def tab_reasons(cfg: AppConfig, styles: Mapping[str, str]) -> dict[str, str | None]:
-    """Per tab of TABS: None when it can run, else why not (one line naming the setting to fix).
+    """Per tab (photo, generate, style_image, train): None when it can run, else why not (one line naming the
+    setting to fix).
 
     ``styles``: the stylised generators on offer (name -> path), configured and trained here.
     """

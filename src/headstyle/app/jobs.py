@@ -153,10 +153,6 @@ class JobQueue:
                 return 0
             return self._waiting.index(job) + (self._current is not None)
 
-    @property
-    def current(self) -> Job | None:
-        return self._current
-
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking jobs: ask the running one to stop and let the worker end."""
         with self._lock:

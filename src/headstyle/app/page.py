@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from headstyle.app import handlers, training
 from headstyle.app.config import TAB_TITLES, AppConfig, with_workdir
-from headstyle.app.jobs import AppError, Job, JobQueue, JobState, job_folder_name, run_in_folder
+from headstyle.app.jobs import FINISHED, AppError, Job, JobQueue, JobState, job_folder_name, run_in_folder
 from headstyle.app.models import Lab, Models
 
 POLL_SECONDS = 0.4
@@ -125,7 +126,7 @@ class Page:
         self.lab = Lab(cfg)
         self.workdir = Path(cfg.server.workdir)
         self.style_dropdowns: dict[str, list[gr.Dropdown]] = {"models": [], "lab": []}
-        self.job_ids: dict[str, Job] = {}
+        self.training_jobs: dict[str, Job] = {}  # by run folder
 
     def world(self, name: str) -> Models | Lab:
         return self.lab if name == "lab" else self.models
@@ -281,7 +282,7 @@ class Page:
                                       sources=["upload"])  # fmt: skip
                 canvas = gr.Button("Show the first head to paint on")
                 go = gr.Button("Stylise views", variant="primary", elem_id=f"{world}-sfa-run")
-                status = gr.HTML()
+                status = gr.HTML(elem_id=f"{world}-sfa-status")
                 preview = gr.Image(visible=False)
         with gr.Row():
             sheet = result_image("Renders (upper row) and stylised views (lower row)")
@@ -376,10 +377,14 @@ class Page:
 
         def submit(spec: training.TrainSpec) -> list[Any]:
             job = self.jobs.submit(f"{world} train {Path(spec.run_dir).name}", training.training_job(spec))
-            self.job_ids[spec.run_dir] = job
+            self.training_jobs[spec.run_dir] = job
             run_list = training.runs_in(w.styles_dir)
             return [status_html(job.state()), gr.update(choices=[Path(spec.run_dir).name, *run_list],
                                                         value=Path(spec.run_dir).name)]
+
+        def default_name(target_values: list[Any]) -> str:
+            first = next((str(v) for v in target_values if v), "style")
+            return f"{Path(first).stem if os.sep in first else first}-{time.strftime('%m%d-%H%M%S')}"
 
         def on_start(*values):
             *target_values, n, text = values
@@ -396,17 +401,11 @@ class Page:
                 return failed(str(exc), 0)[0], gr.skip()
             return submit(spec)
 
-        def default_name(target_values: list[Any]) -> str:
-            import time
-
-            first = next((str(v) for v in target_values if v), "style")
-            return f"{Path(first).stem if os.sep in first else first}-{time.strftime('%m%d-%H%M%S')}"
-
         start.click(on_start, [*target, iterations, name], [status, runs])
 
         def on_stop(run: str | None):
-            job = self.job_ids.get(str(w.styles_dir / run)) if run else None
-            if job is None or job.state().status in ("done", "failed", "stopped"):
+            job = self.training_jobs.get(str(w.styles_dir / run)) if run else None
+            if job is None or job.state().status in FINISHED:
                 gr.Info("no running training for the selected run")
                 return gr.skip()
             job.request_stop()
@@ -418,7 +417,7 @@ class Page:
             try:
                 if not run:
                     raise AppError("no run selected: choose one under Runs")
-                job = self.job_ids.get(str(w.styles_dir / run))
+                job = self.training_jobs.get(str(w.styles_dir / run))
                 if job is not None and job.state().status in ("queued", "running"):
                     raise AppError(f"{run} is training already")
                 spec = training.resume_spec(w.styles_dir / run, int(n or 1), lab)
@@ -431,7 +430,7 @@ class Page:
         dropdowns = self.style_dropdowns[world]
 
         def on_tick(run: str | None, styles_before: list[str]):
-            job = self.job_ids.get(str(w.styles_dir / run)) if run else None
+            job = self.training_jobs.get(str(w.styles_dir / run)) if run else None
             if job is not None and job.state().status in ("queued", "running"):
                 state = job.state()
                 html_, image = status_html(state), _preview(state)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import queue
 import re
+import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 
 from headstyle.app.config import AppConfig, LabSection
 from headstyle.app.jobs import AppError, Job, Stopped
+from headstyle.io import atomic_path
 
 POLL_SECONDS = 0.5
 STOP_TIMEOUT = 600.0  # a checkpoint of a full PanoHead run takes a while on a slow disk
@@ -107,7 +111,11 @@ def models_spec(
     if prompt:
         overrides.append(f"prompt.prompt={prompt}")
     if style_image:
-        overrides += [f"style.image={style_image}", "objective.name=sds", "objective.weighting=sds"]
+        # The run keeps its own copy: an uploaded picture lives in a cache that is cleaned, and Resume reads it.
+        kept = run_dir / f"style{Path(style_image).suffix.lower()}"
+        with atomic_path(kept) as tmp:
+            shutil.copyfile(style_image, tmp)
+        overrides += [f"style.image={kept}", "objective.name=sds", "objective.weighting=sds"]
     if m.lpips_alexnet and m.lpips_linear:
         overrides += [f"regularisers.lpips_alexnet={m.lpips_alexnet}", f"regularisers.lpips_linear={m.lpips_linear}"]
     try:
@@ -164,7 +172,16 @@ def train(spec: TrainSpec) -> tuple[str, int, str]:
     return ("stopped" if result.interrupted else "done"), result.iteration, str(result.generator_path or "")
 
 
+def _stop_with_parent(parent: int) -> None:
+    """When the app's process is gone without ending its children (killed), stop the run as a person would:
+    SIGTERM to this process, so the trainer checkpoints after its iteration and returns."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child(spec: TrainSpec, outcome: multiprocessing.Queue) -> None:
+    threading.Thread(target=_stop_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         outcome.put(train(spec))
     except Exception as exc:  # reported to the page as one line; the run folder keeps its last checkpoint
@@ -274,15 +291,10 @@ def runs_in(folder: Path) -> list[str]:
     return [d.name for d in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)]
 
 
-@dataclass(frozen=True)
-class TrainOutcome:
-    run: RunStatus
-
-
 def training_job(spec: TrainSpec):
     """The queue's job for a run: start the child, report its progress and previews, stop it on request."""
 
-    def run(job: Job) -> TrainOutcome:
+    def run(job: Job) -> RunStatus:
         run_dir = Path(spec.run_dir)
         verb = "resuming" if spec.resume else "starting"
         job.report(0.0, f"{verb} {run_dir.name}: loading the models and the prior")
@@ -304,6 +316,6 @@ def training_job(spec: TrainSpec):
             where = f"at iteration {iteration}" if state == "stopped" else "before its first checkpoint"
             raise Stopped(f"{run_dir.name} stopped {where}; Resume continues it from its last checkpoint"
                           if status.checkpoints else f"{run_dir.name} stopped {where}")  # fmt: skip
-        return TrainOutcome(replace(status, iteration=iteration))
+        return replace(status, iteration=iteration)
 
     return run
