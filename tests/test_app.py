@@ -228,19 +228,16 @@ def test_a_photo_without_a_face_is_refused():
 
 
 def test_mask_from_the_image_editor():
+    head = np.full((8, 8, 3), 200, np.uint8)  # the head shown to paint on is not the mask
     painted = np.zeros((8, 8, 4), np.uint8)
     painted[:, 4:, 3] = 255  # the right half painted
-    mask = handlers.mask_from_editor({"background": np.zeros((8, 8, 3), np.uint8), "layers": [painted]}, 8)
+    mask = handlers.mask_from_editor({"background": head, "layers": [painted]}, 8)
     np.testing.assert_array_equal(mask.numpy(), np.repeat([[0.0] * 4 + [1.0] * 4], 8, axis=0))
-    upload = np.zeros((8, 8, 3), np.uint8)
-    upload[:4] = 255  # an uploaded black-and-white mask: the top half white
-    mask = handlers.mask_from_editor({"background": upload, "layers": [np.zeros((8, 8, 4), np.uint8)]}, 8)
-    np.testing.assert_array_equal(mask.numpy(), np.repeat([[1.0]] * 4 + [[0.0]] * 4, 8, axis=1))
-    # At the prior's size: resampled, still white on top and black below.
-    small = handlers.mask_from_editor({"background": upload, "layers": []}, 4).numpy()
-    assert (small[0] == 1).all() and (small[-1] == 0).all()
-    assert handlers.mask_from_editor(None, 8) is None
-    assert handlers.mask_from_editor({"background": None, "layers": []}, 8) is None
+    # At the prior's size: resampled, still 0 on the left edge and 1 on the right.
+    small = handlers.mask_from_editor({"background": head, "layers": [painted]}, 4).numpy()
+    assert (small[:, 0] == 0).all() and (small[:, -1] == 1).all()
+    for nothing in (None, {"background": head, "layers": []}, {"background": head, "layers": [painted * 0]}):
+        assert handlers.mask_from_editor(nothing, 8) is None
 
 
 def test_style_views_on_tiny_sd_are_seeded_and_read_the_style(cfg, tiny_sd, tmp_path):
@@ -318,6 +315,8 @@ def test_a_lab_style_trains_in_a_child_stops_resumes_and_joins_the_style_list(cf
     assert stopped.checkpoints >= 1 and stopped.generator is None and "statue-1" not in lab.styles()
     with pytest.raises(AppError, match="exists"):
         training.lab_spec(cfg.lab, "statue", 5, run_dir)
+    with pytest.raises(AppError, match=f"at iteration {iteration}"):
+        training.resume_spec(run_dir, iteration, cfg.lab)
     # Resumed here (the trainer runs in this process's main thread) up to one more iteration.
     state, reached, generator = training.train(training.resume_spec(run_dir, iteration + 1, cfg.lab))
     assert (state, reached) == ("done", iteration + 1) and generator.endswith("generator.safetensors")

@@ -269,21 +269,14 @@ def generate(
 
 
 def mask_from_editor(value: dict | None, size: int) -> Tensor | None:
-    """A style mask (size, size) in [0, 1] from Gradio's image editor: where the person painted (any layer's
-    alpha), else an uploaded black-and-white picture (white = stylise); None when there is neither."""
-    if not value:
+    """A style mask (size, size) in [0, 1] from Gradio's image editor: where the person painted (the alpha of
+    any layer; the background, e.g. the head shown to paint on, is not part of it); None when nothing is painted."""
+    layers = [np.asarray(layer) for layer in (value or {}).get("layers") or [] if layer is not None]
+    alphas = [layer[..., 3] for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not alphas or max(int(a.max()) for a in alphas) == 0:
         return None
-    painted = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
-    painted = [layer[..., 3] for layer in painted if layer.ndim == 3 and layer.shape[-1] == 4]
-    if painted and max(int(a.max()) for a in painted) > 0:
-        mask = np.max(np.stack(painted), axis=0).astype(np.float32) / 255
-    elif value.get("background") is not None:
-        background = np.asarray(value["background"])
-        grey = background[..., :3].mean(-1) if background.ndim == 3 else background
-        mask = grey.astype(np.float32) / 255
-    else:
-        return None
-    resized = Image.fromarray((mask * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+    mask = np.max(np.stack(alphas), axis=0)
+    resized = Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255)
 
 

@@ -132,6 +132,9 @@ def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> Train
 
     try:
         checkpoint = checkpointing.resolve_checkpoint(run_dir)
+        reached = int(json.loads((checkpoint / "state.json").read_text())["iteration"])
+        if int(iterations) <= reached:
+            raise AppError(f"{run_dir.name} is at iteration {reached}: set Iterations above {reached} to resume it")
         cfg = resolve_config(resume=checkpoint, overrides=[f"run.iterations={int(iterations)}", f"run.out={run_dir}"])
     except (ConfigError, FileNotFoundError, checkpointing.ResumeError) as exc:
         raise AppError(str(exc)) from None
@@ -238,11 +241,16 @@ class RunStatus:
     loss: float | None
 
     @property
-    def summary(self) -> str:
-        state = ("finished" if self.generator else
-                 f"stopped at {self.iteration}, resumable" if self.checkpoints else "not started")  # fmt: skip
+    def progress(self) -> str:
         loss = f", loss {self.loss:.4g}" if self.loss is not None else ""
-        return f"{self.name}: {self.iteration} / {self.total} iterations{loss}; {state}"
+        return f"{self.name}: {self.iteration} / {self.total} iterations{loss}"
+
+    @property
+    def summary(self) -> str:
+        """The progress and the state of a run that is not training now."""
+        state = ("finished" if self.generator else
+                 f"stopped at {self.iteration}, resumable" if self.checkpoints else "never checkpointed")  # fmt: skip
+        return f"{self.progress}; {state}"
 
 
 def _last_log_entry(path: Path, tail: int = 8192) -> dict[str, Any] | None:
@@ -302,7 +310,7 @@ def training_job(spec: TrainSpec):
         while process.alive:
             status = read_run(run_dir)
             if status.total:
-                job.report(status.iteration / status.total, status.summary, status.sample)
+                job.report(status.iteration / status.total, status.progress, status.sample)
             if job.stop_requested:
                 job.report(status.iteration / max(status.total, 1), "stopping: writing a checkpoint")
                 process.stop()
