@@ -153,8 +153,7 @@ def photo_to_head(
     views, sheet_views = _views(stylised, latent, render, out, lambda k, n: report(
         share + 0.1 * k / n, f"stylised views: {k} of {n}"))  # fmt: skip
     views_sheet = save_image(image_grid(torch.cat(sheet_views), cols=len(sheet_views)), out / "stylised_views.png")
-    with torch.no_grad():
-        styled = _image(render_view(stylised, latent, c, not render.raw), not render.raw)
+    styled = _image(render_view(stylised, latent, c, not render.raw), not render.raw)
     panels = [face.crop, to_uint8(projection.image[0]), to_uint8(styled[0])]
     side = face.crop.shape[0]
     sheet = save_image(np.concatenate([_resized(p, side) for p in panels], axis=1), out / "sheet.png")

@@ -8,6 +8,7 @@ ground-truth styles.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,7 @@ class Lab:
 
     @property
     def render(self) -> RenderSection:
-        from dataclasses import replace
-
+        """The app's render settings at the lab's sizes (its generator renders 64 px images quickly)."""
         lab = self.settings
         return replace(self.cfg.render, turntable_frames=lab.turntable_frames, mesh_resolution=lab.mesh_resolution,
                        raw=False, neural_rendering_resolution=0, depth_samples=0)  # fmt: skip
