@@ -281,7 +281,7 @@ def test_arcface_five_points_land_on_the_template(photos):
 def clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from headstyle.priors.tokenizer import write_clip_tokenizer
+    from headstyle.priors.sd_folder import write_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     vocab = write_clip_tokenizer(folder, ["portrait", "of", "a", "face", "statue"])

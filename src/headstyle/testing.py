@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from headstyle.priors.tokenizer import write_clip_tokenizer
+from headstyle.priors.sd_folder import write_clip_tokenizer, write_model_index
 
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
@@ -129,26 +129,8 @@ def _build(folder: Path, seed: int) -> None:
     scheduler.save_pretrained(model / "scheduler")
     for name, cn in controlnets.items():
         cn.save_pretrained(folder / f"controlnet-{name}")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": _diffusers_version(),
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (model / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    write_model_index(model)
     (folder / _MARKER).write_text(json.dumps({"seed": seed}), encoding="utf-8")
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
 
 
 def build_tiny_sd(root: str | os.PathLike, seed: int = 0) -> TinySD:

@@ -51,7 +51,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.lab.world import STYLES, sample_z, style_prompt
 from headstyle.priors.controls import canny_control, depth_control
-from headstyle.priors.tokenizer import write_clip_tokenizer
+from headstyle.priors.sd_folder import write_clip_tokenizer, write_model_index
 from headstyle.progress import progress_bar
 
 # The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
@@ -392,24 +392,6 @@ def ddim_scheduler() -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULER_CONFIG)
-
-
-def write_model_index(folder: Path) -> None:
-    import diffusers
-
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -1,7 +1,9 @@
-"""A small CLIP tokenizer written from scratch: CLIP's byte-level BPE with merges that build chosen words whole.
+"""The parts of an SD 1.5 folder that the project writes itself, for the models it builds (the tests' tiny SD,
+the lab's learned prior), which then load through from_pretrained like any SD 1.5 folder.
 
-No CLIP vocabulary can be downloaded here; models the project builds itself (the tests' tiny SD, the lab's
-learned prior) get their own, and load through CLIPTokenizer.from_pretrained like SD's.
+- ``write_clip_tokenizer``: CLIP's byte-level BPE with merges that build chosen words whole (no CLIP
+  vocabulary can be downloaded here).
+- ``write_model_index``: model_index.json naming the components, as StableDiffusionPipeline saves it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from headstyle.io import atomic_write_text
 
 
 def _byte_alphabet() -> list[str]:
@@ -47,3 +51,22 @@ def write_clip_tokenizer(folder: Path, words: Sequence[str], max_length: int = 7
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return len(vocab)
+
+
+def write_model_index(folder: Path) -> None:
+    """model_index.json of an SD 1.5 folder with DDIM, no safety checker and no feature extractor."""
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
