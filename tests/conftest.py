@@ -14,6 +14,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+def stylised_parity_generator(parity_dir: Path) -> torch.nn.Module:
+    """A stand-in 'stylised' generator: the parity fixture with every float weight perturbed by 0.2 std (seed 0)."""
+    from headstyle.generator.checkpoint import load_generator
+
+    styled = load_generator(parity_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, v in styled.state_dict().items():
+            if v.is_floating_point() and v.numel() > 1 and "resample_filter" not in name:
+                v.add_(0.2 * v.std() * torch.randn(v.shape, generator=gen))
+    return styled
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "fixtures" / "panohead_parity"
 

@@ -12,11 +12,11 @@ from dataclasses import replace
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
 import trimesh
 from PIL import Image
 from skimage import data
 
+from conftest import stylised_parity_generator
 from headstyle.app import handlers, training
 from headstyle.app.config import AppConfig, load_app_config, tab_reasons, with_workdir
 from headstyle.app.jobs import AppError, JobQueue, Stopped, run_in_folder
@@ -168,16 +168,10 @@ def test_generate_on_the_lab_puts_base_and_style_side_by_side(cfg, tmp_path):
 @pytest.fixture(scope="module")
 def fixture_models(parity_dir, tmp_path_factory):
     """The parity fixture as the base (fast render settings) and a perturbed copy as the 'stylised' one."""
-    from headstyle.generator.checkpoint import load_generator, save_generator
+    from headstyle.generator.checkpoint import save_generator
 
     folder = tmp_path_factory.mktemp("styles")
-    styled = load_generator(parity_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, v in styled.state_dict().items():
-            if v.is_floating_point() and v.numel() > 1 and "resample_filter" not in name:
-                v.add_(0.2 * v.std() * torch.randn(v.shape, generator=gen))
-    save_generator(styled, folder / "styled.safetensors")
+    save_generator(stylised_parity_generator(parity_dir), folder / "styled.safetensors")
     return parity_dir, folder / "styled.safetensors"
 
 

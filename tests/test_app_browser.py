@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from conftest import stylised_parity_generator
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,19 +36,12 @@ def free_port() -> int:
 @pytest.fixture
 def served(parity_dir, tmp_path):
     """The app on 127.0.0.1 with the parity fixture as base, a perturbed copy as its one style, a small lab."""
-    import torch
 
     from headstyle.app.config import load_app_config
     from headstyle.app.page import launch
-    from headstyle.generator.checkpoint import load_generator, save_generator
+    from headstyle.generator.checkpoint import save_generator
 
-    styled = load_generator(parity_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, v in styled.state_dict().items():
-            if v.is_floating_point() and v.numel() > 1 and "resample_filter" not in name:
-                v.add_(0.2 * v.std() * torch.randn(v.shape, generator=gen))
-    save_generator(styled, tmp_path / "astro.safetensors")
+    save_generator(stylised_parity_generator(parity_dir), tmp_path / "astro.safetensors")
     cfg = load_app_config(None, [
         f"models.generator={parity_dir}", f"styles.astro={tmp_path / 'astro.safetensors'}",
         "photo.steps=4", "photo.raw=true", "photo.w_avg_samples=200",
