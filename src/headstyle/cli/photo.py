@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app, check_out_dir, load_generator, pick_device
+from headstyle.cli.common import UserError, app, check_out_dir, load_generator, parse_yaws, pick_device
 from headstyle.cli.mesh import check_mesh_flags, write_meshes
 
 if TYPE_CHECKING:
@@ -27,7 +27,10 @@ VGG_HELP = ("LPIPS-VGG16 weights: NVIDIA's TorchScript vgg16.pt (what PanoHead's
             "Laplacian-pyramid L1 distance instead of LPIPS and says so.")
 
 
-def _check_positive(**values: float | None) -> None:
+def _check_projection(space: str, **values: float | None) -> None:
+    """The projector's options (the space, and counts that must be at least 1), before anything loads."""
+    if space not in ("w", "w+"):
+        raise UserError(f"--space must be w or w+, got {space!r}")
     for name, value in values.items():
         if value is not None and not (math.isfinite(value) and value >= 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -178,10 +181,8 @@ def project(
     from headstyle.faces.projector import project as run_projection
     from headstyle.generator.checkpoint import save_generator
 
-    if space not in ("w", "w+"):
-        raise UserError(f"--space must be w or w+, got {space!r}")
-    _check_positive(steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
-                    neural_rendering_resolution=neural_rendering_resolution)
+    _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
+                      neural_rendering_resolution=neural_rendering_resolution)
     if pti < 0:
         raise UserError(f"--pti must be 0 (none) or a number of steps, got {pti}")
     out_path = check_out_dir(out)
@@ -241,20 +242,14 @@ def photo(
     import torch
     from PIL import Image
 
-    from headstyle.cameras import parse_angles_degrees
     from headstyle.export import export_renders, render_view, save_image, to_uint8
     from headstyle.faces.projector import ProjectConfig
     from headstyle.faces.projector import project as run_projection
     from headstyle.generator.latents import Latent
 
-    if space not in ("w", "w+"):
-        raise UserError(f"--space must be w or w+, got {space!r}")
-    _check_positive(steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
-                    neural_rendering_resolution=neural_rendering_resolution)
-    try:
-        yaw_list = parse_angles_degrees(yaws)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
+                      neural_rendering_resolution=neural_rendering_resolution)
+    yaw_list = parse_yaws(yaws)
     if turntable < 0 or not math.isfinite(pitch):
         raise UserError("--turntable must be >= 0 and --pitch a finite number")
     mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
