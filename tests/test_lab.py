@@ -108,7 +108,7 @@ def test_short_lab_training_moves_towards_the_ground_truth_style(tmp_path):
     prior, _ = build_lab_prior(styles=("statue",), identities=3, views=8, resolution=RES, sr_factor=2)
     ev = make_eval_set("statue", new_generator(settings), identities=2, views=4, reference=2)
     before = evaluate(new_generator(settings), ev)
-    G, _ = train_variant("statue", "ld", prior, settings, tmp_path, progress=False)
+    G = train_variant("statue", "ld", prior, settings, tmp_path / "statue-ld", progress=False).G
     after = evaluate(G, ev)
     assert after["rgb_error"] < 0.96 * before["rgb_error"]
     assert after["stylisation"] > 0.3
@@ -136,7 +136,8 @@ def test_demo_writes_its_report(tmp_path):
     from headstyle.lab.demo import DEFINITIONS, run_demo
 
     settings = LabSettings(
-        iterations=2, resolution=RES, prior_identities=2, prior_views=4, eval_identities=2, eval_views=3
+        iterations=2, resolution=RES, prior_identities=2, prior_views=4, eval_identities=2, eval_views=3,
+        prior="exemplar",
     )
     metrics = run_demo(tmp_path, "gold", settings, turntable_frames=3, progress=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())

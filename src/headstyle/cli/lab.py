@@ -6,6 +6,27 @@ import typer
 
 from headstyle.cli.common import UserError, app
 
+PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
+              "the analytic exemplar prior, or PATH = any SD folder from `headstyle lab train-prior` (its model/).")
+
+
+def _lab_prior(prior: str):
+    """The resolved --prior (folders checked, nothing loaded yet)."""
+    from headstyle.lab.learned import LabPriorError, resolve_prior
+
+    try:
+        return resolve_prior(prior)
+    except LabPriorError as err:
+        raise UserError(str(err)) from None
+
+
+def _threads(threads: int) -> None:
+    import torch
+
+    if threads:
+        # The lab's tensors are small: one thread is as fast, and OpenMP threads spin when cores are shared.
+        torch.set_num_threads(threads)
+
 
 @app.command()
 def demo(
@@ -13,32 +34,37 @@ def demo(
     style: str = typer.Option("statue", help="Lab style: statue, zombie, toon or gold."),
     iterations: int = typer.Option(100, help="Training iterations for LD and (the same budget) for SDS."),
     seed: int = typer.Option(0, help="Seed of both runs."),
+    prior: str = typer.Option("", help=PRIOR_HELP),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default; 1 is fastest for the lab)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Stylise the synthetic head lab with the paper's recipe and with SDS on a CPU, scored against ground truth."""
     from pathlib import Path
 
-    import torch
-
     from headstyle.lab.bench import LabSettings
     from headstyle.lab.demo import run_demo
+    from headstyle.lab.learned import LabPriorError
     from headstyle.lab.world import STYLES
 
     if style not in STYLES:
         raise UserError(f"--style {style!r} is not a lab style; choose one of {', '.join(STYLES)}")
     if iterations < 1 or threads < 0:
         raise UserError("--iterations must be >= 1 and --threads >= 0")
-    if threads:
-        # The lab's tensors are small: one thread is as fast, and OpenMP threads spin when cores are shared.
-        torch.set_num_threads(threads)
-    metrics = run_demo(Path(out), style, LabSettings(iterations=iterations, seed=seed), progress=progress)
+    spec = _lab_prior(prior)
+    _threads(threads)
+    try:
+        metrics = run_demo(Path(out), style, LabSettings(iterations=iterations, seed=seed), progress=progress,
+                           prior_spec=spec)  # fmt: skip
+    except LabPriorError as err:
+        raise UserError(str(err)) from None
     r = metrics["results"]
-    typer.echo(f"{'':<10}{'rgb err':>10}{'depth err':>11}{'stylisation':>13}{'diversity':>11}")
+    typer.echo(f"prior: {metrics['prior']}")
+    typer.echo(f"{'':<10}{'rgb err':>10}{'depth err':>11}{'stylisation':>13}{'id acc':>8}{'diversity':>11}"
+               f"{'zero grad':>11}")
     for name in ("untrained", "ld", "sds"):
         m = r[name]
         typer.echo(f"{name:<10}{m['rgb_error']:>10.4f}{m['depth_error']:>11.4f}{m['stylisation']:>13.3f}"
-                   f"{m['diversity_rgb']:>11.3f}")
+                   f"{m['id_accuracy_appearance']:>8.2f}{m['diversity_rgb']:>11.3f}{m['zero_grad_share']:>11.2f}")
     typer.echo(f"wrote {out}/summary.html ({metrics['wall_seconds']:.0f} s)")
 
 
@@ -46,40 +72,80 @@ lab_app = typer.Typer(no_args_is_help=True, help="The synthetic head lab: benchm
 app.add_typer(lab_app, name="lab")
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not values:
+        raise UserError(f"{option} is empty: give at least one value, e.g. 0")
+    return values
+
+
+def _names(text: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
+    names = tuple(known) if text == "all" else tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise UserError(f"{option}: unknown or missing {bad or text!r}; choose from {', '.join(known)} or all")
+    return names
+
+
 @lab_app.command("bench")
 def lab_bench(
-    out: str = typer.Option("runs/lab-bench", help="Output folder: bench.csv, bench.md and the runs."),
-    styles: str = typer.Option("statue", help="Comma-separated lab styles (statue, zombie, toon, gold)."),
-    objectives: str = typer.Option("ld,sds", help="Comma-separated objectives/ablations: ld, sds, ids, ld-no-mirror, "
-                                   "ld-no-grid, ld-no-rank, ld-no-reg, ld-mvnrs, or 'all'."),
-    iterations: int = typer.Option(100, help="Training iterations of every variant (same budget and seed)."),
-    lr: float = typer.Option(0.002, help="Adam learning rate of every variant."),
-    seed: int = typer.Option(0, help="Seed of every run."),
+    out: str = typer.Option("runs/lab-bench", help="Output folder: bench.md/.csv (mean +- std over seeds), runs.csv, "
+                            "curves.csv/.png and the runs."),
+    styles: str = typer.Option("statue", help="Comma-separated lab styles (statue, zombie, toon, gold) or all."),
+    objectives: str = typer.Option("ld,sds", help="Comma-separated objectives/ablations: ld, sds, ids, dds, nfsd, "
+                                   "ld-no-mirror, ld-no-grid, ld-no-rank, ld-no-reg, ld-mvnrs, or 'all'."),
+    optimizer: str = typer.Option("adam", help="Comma-separated optimisers: adam (the paper's), sgd (momentum 0.9, "
+                                  "step proportional to the gradient, its first step as long as Adam's), adam-stop, "
+                                  "sgd-stop (with the diffusion-classifier stopping rule), or 'all'."),
+    prior: str = typer.Option("", help=PRIOR_HELP),
+    iterations: int = typer.Option(100, help="Training iterations of every run (same budget)."),
+    lr: float = typer.Option(0.002, help="Learning rate (Adam's; SGD's first step moves the weights as far)."),
+    t_range: str = typer.Option("", help="The objective's timesteps LOW,HIGH (inclusive, e.g. 1,281); '' = the "
+                                "recipe's DDIM steps 35-49 of 50."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance weight omega."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; figures are mean +- std over them."),
+    curve_every: int = typer.Option(10, help="Evaluate LD and SDS runs every so many iterations for curves.png "
+                                    "(0 = off)."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default; 1 is fastest for the lab)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train every objective/ablation for the same budget and seed; print and save the metrics table."""
+    """Train every objective/ablation and optimiser for the same budget and seeds; print and save the tables."""
+    import math
     from pathlib import Path
 
-    import torch
-
-    from headstyle.lab.bench import VARIANTS, LabSettings, run_bench
+    from headstyle.lab.bench import OPTIMIZERS, VARIANTS, LabSettings, format_row, run_bench
+    from headstyle.lab.learned import LabPriorError
     from headstyle.lab.world import STYLES
 
-    style_list = tuple(s.strip() for s in styles.split(",") if s.strip())
-    variant_list = tuple(VARIANTS) if objectives == "all" else tuple(v.strip() for v in objectives.split(",") if v)
-    bad = [s for s in style_list if s not in STYLES] + [v for v in variant_list if v not in VARIANTS]
-    if bad or not style_list or not variant_list:
-        raise UserError(f"unknown or missing styles/objectives {bad}; styles: {', '.join(STYLES)}; "
-                        f"objectives: {', '.join(VARIANTS)} or all")
-    if iterations < 1 or threads < 0 or lr <= 0:
-        raise UserError("--iterations must be >= 1, --threads >= 0 and --lr > 0")
-    if threads:
-        torch.set_num_threads(threads)
-    result = run_bench(style_list, variant_list, LabSettings(iterations=iterations, lr=lr, seed=seed), Path(out),
-                       progress=progress)
+    style_list = _names(styles, tuple(STYLES), "--styles")
+    variant_list = _names(objectives, tuple(VARIANTS), "--objectives")
+    optimizer_list = _names(optimizer, OPTIMIZERS, "--optimizer")
+    seed_list = _int_list(seeds, "--seeds")
+    window = None
+    if t_range:
+        window = _int_list(t_range, "--t-range")
+        if len(window) != 2 or not 0 <= window[0] <= window[1] <= 999:
+            raise UserError(f"--t-range {t_range!r}: give LOW,HIGH with 0 <= LOW <= HIGH <= 999, e.g. 1,281")
+    if iterations < 1 or threads < 0 or curve_every < 0 or not (math.isfinite(lr) and lr > 0):
+        raise UserError("--iterations must be >= 1, --threads >= 0, --curve-every >= 0 and --lr > 0")
+    if not (math.isfinite(guidance) and 0 <= guidance <= 100):
+        raise UserError(f"--guidance {guidance}: give a weight within [0, 100] (7.5 is SD's)")
+    spec = _lab_prior(prior)
+    _threads(threads)
+    settings = LabSettings(iterations=iterations, lr=lr, seed=seed_list[0], guidance=guidance, t_range=window,
+                           curve_every=curve_every)  # fmt: skip
+    try:
+        result = run_bench(style_list, variant_list, settings, Path(out), progress=progress, seeds=seed_list,
+                           optimizers=optimizer_list, prior_spec=spec,
+                           on_run=lambda row: typer.echo(format_row(row)))  # fmt: skip
+    except LabPriorError as err:
+        raise UserError(str(err)) from None
     typer.echo(result.markdown(), nl=False)
-    typer.echo(f"wrote {out}/bench.csv and {out}/bench.md")
+    written = "bench.md, bench.csv, runs.csv" + (", curves.csv, curves.png" if result.curves else "")
+    typer.echo(f"wrote {written} in {out}")
 
 
 @lab_app.command("train-prior")

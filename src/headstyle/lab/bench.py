@@ -1,27 +1,42 @@
-"""Objectives and ablations in the lab, trained for the same budget and seeds, scored against the truth.
+"""Objectives, ablations and optimisers in the lab, trained for the same budget and seeds, scored against the truth.
 
-A variant is a list of config overrides on top of the lab recipe (``lab_config``: the paper's
-LD with mirror, grid and rank re-weighting, adapted to the lab's sizes: 64 px single views, 2x2
-grids of 32 px raw renders, 3 rank weights for 3 latent channels, a learning rate for the lab's
-small residual field). The trainer (headstyle.stylize.trainer.Stylizer) runs unchanged on the
-lab generator and the lab prior.
+A variant is a list of config overrides on top of the lab recipe (``lab_config``: the paper's LD
+with mirror, grid and rank re-weighting at the lab's sizes: 64 px single views = 32 px raw renders
+x2, 2x2 grids of 32 px raw renders, and LD's gradient shaping for the prior's latents, see
+headstyle.lab.learned.PriorProfile); an optimiser is another list (the paper's Adam, SGD with
+momentum, and the diffusion-classifier stopping rule). The trainer (headstyle.stylize.trainer.Stylizer)
+runs unchanged on the lab generator and the prior, the learned lab prior by default.
+
+Per run the bench records, besides the lab's metrics on held-out identities: the share of iterations
+whose objective gradient is exactly zero at the rendered images (``GradientProbe``: the gradient
+that reaches the images through the prior's encoder, so neither the regulariser nor the Tweedie
+losses count) or non-finite (the objective's own count, from the run's log), and for LD and SDS the
+metrics every ``curve_every`` iterations (from the run's checkpoints). Over seeds it writes mean and
+std per metric (bench.md, bench.csv), every run (runs.csv), and the curves (curves.csv, curves.png).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from headstyle.io import atomic_write_text
+from headstyle.io import atomic_path, atomic_write_text
 from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import LabPrior, build_lab_prior
+from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
+from headstyle.priors.base import Branch, PromptEmbeds, ScorePrior
 from headstyle.stylize.config import StylizeConfig, apply_overrides
 
 # name -> overrides of the lab recipe. "ld" is the paper's recipe.
@@ -29,15 +44,32 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "ld": (),
     # DreamFusion's SDS, w(t) = 1 - abar_t (the LD script's own SDS switch drops the eps_uncond term).
     "sds": ("objective.name=sds", "objective.weighting=sds"),
+    "ids": ("objective.name=ids",),
+    # DDS applies: the lab's frozen renders are the unstyled domain, prompt.source_prompt describes them.
+    "dds": ("objective.name=dds",),
+    "nfsd": ("objective.name=nfsd",),
     "ld-no-mirror": ("single.mirror=false",),
     "ld-no-grid": ("grid.enabled=false",),
     "ld-no-rank": ("single.rank_weights=[]",),
     "ld-no-reg": ("regularisers.relative_distance=0.0",),
-    "ids": ("objective.name=ids",),
     "ld-mvnrs": ("objective.noise=mv_nrs",),
 }
-OBJECTIVE_VARIANTS = ("ld", "sds", "ids")
+OBJECTIVE_VARIANTS = ("ld", "sds", "ids", "dds", "nfsd")
 ABLATIONS = ("ld-no-mirror", "ld-no-grid", "ld-no-rank", "ld-no-reg", "ld-mvnrs")
+# Variants whose metrics are followed over iterations (curves.csv, curves.png).
+CURVE_VARIANTS = ("ld", "sds")
+
+
+def _optimizer(name: str, lr: float) -> tuple[str, ...]:
+    sgd = ("optim.name=sgd", "optim.momentum=0.9", f"optim.sgd_first_step={lr}")
+    stop = ("optim.stop_rule=classifier",)
+    return {"adam": (), "sgd": sgd, "adam-stop": stop, "sgd-stop": (*sgd, *stop)}[name]
+
+
+# The paper's Adam; SGD with momentum 0.9 whose step is proportional to the gradient (its learning rate set at
+# the first step so that step moves the weights as far, in RMS, as Adam's first step: --lr); either with the
+# diffusion-classifier stopping rule (optim.stop_rule, headstyle.stylize.trainer).
+OPTIMIZERS = ("adam", "sgd", "adam-stop", "sgd-stop")
 
 # Columns of the bench table: (metric key, header, format).
 COLUMNS = (
@@ -48,13 +80,24 @@ COLUMNS = (
     ("stylisation", "stylisation", ".3f"),
     ("diversity_rgb", "diversity", ".3f"),
     ("mv_warp_error", "mv err", ".4f"),
+    ("zero_grad_share", "zero grad", ".2f"),
+    ("iterations_run", "iters", ".0f"),
     ("seconds", "s", ".1f"),
 )
+# Figures of a run that are not evaluation metrics (a bench row's evaluate() keys are the rest).
+RUN_FIGURES = ("zero_grad_share", "nonfinite_grad_share", "iterations_run", "seconds")
+CURVE_METRICS = (("stylisation", "stylisation"), ("id_accuracy_appearance", "identity retrieval"),
+                 ("rgb_error", "rgb error vs truth"))  # fmt: skip
 
 
 @dataclass
 class LabSettings:
-    """Sizes and budget shared by the demo and the bench."""
+    """Sizes, prior and budget shared by the demo and the bench.
+
+    prior: "" = the shipped learned lab prior, "exemplar", or an SD folder (headstyle.lab.learned);
+    t_range: the objective's timesteps (low, high), inclusive, or None for the recipe's DDIM steps 35-49
+    (t in 1..281 for SD's schedule); curve_every: evaluate LD and SDS runs every so many iterations (0 = off).
+    """
 
     iterations: int = 100
     lr: float = 0.002
@@ -65,20 +108,48 @@ class LabSettings:
     prior_views: int = 24
     eval_identities: int = 4
     eval_views: int = 8
+    prior: str = ""
+    guidance: float = 7.5
+    t_range: tuple[int, int] | None = None
+    optimizer: str = "adam"
+    curve_every: int = 0
 
 
-def lab_config(style: str, settings: LabSettings, out: Path, overrides: tuple[str, ...] = ()) -> StylizeConfig:
-    """The lab recipe for ``style`` (LD + mirror + grid + rank re-weighting), then ``overrides``."""
+def step_range(timesteps: Tensor, low: int, high: int) -> tuple[int, int]:
+    """(min_step_index, max_step_index) of the DDIM steps whose timestep lies in [low, high].
+
+    ``timesteps`` descend (diffusers' DDIM grid), so the indices of a t range are contiguous.
+    """
+    inside = [i for i, t in enumerate(timesteps.tolist()) if low <= t <= high]
+    if not inside:
+        raise ValueError(f"no DDIM timestep of the prior lies in [{low}, {high}]; its steps are {timesteps.tolist()}")
+    return inside[0], inside[-1]
+
+
+def lab_config(
+    style: str,
+    settings: LabSettings,
+    out: Path,
+    overrides: tuple[str, ...] = (),
+    profile: PriorProfile | None = None,
+    steps: tuple[int, int] | None = None,
+) -> StylizeConfig:
+    """The lab recipe for ``style`` (LD + mirror + grid + rank re-weighting) for a prior described by ``profile``
+    (the exemplar prior's when None) and DDIM step indices ``steps`` (the recipe's when None), then ``overrides``."""
+    profile = profile or PriorProfile(EXEMPLAR, settings.resolution * settings.sr_factor, *EXEMPLAR_SHAPING)
     base = (
         f"prompt.prompt={style_prompt(style)}",
         f"prompt.source_prompt={UNSTYLED_PROMPT}",
-        f"model.prior_image_size={settings.resolution * settings.sr_factor}",
-        "single.rank_weights=[1.0, 0.75, 0.5]",
+        f"prompt.guidance_scale={settings.guidance}",
+        f"model.prior_image_size={profile.image_size}",
+        f"single.rank_weights={list(profile.rank_weights)}",
+        f"shaping.scale={profile.shaping_scale}",
         f"optim.lr={settings.lr}",
-        # The lab prior's scores are ~100x smaller than SD's latent scores: divide by 10, not 1000.
-        "shaping.scale=10.0",
+        *_optimizer(settings.optimizer, settings.lr),
+        *(() if steps is None else (f"objective.min_step_index={steps[0]}", f"objective.max_step_index={steps[1]}")),
         f"run.iterations={settings.iterations}",
-        f"run.checkpoint_every={settings.iterations}",
+        f"run.checkpoint_every={settings.curve_every or settings.iterations}",
+        f"run.keep_last={settings.iterations // settings.curve_every + 1 if settings.curve_every else 1}",
         f"run.sample_every={settings.iterations}",
         "run.turntable_identities=0",
         f"run.seed={settings.seed}",
@@ -92,47 +163,228 @@ def new_generator(settings: LabSettings) -> LabGenerator:
     return LabGenerator(resolution=settings.resolution, sr_factor=settings.sr_factor, seed=settings.seed)
 
 
+class GradientProbe:
+    """A ScorePrior that passes every call to ``inner`` and records, per backward pass, the gradient that reaches
+    the images given to ``encode``: whether it is exactly zero everywhere.
+
+    The trainer encodes all renders of a step in ONE call, and only the objective's injected gradient flows
+    back through the encoder (the regulariser acts on tri-grids, the Tweedie losses on the renders
+    themselves), so ``zero[i]`` says whether the objective alone moved the renders at iteration i.
+    """
+
+    def __init__(self, inner: ScorePrior) -> None:
+        self.inner = inner
+        self.alphas_cumprod = inner.alphas_cumprod
+        self.latent_channels = inner.latent_channels
+        self.image_size = inner.image_size
+        self.control_names = inner.control_names
+        self.takes_content = inner.takes_content
+        self.zero: list[bool] = []
+
+    def _record(self, grad: Tensor) -> None:
+        self.zero.append(bool((grad == 0).all()))
+
+    def encode(self, images: Tensor) -> Tensor:
+        if images.requires_grad:
+            images.register_hook(self._record)
+        return self.inner.encode(images)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.inner.decode(latents)
+
+    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
+        return self.inner.inference_timesteps(num_inference_steps)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.inner.add_noise(x0, eps, t)
+
+    def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        return self.inner.embed_prompts(prompt, negative_prompt)
+
+    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
+        return self.inner.predict_noise(branches)
+
+
+def dead_share(zero: list[bool], nonfinite: list[int]) -> tuple[float, float]:
+    """(share of iterations whose objective gradient was exactly zero or non-finite, share non-finite alone);
+    ``zero`` per iteration from GradientProbe, ``nonfinite`` the objective's non-finite entries per iteration."""
+    if len(zero) != len(nonfinite) or not zero:
+        raise ValueError(f"need one record per iteration, got {len(zero)} zero flags and {len(nonfinite)} counts")
+    bad = [n > 0 for n in nonfinite]
+    return sum(z or b for z, b in zip(zero, bad, strict=True)) / len(zero), sum(bad) / len(zero)
+
+
+def _nonfinite_per_iteration(run_dir: Path) -> list[int]:
+    """The objective's non-finite gradient entries per iteration, summed over branches (the run's log.jsonl)."""
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
+    return [sum(int(v) for k, v in e.items() if k.endswith("_nonfinite")) for e in entries]
+
+
+@dataclass
+class RunOutcome:
+    """One trained variant: the generator, its wall time, run figures and (for curve variants) its checkpoints'
+    iterations and paths."""
+
+    G: LabGenerator
+    seconds: float
+    figures: dict[str, float]
+    checkpoints: list[tuple[int, Path]]
+
+
 def train_variant(
-    style: str, variant: str, prior: LabPrior, settings: LabSettings, out: Path, progress: bool = True
-) -> tuple[LabGenerator, float]:
-    """Stylise a fresh lab generator with one variant; returns it and the training wall time."""
-    from headstyle.stylize.checkpointing import clear_run
+    style: str,
+    variant: str,
+    prior: ScorePrior,
+    settings: LabSettings,
+    out: Path,
+    progress: bool = True,
+    profile: PriorProfile | None = None,
+) -> RunOutcome:
+    """Stylise a fresh lab generator with one variant in ``out``; returns it, the wall time and the run figures."""
+    from headstyle.stylize.checkpointing import clear_run, list_checkpoints
     from headstyle.stylize.trainer import Stylizer
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     torch.manual_seed(settings.seed)
     G = new_generator(settings)
-    cfg = lab_config(style, settings, out / f"{style}-{variant}", VARIANTS[variant])
+    steps = None
+    if settings.t_range is not None:
+        steps = step_range(prior.inference_timesteps(StylizeConfig().objective.num_inference_steps), *settings.t_range)
+    cfg = lab_config(style, settings, out, VARIANTS[variant], profile, steps)
+    probe = GradientProbe(prior)
     start = time.perf_counter()
     clear_run(cfg.run.out)  # every bench run starts from scratch in its own folder
-    Stylizer(cfg, G, prior).train(progress=progress)
-    return G.eval(), time.perf_counter() - start
+    result = Stylizer(cfg, G, probe).train(progress=progress)
+    seconds = time.perf_counter() - start
+    zero, nonfinite = dead_share(probe.zero, _nonfinite_per_iteration(out))
+    figures = {"zero_grad_share": zero, "nonfinite_grad_share": nonfinite,
+               "iterations_run": float(result.iteration), "seconds": seconds}  # fmt: skip
+    checkpoints = [(int(p.name.split("_")[-1]), p) for p in list_checkpoints(out)]
+    return RunOutcome(G.eval(), seconds, figures, checkpoints)
+
+
+def _weights_at(checkpoint: Path, settings: LabSettings) -> LabGenerator:
+    """A fresh lab generator with a checkpoint's trainable weights."""
+    from headstyle.stylize.checkpointing import load_checkpoint
+
+    G = new_generator(settings)
+    trained = load_checkpoint(checkpoint).trainable
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name in trained:
+                p.copy_(trained[name])
+    return G.eval()
+
+
+def curve(outcome: RunOutcome, settings: LabSettings, ev: EvalSet, before: dict[str, float]) -> list[dict[str, float]]:
+    """The curve metrics at iteration 0 (``before``) and at every checkpoint of the run."""
+    points = [{"iteration": 0.0, **{k: before[k] for k, _ in CURVE_METRICS}}]
+    for iteration, path in outcome.checkpoints:
+        m = evaluate(_weights_at(path, settings), ev)
+        points.append({"iteration": float(iteration), **{k: m[k] for k, _ in CURVE_METRICS}})
+    return points
+
+
+def aggregate(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("style", "variant", "optimizer")) -> list[dict]:
+    """Mean and sample std (0 for one run) of every numeric figure over the rows sharing ``keys`` (the seeds),
+    in first-seen order: {**keys, "runs": n, "<metric>_mean": ..., "<metric>_std": ...}; failed runs are counted
+    in "failed" and left out of the figures."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        ok = [m for m in members if "error" not in m]
+        entry: dict[str, Any] = {**dict(zip(keys, key, strict=True)), "runs": len(ok), "failed": len(members) - len(ok)}
+        metrics = [k for k, v in (ok[0].items() if ok else ()) if k not in (*keys, "seed") and isinstance(v, float)]
+        for k in metrics:
+            values = [float(m[k]) for m in ok]
+            entry[f"{k}_mean"] = statistics.fmean(values)
+            entry[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if not ok:
+            entry["error"] = str(members[0]["error"])
+        out.append(entry)
+    return out
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 @dataclass
 class BenchResult:
-    rows: list[dict[str, object]] = field(default_factory=list)
+    """Every run (one row per style, variant, optimiser and seed) and the curves of the curve variants."""
+
+    prior: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return aggregate(self.rows)
 
     def markdown(self) -> str:
-        head = "| style | variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-        sep = "|" + "---|" * (len(COLUMNS) + 2)
-        lines = [head, sep]
-        for r in self.rows:
-            if "error" in r:
-                lines.append(f"| {r['style']} | {r['variant']} | failed: {str(r['error'])[:100]} |")
+        """The mean +- std table over seeds (std left out for a single run)."""
+        head = "| style | variant | optimizer | runs | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+        lines = [f"prior: {self.prior}", "", head, "|" + "---|" * (len(COLUMNS) + 4)]
+        for r in self.summary():
+            name = f"| {r['style']} | {r['variant']} | {r['optimizer']} | {r['runs']} |"
+            if not r["runs"]:
+                lines.append(f"{name} failed: {r['error'][:100]} |")
                 continue
-            cells = [format(r[k], f) for k, _, f in COLUMNS]
-            lines.append(f"| {r['style']} | {r['variant']} | " + " | ".join(cells) + " |")
+
+            def cell(k: str, f: str, r: dict = r) -> str:
+                mean, std = r[f"{k}_mean"], r[f"{k}_std"]
+                return format(mean, f) + (f" ± {std:{f}}" if r["runs"] > 1 else "")
+
+            lines.append(f"{name} " + " | ".join(cell(k, f) for k, _, f in COLUMNS) + " |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return buf.getvalue()
+        return _csv(self.summary())
+
+    def runs_csv(self) -> str:
+        return _csv(self.rows)
+
+    def curves_csv(self) -> str:
+        return _csv(self.curves)
+
+
+def plot_curves(curves: list[dict[str, Any]], path: Path) -> None:
+    """curves.png: per curve metric a panel, per (style, variant, optimizer) a line of the mean over seeds with a
+    +- std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for c in curves:
+        series.setdefault(f"{c['style']} {c['variant']} {c['optimizer']}", {}).setdefault(c["iteration"], []).append(c)
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], CURVE_METRICS, strict=True):
+        for label, by_iteration in series.items():
+            its = sorted(by_iteration)
+            values = [[p[key] for p in by_iteration[i]] for i in its]
+            mean = [statistics.fmean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            (line,) = ax.plot(its, mean, marker=".", label=label)
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(its, low, high, color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def run_bench(
@@ -141,34 +393,84 @@ def run_bench(
     settings: LabSettings,
     out: Path,
     progress: bool = True,
+    seeds: tuple[int, ...] | None = None,
+    optimizers: tuple[str, ...] = ("adam",),
+    prior_spec: LabPriorSpec | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> BenchResult:
-    """Train every (style, variant) for the same budget and seed and score it; writes bench.csv/.md in ``out``."""
-    unknown = [s for s in styles if s not in STYLES] + [v for v in variants if v not in VARIANTS]
+    """Train every (style, variant, optimizer, seed) for the same budget and score it on held-out identities.
+
+    Writes bench.md / bench.csv (mean and std over seeds), runs.csv (every run), and with
+    settings.curve_every curves.csv / curves.png for the CURVE_VARIANTS, in ``out``; each run's folder is
+    out/runs/<style>-<variant>-<optimizer>-seed<seed>. ``on_run`` sees every finished row (progress output).
+    """
+    from headstyle.lab.learned import resolve_prior
+
+    unknown = ([s for s in styles if s not in STYLES] + [v for v in variants if v not in VARIANTS]
+               + [o for o in optimizers if o not in OPTIMIZERS])  # fmt: skip
     if unknown:
         raise ValueError(
-            f"unknown styles/variants {unknown}; styles: {', '.join(STYLES)}; variants: {', '.join(VARIANTS)}"
+            f"unknown styles/variants/optimizers {unknown}; styles: {', '.join(STYLES)}; variants: "
+            f"{', '.join(VARIANTS)}; optimizers: {', '.join(OPTIMIZERS)}"
         )
-    prior, _ = build_lab_prior(
-        styles=tuple(STYLES),
-        identities=settings.prior_identities,
-        views=settings.prior_views,
-        resolution=settings.resolution,
-        sr_factor=settings.sr_factor,
-        progress=progress,
-    )
-    result = BenchResult()
+    spec = prior_spec or resolve_prior(settings.prior)
+    prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
+                               settings.prior_views, progress=progress)  # fmt: skip
+    result = BenchResult(prior=spec.name)
     like = new_generator(settings)
     for style in styles:
         ev: EvalSet = make_eval_set(style, like, settings.eval_identities, settings.eval_views)
-        result.rows.append({"style": style, "variant": "untrained", **evaluate(like, ev), "seconds": 0.0})
+        before = _floats(evaluate(like, ev))
+        result.rows.append({"style": style, "variant": "untrained", "optimizer": "-", "seed": settings.seed,
+                            **before, **dict.fromkeys(RUN_FIGURES, 0.0)})  # fmt: skip
         for variant in variants:
-            try:
-                G, seconds = train_variant(style, variant, prior, settings, out / "runs", progress)
-            except (RuntimeError, ValueError) as exc:
-                # One broken variant must not lose the others' figures; the table says why it is missing.
-                result.rows.append({"style": style, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            result.rows.append({"style": style, "variant": variant, **evaluate(G, ev), "seconds": seconds})
+            for optimizer in optimizers:
+                for seed in seeds if seeds is not None else (settings.seed,):
+                    row = _run_one(style, variant, optimizer, seed, prior, profile, settings, out, ev, before, result,
+                                   progress)  # fmt: skip
+                    if on_run is not None:
+                        on_run(row)
     atomic_write_text(out / "bench.csv", result.csv())
+    atomic_write_text(out / "runs.csv", result.runs_csv())
     atomic_write_text(out / "bench.md", result.markdown())
+    if result.curves:
+        atomic_write_text(out / "curves.csv", result.curves_csv())
+        plot_curves(result.curves, out / "curves.png")
     return result
+
+
+def _run_one(
+    style: str, variant: str, optimizer: str, seed: int, prior: ScorePrior, profile: PriorProfile,
+    settings: LabSettings, out: Path, ev: EvalSet, before: dict[str, float], result: BenchResult, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Train and score one run, appending its row (and curve points) to ``result``."""
+    follow = settings.curve_every > 0 and variant in CURVE_VARIANTS
+    run_settings = LabSettings(**{**settings.__dict__, "seed": seed, "optimizer": optimizer,
+                                  "curve_every": settings.curve_every if follow else 0})  # fmt: skip
+    keys = {"style": style, "variant": variant, "optimizer": optimizer, "seed": seed}
+    folder = out / "runs" / f"{style}-{variant}-{optimizer}-seed{seed}"
+    try:
+        run = train_variant(style, variant, prior, run_settings, folder, progress, profile)
+    except (RuntimeError, ValueError) as exc:
+        # One broken run must not lose the others' figures; the table says why it is missing.
+        row = {**keys, "error": f"{type(exc).__name__}: {exc}"}
+        result.rows.append(row)
+        return row
+    row = {**keys, **_floats(evaluate(run.G, ev)), **run.figures}
+    result.rows.append(row)
+    if follow:
+        result.curves += [{**keys, **point} for point in curve(run, run_settings, ev, before)]
+    return row
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One line per finished run for the console."""
+    name = f"{row['style']} {row['variant']} {row['optimizer']} seed {row['seed']}"
+    if "error" in row:
+        return f"{name}: failed ({row['error'][:120]})"
+    figures = ", ".join(f"{h} {row[k]:{f}}" for k, h, f in COLUMNS if not math.isnan(row[k]))
+    return f"{name}: {figures}"

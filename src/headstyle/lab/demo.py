@@ -1,7 +1,9 @@
 """`headstyle demo`: the whole method on a CPU in minutes, against ground truth.
 
 Stylises the lab generator to one style with the paper's recipe (LD + mirror + grid + rank
-re-weighting) and, for the same budget and seed, with SDS; then writes to ``out``:
+re-weighting) and, for the same budget and seed, with SDS, both through the unchanged trainer and
+the lab's prior (the learned lab prior through DiffusersPrior by default; headstyle.lab.learned);
+then writes to ``out``:
 
 - ``turntables/identity_K.gif``: for 4 held-out identities, a turn around the head with four
   panels: before | LD (paper recipe) | SDS | ground truth;
@@ -28,9 +30,9 @@ from headstyle import export
 from headstyle.cameras import cameras, turntable_cameras
 from headstyle.io import atomic_write_text
 from headstyle.lab import evaluate as lab_eval
-from headstyle.lab.bench import COLUMNS, LabSettings, new_generator, train_variant
+from headstyle.lab.bench import COLUMNS, RUN_FIGURES, LabSettings, new_generator, train_variant
 from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import build_lab_prior
+from headstyle.lab.learned import LabPriorSpec, resolve_prior
 from headstyle.lab.world import STYLES
 
 SHEET_YAWS_DEGREES = (-90, -30, 0, 30, 90, 180)
@@ -50,6 +52,10 @@ DEFINITIONS = {
     "truth_diversity_rgb": "diversity_rgb of the ground truth itself (what a perfect stylisation scores)",
     "mv_warp_error": "photometric error of consecutive views warped with rendered depth, co-visible pixels only",
     "mv_covisible": "fraction of the target view's foreground that is co-visible",
+    "zero_grad_share": "share of training iterations whose objective gradient at the rendered images was exactly zero "
+    "(or non-finite): iterations in which the prior gave the renders no direction",
+    "nonfinite_grad_share": "share of training iterations whose objective gradient had non-finite entries",
+    "iterations_run": "training iterations run (a stopping rule may end a run early)",
 }
 
 
@@ -113,32 +119,27 @@ def run_demo(
     settings: LabSettings | None = None,
     turntable_frames: int = 16,
     progress: bool = True,
+    prior_spec: LabPriorSpec | None = None,
 ) -> dict:
-    """Run the demo (module docstring) and return the metrics dict also written to metrics.json."""
+    """Run the demo (module docstring) on ``prior_spec`` (settings.prior resolved when None) and return the
+    metrics dict also written to metrics.json."""
     if style not in STYLES:
         raise ValueError(f"unknown lab style {style!r}; choose from {', '.join(STYLES)}")
     settings = settings or LabSettings()
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    prior, _ = build_lab_prior(
-        identities=settings.prior_identities,
-        views=settings.prior_views,
-        resolution=settings.resolution,
-        sr_factor=settings.sr_factor,
-        progress=progress,
-    )
+    spec = prior_spec or resolve_prior(settings.prior)
+    prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
+                               settings.prior_views, progress=progress)  # fmt: skip
     before = new_generator(settings).eval()
     ev = lab_eval.make_eval_set(style, before, settings.eval_identities, settings.eval_views)
     truth = lab_eval.oracle(style, before)
     trained: dict[str, LabGenerator] = {}
-    seconds: dict[str, float] = {}
+    results = {"untrained": {**lab_eval.evaluate(before, ev), **dict.fromkeys(RUN_FIGURES, 0.0)}}
     for variant in ("ld", "sds"):
-        trained[variant], seconds[variant] = train_variant(style, variant, prior, settings, out / "runs", progress)
-
-    results = {"untrained": lab_eval.evaluate(before, ev)}
-    for variant, G in trained.items():
-        results[variant] = {**lab_eval.evaluate(G, ev), "seconds": seconds[variant]}
-    results["untrained"]["seconds"] = 0.0
+        run = train_variant(style, variant, prior, settings, out / "runs" / f"{style}-{variant}", progress, profile)
+        trained[variant] = run.G
+        results[variant] = {**lab_eval.evaluate(run.G, ev), **run.figures}
 
     generators = (before, trained["ld"], trained["sds"], truth)
     tt_cams = turntable_cameras(turntable_frames, pitch=lab_eval.EVAL_PITCH)
@@ -159,7 +160,8 @@ def run_demo(
     }
     note = (
         f"LD = the paper's recipe (LD + mirror + grid + rank re-weighting); SDS = the same trainer with "
-        f"objective.name=sds (DreamFusion weighting 1 - abar_t), same budget and seed. "
+        f"objective.name=sds (DreamFusion weighting 1 - abar_t), same budget and seed, prior {profile.name} "
+        f"({spec.name}). "
         f"{settings.eval_identities} held-out identities x {settings.eval_views} cameras over 360 degrees. "
         f"Closer to the ground truth: {best['rgb_error']}; more stylised: {best['stylisation']}; "
         f"less collapse: {best['diversity_rgb']}. Wall time {wall:.0f} s."
@@ -168,6 +170,7 @@ def run_demo(
         "style": style,
         "prompt": STYLES[style].prompt,
         "settings": settings.__dict__,
+        "prior": spec.name,
         "wall_seconds": wall,
         "cpu_seconds": time.process_time(),
         # ru_maxrss is in KiB on Linux.

@@ -138,11 +138,32 @@ class RegulariserConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser of the trainable weights, and an optional stopping rule.
+
+    name: "adam" (the paper's; lr, beta1, beta2) or "sgd" (with ``momentum``: the step is lr times the
+    velocity, so it shrinks with the gradient). sgd_first_step > 0 sets SGD's lr at the first step with
+    a non-zero gradient so that that step's RMS over the weights equals it (Adam's first step moves
+    every weight by lr); the lr then stays (checkpointed in the optimizer's param group).
+    stop_rule "classifier": every stop_every iterations the diffusion classifier margin of the current
+    renders (stylize/trainer.py, Stylizer.classifier_margin: eps error under the source prompt vs the
+    style prompt on stop_probes fixed single views at low noise) is measured; once it exceeds
+    stop_margin the run ends ("stop") or its learning rate is multiplied by stop_decay once ("decay").
+    """
+
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
     train_modules: tuple[str, ...] = ("backbone.synthesis", "superresolution")
     train_biases: bool = False
+    name: str = "adam"
+    momentum: float = 0.9
+    sgd_first_step: float = 0.0
+    stop_rule: str = "none"
+    stop_margin: float = 0.0
+    stop_every: int = 10
+    stop_action: str = "stop"
+    stop_decay: float = 0.1
+    stop_probes: int = 4
 
 
 @dataclass
@@ -211,7 +232,8 @@ UNITS: dict[str, str] = {
     "run.sample_yaws": "degrees, 0 = front",
     "run.sample_pitch": "degrees",
     "prompt.guidance_scale": "omega, diffusers CFG form",
-    "optim.lr": "Adam learning rate",
+    "optim.lr": "learning rate (Adam; SGD: step = lr * velocity)",
+    "optim.stop_margin": "(E_source - E_style) / (E_source + E_style) of eps errors, in [-1, 1]",
     "shaping.scale": "divisor of every latent gradient",
 }
 # Closed ranges of numeric fields: (low, high) with None for unbounded.
@@ -226,6 +248,10 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "prompt.guidance_scale": (0.0, 100.0),
     "optim.beta1": (0.0, 0.999999),
     "optim.beta2": (0.0, 0.999999),
+    "optim.momentum": (0.0, 0.999999),
+    "optim.sgd_first_step": (0.0, None),
+    "optim.stop_margin": (-1.0, 1.0),
+    "optim.stop_decay": (0.0, 1.0),
     "shaping.clamp": (0.0, None),
     "single.weight": (0.0, None),
     "grid.weight": (0.0, None),
@@ -243,6 +269,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.prior_dtype": ("fp32", "fp16", "bf16"),
     "objective.noise": ("random", "fixed", "mv_nrs"),
     "run.mixed_precision": ("no", "fp16", "bf16"),
+    "optim.name": ("adam", "sgd"),
+    "optim.stop_rule": ("none", "classifier"),
+    "optim.stop_action": ("stop", "decay"),
 }
 
 
@@ -324,6 +353,8 @@ def validate(cfg: StylizeConfig) -> None:
         "run.checkpoint_every",
         "run.keep_last",
         "run.max_nonfinite_in_row",
+        "optim.stop_every",
+        "optim.stop_probes",
     ):
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
@@ -360,6 +391,8 @@ def validate(cfg: StylizeConfig) -> None:
             raise ConfigError(f"{key} must be a positive number, got {flat[key]}")
     if not all(math.isfinite(y) and abs(y) <= 360 for y in cfg.run.sample_yaws):
         raise ConfigError(f"run.sample_yaws are degrees within [-360, 360], got {list(cfg.run.sample_yaws)}")
+    if cfg.optim.sgd_first_step > 0 and cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.sgd_first_step sets SGD's learning rate: set optim.name=sgd (got {cfg.optim.name})")
     if not cfg.optim.train_modules:
         raise ConfigError("optim.train_modules is empty: name the modules to train, e.g. ['backbone.synthesis']")
     if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):

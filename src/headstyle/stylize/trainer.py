@@ -11,7 +11,9 @@ One iteration (LD script defaults, ../shared/reference/likelihood-distillation.m
      single view, MV-NRS retention on the grid, mask / scale / clamp, injection), plus the
      relative-distance regulariser between this and the previous identity's tri-grids;
   7. ONE backward; gradients averaged over processes (one all-reduce, as DDP); non-finite steps
-     skipped and counted; Adam on the trainable parameters.
+     skipped and counted; Adam (the paper's) or SGD with momentum on the trainable parameters.
+An optional stopping rule (optim.stop_rule) checks the diffusion classifier margin of the current
+renders every few iterations and stops the run, or decays its learning rate, once they are in style.
 The trainer holds a Generator and a ScorePrior (any implementation of the seams) and the optional
 LPIPS and depth estimator; stylize/factory.py builds them from a config.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import signal
 import time
@@ -32,14 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headstyle.distill import noise
+from headstyle import cameras
+from headstyle.distill import noise, shaping
 from headstyle.distill.objectives import DistillResult, DistillTarget, get_objective
 from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.base import Generator
 from headstyle.generator.checkpoint import save_generator
 from headstyle.io import atomic_write_text
 from headstyle.priors import controls
-from headstyle.priors.base import Control, Layout, ScorePrior
+from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior
 from headstyle.progress import progress_bar
 from headstyle.settings import ConfigError
 from headstyle.stylize import checkpointing
@@ -68,6 +72,40 @@ class TrainResult:
 def rank_seed(seed: int, rank: int) -> int:
     """A distinct, reproducible 63-bit seed per (run seed, process rank)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# The classifier probes' stream: the same on every process (a rank no run reaches), apart from the training streams.
+PROBE_STREAM = 1 << 20
+# Timesteps of the classifier margin: this many, evenly spaced over the objective's step range.
+PROBE_TIMESTEPS = 3
+
+
+def build_optimizer(params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer:
+    """The config's optimiser (optim: an OptimConfig): the paper's Adam, or SGD with momentum (step = lr * velocity,
+    v <- momentum * v + grad). SGD's param group carries "calibrated" (its lr set from the first step, see
+    OptimConfig.sgd_first_step), checkpointed with the optimizer's state."""
+    if optim.name == "sgd":
+        calibrated = optim.sgd_first_step <= 0
+        return torch.optim.SGD([{"params": params, "calibrated": calibrated}], lr=optim.lr, momentum=optim.momentum)
+    return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta1, optim.beta2))
+
+
+def calibrate_first_step(optimizer: torch.optim.Optimizer, grad_rms: float, first_step: float) -> bool:
+    """Set an uncalibrated SGD group's lr so that the coming step (velocity = grad at the first step) has RMS
+    ``first_step`` over the weights; a zero gradient leaves it for the next step. True when calibrated now."""
+    group = optimizer.param_groups[0]
+    if group["calibrated"] or not (grad_rms > 0 and math.isfinite(grad_rms)):
+        return False
+    group["lr"] = first_step / grad_rms
+    group["calibrated"] = True
+    return True
+
+
+def margin(err_source: Tensor, err_style: Tensor) -> float:
+    """The diffusion classifier margin (E_src - E_sty) / (E_src + E_sty) of mean squared eps errors, in [-1, 1]:
+    positive when the style prompt explains the images better than the source prompt (Li et al. 2023)."""
+    e_src, e_sty = float(err_source.double().mean()), float(err_style.double().mean())
+    return (e_src - e_sty) / (e_src + e_sty) if e_src + e_sty > 0 else 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +200,7 @@ class Stylizer:
         named = [(n, p) for n, p in generator.named_parameters() if id(p) in trainable]
         self.param_names = [n for n, _ in named]
         self.params = [p.requires_grad_(True) for _, p in named]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+        self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.mixed_precision == "fp16" else None
 
         seed_everything(rank_seed(cfg.run.seed, self.rank))
@@ -171,6 +209,8 @@ class Stylizer:
         self.iteration = 0
         self.skipped = 0
         self.nonfinite_in_row = 0
+        # Iteration at which the stopping rule fired (0: not yet).
+        self.stop_triggered_at = 0
         self.prev_planes: tuple[Tensor, Tensor] | None = None
 
         self.prompt = prior.embed_prompts(cfg.prompt.prompt, cfg.prompt.negative_prompt)
@@ -202,6 +242,7 @@ class Stylizer:
             depth_estimator=depth_estimator,
         )
         self.branches = build_branches(self.ctx)
+        self.probes = self._classifier_probes() if cfg.optim.stop_rule == "classifier" else None
         self.previews = Previews(cfg, self.G, self.frozen, self.device, render_kwargs)
 
     @property
@@ -341,6 +382,9 @@ class Stylizer:
         out: dict[str, Any] = {"grad_norm": float(grad_norm), "grad_norm_local": float(local_norm)}
         if torch.isfinite(grad_norm):
             self.nonfinite_in_row = 0
+            if self.cfg.optim.sgd_first_step > 0:
+                rms = float(grad_norm) / math.sqrt(flat.numel())
+                out["sgd_calibrated"] = int(calibrate_first_step(self.optimizer, rms, self.cfg.optim.sgd_first_step))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -363,6 +407,63 @@ class Stylizer:
         out["skipped_total"] = self.skipped
         return out
 
+    # -- the stopping rule ---------------------------------------------------------------------
+
+    def _classifier_probes(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Fixed probes of the classifier margin, the same on every process and at every check: ws (P, ...),
+        front cameras (P, 25) as the single view draws them, PROBE_TIMESTEPS timesteps over the objective's step
+        range, and the seed of the probe noise and of the VAE's posterior sample."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(rank_seed(cfg.run.seed, PROBE_STREAM))
+        n = cfg.optim.stop_probes
+        z = torch.randn(n, self.G.z_dim, generator=gen).to(self.device)
+        with torch.no_grad():
+            ws = self.frozen.mapping(z, self.c_cond.expand(n, -1).to(self.device), cfg.latent.truncation_psi,
+                                     cfg.latent.truncation_cutoff)  # fmt: skip
+        yaw, pitch = math.radians(cfg.single.yaw_range), math.radians(cfg.single.pitch_range)
+        cams = cameras.sample_front_cameras(n, gen, yaw, pitch)[0].to(self.device)
+        o = cfg.objective
+        index = torch.linspace(o.min_step_index, o.max_step_index, PROBE_TIMESTEPS).round().long().unique()
+        return ws, cams, self.timesteps[index].to(self.device), int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+    @torch.no_grad()
+    def classifier_margin(self) -> float:
+        """The diffusion classifier margin (``margin``) of the trainable generator's current renders: the fixed
+        probe views (single-view cameras, no control) encoded, noised at the probe timesteps with the probe noise,
+        and denoised once with [source prompt; style prompt] as [uncond; cond]."""
+        ws, cams, t, seed = self.probes
+        images = self.G.synthesis(ws, cams, noise_mode="const", **self.ctx.render_kwargs).image.float()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training streams stay as they are
+            torch.manual_seed(seed)
+            x0 = self.prior.encode(shaping.resize_to(images, self.ctx.image_size)).float()
+        k, n = len(t), len(x0)
+        eps = torch.randn(k * n, *x0.shape[1:], generator=torch.Generator().manual_seed(seed)).to(self.device)
+        x0, t_all = x0.repeat(k, 1, 1, 1), t.repeat_interleave(n)
+        source = self.prior.embed_prompts(self.cfg.prompt.source_prompt).cond
+        prompts = PromptEmbeds(uncond=source, cond=self.prompt.cond).repeat(k * n)
+        x_t = self.prior.add_noise(x0, eps, t_all)
+        ((eps_src, eps_sty),) = self.prior.predict_noise([Branch(x_t, t_all, prompts)])
+        return margin((eps_src - eps).square(), (eps_sty - eps).square())
+
+    @property
+    def _stopped_by_rule(self) -> bool:
+        return self.stop_triggered_at > 0 and self.cfg.optim.stop_action == "stop"
+
+    def _stop_check(self) -> dict[str, Any]:
+        """Every optim.stop_every iterations (until the rule fires): the classifier margin; once it exceeds
+        optim.stop_margin the run stops or its learning rate is multiplied by optim.stop_decay."""
+        o = self.cfg.optim
+        if self.probes is None or self.stop_triggered_at or self.iteration % o.stop_every:
+            return {}
+        value = self.classifier_margin()
+        if value > o.stop_margin:
+            self.stop_triggered_at = self.iteration
+            if o.stop_action == "decay":
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= o.stop_decay
+        return {"classifier_margin": value, "stop_triggered_at": self.stop_triggered_at}
+
     # -- state ---------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, Tensor]:
@@ -381,6 +482,7 @@ class Stylizer:
         shared = {
             "skipped": self.skipped,
             "nonfinite_in_row": self.nonfinite_in_row,
+            "stop_triggered_at": self.stop_triggered_at,
             "param_names": self.param_names,
             "generator_sha256": self.generator_digest,
         }
@@ -426,6 +528,7 @@ class Stylizer:
         self.iteration = ckpt.iteration
         self.skipped = int(ckpt.meta["skipped"])
         self.nonfinite_in_row = int(ckpt.meta["nonfinite_in_row"])
+        self.stop_triggered_at = int(ckpt.meta.get("stop_triggered_at", 0))  # absent before the stopping rule
         return ckpt.path
 
     # -- outputs a user looks at ---------------------------------------------------------------
@@ -477,10 +580,11 @@ class Stylizer:
         interrupted = False
         with stop.installed(), progress_bar(disable=not (progress and self.is_main)) as bar:
             task = bar.add_task("stylize", total=cfg.run.iterations, completed=self.iteration)
-            while self.iteration < cfg.run.iterations:
+            while self.iteration < cfg.run.iterations and not self._stopped_by_rule:
                 t0 = time.perf_counter()
                 metrics = self.step()
                 self.iteration += 1
+                metrics.update(self._stop_check())
                 metrics["seconds"] = time.perf_counter() - t0
                 metrics["effective_batch"] = cfg.run.batch_size * self.world_size
                 if self.world_size > 1:
@@ -499,7 +603,8 @@ class Stylizer:
                 if self.is_main and self.iteration % cfg.run.sample_every == 0:
                     self.write_samples()
                 stopping = self._any_rank(stop.requested)
-                if stopping or self.iteration % cfg.run.checkpoint_every == 0 or self.iteration == cfg.run.iterations:
+                done = self.iteration == cfg.run.iterations or self._stopped_by_rule
+                if stopping or self.iteration % cfg.run.checkpoint_every == 0 or done:
                     last_ckpt = self.save_checkpoint()
                 if stopping:
                     interrupted = self.iteration < cfg.run.iterations
