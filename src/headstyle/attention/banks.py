@@ -37,15 +37,17 @@ class ReferenceBank:
 
 
 class BankWriter(AttnProcessor2_0):
-    """Stock SDPA self-attention that also records its input hidden states under its layer name."""
+    """Stock SDPA self-attention that also records its input hidden states under its layer name
+    (detached, unless ``keep_grad``: a trainable appearance module learns through its bank)."""
 
-    def __init__(self, name: str, store: dict[str, Tensor]) -> None:
+    def __init__(self, name: str, store: dict[str, Tensor], keep_grad: bool = False) -> None:
         super().__init__()
         self.name = name
         self.store = store
+        self.keep_grad = keep_grad
 
     def __call__(self, attn: Attention, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        self.store[self.name] = hidden_states.detach()
+        self.store[self.name] = hidden_states if self.keep_grad else hidden_states.detach()
         return super().__call__(attn, hidden_states, *args, **kwargs)
 
 
@@ -59,7 +61,6 @@ def reference_latents(
     return add_noise(alphas_cumprod, x0, eps, t.expand(x0.shape[0])).to(x0.dtype)
 
 
-@torch.no_grad()
 def write_bank(
     unet: nn.Module,
     latents: Tensor,
@@ -67,12 +68,15 @@ def write_bank(
     encoder_hidden_states: Tensor,
     layers: Iterable[str] | None = None,
     images_per_group: int | None = None,
+    differentiable: bool = False,
 ) -> ReferenceBank:
     """One write pass of ``unet`` over reference latents (n, C, h, w) at timestep t.
 
     encoder_hidden_states (1 or n, L, D) is the text conditioning of the pass. images_per_group
     (default n: one group) splits the n images into groups of that many, one group per sample.
     Self-attention runs as stock SDPA during the pass; the UNet's own processors are restored after it.
+    differentiable: run with autograd and keep the bank's graph, so a trainable appearance module (the
+    Style Appearance Module, headstyle.sfa) gets gradients from the main UNet's loss.
     """
     n = latents.shape[0]
     per_group = n if images_per_group is None else images_per_group
@@ -89,7 +93,10 @@ def write_bank(
     context = encoder_hidden_states.to(dtype).expand(n, -1, -1)
     # Every self-attention layer gets a stock processor, so installed fusion processors stay out of the pass.
     chosen = set(names)
-    with swapped_processors(all_layers, lambda name: BankWriter(name, store) if name in chosen else AttnProcessor2_0()):
+    def make(name: str) -> AttnProcessor2_0:
+        return BankWriter(name, store, differentiable) if name in chosen else AttnProcessor2_0()
+
+    with torch.set_grad_enabled(differentiable), swapped_processors(all_layers, make):
         unet(latents.to(dtype), timesteps, encoder_hidden_states=context)
     features = {
         name: store[name].reshape(n // per_group, per_group * store[name].shape[1], store[name].shape[2])

@@ -105,7 +105,8 @@ class ViewsModelConfig:
     generator_config: the base config of a bare .pth ("" = released PanoHead). vae: "auto" (the model
     folder's vae/ when it has one, else sd-vae-ft-mse), "" (the model's own) or a path.
     controlnet_depth: "" = none. device: "" = cuda when available, else cpu.
-    neural_rendering_resolution / depth_samples: 0 = the generator's own.
+    neural_rendering_resolution / depth_samples: 0 = the generator's own. style_module: a trained Style
+    Appearance Module folder (`headstyle sfa train`'s module/; "" = the model's own UNet writes both banks).
     """
 
     generator: str = ""
@@ -116,6 +117,7 @@ class ViewsModelConfig:
     device: str = ""
     neural_rendering_resolution: int = 0
     depth_samples: int = 0
+    style_module: str = ""
 
 
 @dataclass

@@ -42,8 +42,10 @@ class StyleFusionPrior:
     style_latents / style_latents_2: (n, C, h, w) latents of the style image(s)
     (n = 2 for front and back views); a second style is blended with config.alpha. The content
     reference is set with set_content. style_mask: (H, W) in [0, 1], 1 where to stylise.
-    content_unet / style_unet: the appearance modules (default: the prior's own UNet).
+    content_unet / style_unet: the appearance modules (default: the prior's own UNet; a trained Style
+    Appearance Module from headstyle.sfa as style_unet, or as both for a shared fine-tuned one).
     seed: the stream of the reference noise, so a run is reproducible.
+    differentiable: write the banks with autograd, so a trainable appearance module learns from the loss.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class StyleFusionPrior:
         content_unet: nn.Module | None = None,
         style_unet: nn.Module | None = None,
         seed: int = 0,
+        differentiable: bool = False,
     ) -> None:
         self.prior = prior
         self.config = config or StyleFusionConfig()
@@ -71,6 +74,7 @@ class StyleFusionPrior:
         self.content: Tensor | None = None
         self.content_per_group = 1
         self.generator = torch.Generator(device=style_latents.device).manual_seed(seed)
+        self.differentiable = differentiable
 
     # The rest of the ScorePrior seam is the wrapped prior's.
     takes_content = True
@@ -132,7 +136,7 @@ class StyleFusionPrior:
             self.alphas_cumprod, x0.float(), t_images, self.config.reference == "noised", self.generator
         )
         context = self.embed_prompts(self.config.reference_prompt).cond
-        return write_bank(unet, x_ref, t_images, context, names, images_per_group=per_group)
+        return write_bank(unet, x_ref, t_images, context, names, per_group, self.differentiable)
 
     def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
         """(eps_uncond, eps_cond) per branch, the UNet's self-attention fusing the reference banks.

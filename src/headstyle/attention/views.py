@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from headstyle.attention.config import SamplingConfig, StyleViewsConfig
 from headstyle.attention.prior import StyleFusionPrior
@@ -56,17 +56,22 @@ def stylize_views(
     style_image_2: Tensor | None = None,
     style_mask: Tensor | None = None,
     show_progress: bool = True,
+    content_unet: nn.Module | None = None,
+    style_unet: nn.Module | None = None,
 ) -> list[Path]:
     """Write into config.views.out, per latent, a stylised PNG and its render per view, a sheet (renders over
     stylised views) and a turntable GIF (+ MP4 with ffmpeg) of the stylised views. Returns the paths.
 
     prior: a DiffusersPrior; its "depth" ControlNet, when loaded, gets the rendered depth.
     style_image(_2): (1, 3, H, W) in [-1, 1]; style_mask: (H, W) in [0, 1], 1 = stylise.
+    content_unet / style_unet: appearance modules (a trained Style Appearance Module, headstyle.sfa);
+    default: the prior's own UNet writes both banks.
     """
     v, sampling = config.views, config.sampling
     size = prior.image_size
     style_latents = [None if s is None else prior.encode(resize_to(s, size)) for s in (style_image, style_image_2)]
-    sfa = StyleFusionPrior(prior, style_latents[0], style_latents[1], config.fusion, style_mask, seed=sampling.seed)
+    sfa = StyleFusionPrior(prior, style_latents[0], style_latents[1], config.fusion, style_mask, content_unet,
+                           style_unet, seed=sampling.seed)
     generator = torch.Generator().manual_seed(sampling.seed)
     use_depth = "depth" in prior.control_names
     yaws, pitch = [math.radians(y) for y in v.yaws], math.radians(v.pitch)

@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from headstyle.cli import eval, lab, mesh, photo, render, style_views, stylize, webapp  # noqa: F401  (registers the commands)
+from headstyle.cli import eval, lab, mesh, photo, render, sfa, style_views, stylize, webapp  # noqa: F401  (registers the commands)
 from headstyle.cli.common import UserError, app
 
 __all__ = ["UserError", "app", "main"]

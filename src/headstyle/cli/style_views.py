@@ -58,6 +58,8 @@ def style_views(
                                                 "(default: released PanoHead)."),
     neural_rendering_resolution: int | None = typer.Option(None, help="Override the raw render size."),
     depth_samples: int | None = typer.Option(None, help="Override coarse and importance samples per ray."),
+    style_module: str | None = typer.Option(None, help="A trained Style Appearance Module (`headstyle sfa train`'s "
+                                            "module/ folder) writes the style bank."),
 ) -> None:
     """Stylise rendered views of heads from a style image (Style Fusion Attention img2img): PNGs + turntable."""
     from headstyle import settings
@@ -67,6 +69,7 @@ def style_views(
         "model.generator": generator, "model.generator_config": generator_config, "model.model": model,
         "model.vae": vae, "model.controlnet_depth": controlnet_depth, "model.device": device,
         "model.neural_rendering_resolution": neural_rendering_resolution, "model.depth_samples": depth_samples,
+        "model.style_module": style_module,
         "style.image": style_image, "style.image_2": style_image_2, "style.mask": mask,
         "views.seeds": _list(seeds), "views.yaws": _list(yaws), "views.pitch": pitch, "views.out": out,
         "views.truncation_psi": truncation, "views.truncation_cutoff": truncation_cutoff, "views.fps": fps,
@@ -107,6 +110,13 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     for option, path in (("--style-image", s.image), ("--style-image-2", s.image_2), ("--mask", s.mask)):
         if path:
             check_image(path, option)
+    if m.style_module:
+        from headstyle.sfa.module import ModuleLoadError, read_manifest
+
+        try:
+            read_manifest(m.style_module)
+        except ModuleLoadError as exc:
+            raise UserError(f"--style-module: {exc}") from None
     check_out_dir(cfg.views.out)
     dev = pick_device(m.device)
     G = load_generator(m.generator, dev, m.generator_config or None, m.neural_rendering_resolution or None,
@@ -114,6 +124,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     # latent_sample="mean": the VAE posterior mean, so a run is a function of its seeds
     nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
     prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean")
+    unets = load_style_module(m.style_module, prior) if m.style_module else (None, None)
     try:
         size = prior.image_size
         style = load_image(s.image, size)
@@ -123,5 +134,18 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
         raise UserError(f"{exc}; give a PNG or JPEG file") from None
     v = cfg.views
     latents = latents_from_seeds(G, list(v.seeds), v.truncation_psi, v.truncation_cutoff)
-    paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask)
+    paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask, content_unet=unets[0],
+                          style_unet=unets[1])  # fmt: skip
     typer.echo(f"wrote {len(paths)} files to {v.out}")
+
+
+def load_style_module(folder: str, prior) -> tuple:
+    """(content, style) appearance UNets of a trained module, checked against the prior's UNet."""
+    from headstyle.sfa.module import ModuleLoadError, StyleAppearanceModule
+
+    try:
+        module = StyleAppearanceModule.load(folder, prior.device, prior.dtype)
+        module.check_fits(prior.unet, f"--style-module {folder}")
+    except ModuleLoadError as exc:
+        raise UserError(str(exc)) from None
+    return module.appearance_unets(prior.unet)
