@@ -264,3 +264,23 @@ def test_cli_dataset_train_resume_and_style_views(tiny_sd, parity_dir, tmp_path)
     assert (pngs["trained"] != pngs["plain"]).any()
     res = runner.invoke(app, [*views, "--style-module", str(data), "--out", str(tmp_path / "bad")])
     assert isinstance(res.exception, UserError) and "not a Style Appearance Module" in str(res.exception)
+
+
+def test_app_loads_a_trained_module(dataset, prior, tmp_path):
+    """The app's Style image takes models.style_module: the frozen prior UNet stays the content module and the
+    trained one writes the style bank; a folder that is no module is one line in the page."""
+    from headstyle.app.config import AppConfig
+    from headstyle.app.jobs import AppError
+    from headstyle.app.models import Models
+
+    result = SFATrainer(config(dataset, tmp_path / "run", iterations=1), prior, dataset).train(progress=False)
+    cfg = AppConfig()
+    cfg.models.style_module = str(result.module)
+    content_unet, style_unet = Models(cfg).sfa_unets(prior)
+    trained = StyleAppearanceModule.load(result.module)
+    assert content_unet is prior.unet and style_unet is not prior.unet
+    assert all(torch.equal(a, b) for a, b in zip(style_unet.parameters(), trained.unet.parameters(), strict=True))
+    cfg.models.style_module = str(dataset.root)
+    with pytest.raises(AppError, match="not a Style Appearance Module"):
+        Models(cfg).sfa_unets(prior)
+    assert Models(AppConfig()).sfa_unets(prior) == (None, None)

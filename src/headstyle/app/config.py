@@ -36,7 +36,8 @@ class ModelsSection:
     folder); generator_config: the base config of a bare .pth; sd_model: an SD 1.5-family diffusers folder
     (Style image, Train a style); vae: "auto", "" (the model's own) or a path; vgg16 / lpips_lin: the
     projector's LPIPS-VGG16 (without them it uses a Laplacian-pyramid L1 and says so); lpips_alexnet /
-    lpips_linear: stylize's Tweedie LPIPS (optional)."""
+    lpips_linear: stylize's Tweedie LPIPS (optional); style_module: a trained Style Appearance Module for
+    Style image (`headstyle sfa train`'s module/ folder, trained for sd_model)."""
 
     generator: str = ""
     generator_config: str = ""
@@ -48,6 +49,7 @@ class ModelsSection:
     lpips_lin: str = ""
     lpips_alexnet: str = ""
     lpips_linear: str = ""
+    style_module: str = ""
 
 
 @dataclass
@@ -95,7 +97,8 @@ class RenderSection:
 @dataclass
 class LabSection:
     """The synthetic lab (no weights): its generator's size, the prior's exemplar identities and views,
-    training iterations offered by default, and how its results are rendered."""
+    training iterations offered by default, how its results are rendered, and a Style Appearance Module
+    trained for the learned lab prior (style_module, "" = none) for its Style image."""
 
     resolution: int = 32
     sr_factor: int = 2
@@ -105,6 +108,7 @@ class LabSection:
     lr: float = 0.002
     turntable_frames: int = 36
     mesh_resolution: int = 96
+    style_module: str = ""
 
     def __post_init__(self) -> None:
         if min(self.resolution, self.sr_factor, self.prior_identities, self.prior_views, self.iterations) < 1:

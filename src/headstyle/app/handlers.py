@@ -308,9 +308,11 @@ def style_views(
     render: RenderSection,
     out: Path,
     report: Report = no_report,
+    unets: tuple[nn.Module | None, nn.Module | None] = (None, None),
 ) -> StyleResult:
     """Stylise rendered views of each seed's head from a style picture (headstyle.attention.views): the
-    render is the content, its depth drives the depth ControlNet when the prior has one."""
+    render is the content, its depth drives the depth ControlNet when the prior has one; ``unets``: the
+    (content, style) appearance modules of a trained Style Appearance Module (None: the prior's UNet)."""
     from headstyle.attention.config import SamplingConfig, StyleFusionConfig, StyleViewsConfig, ViewsConfig
     from headstyle.attention.views import stylize_views
 
@@ -334,7 +336,7 @@ def style_views(
     for i, latent in enumerate(latents_from_seeds(G, seeds, truncation)):
         report(i / len(seeds), f"stylising {len(render.yaws)} views of seed {latent.seed}")
         files += stylize_views(G, prior, [latent], image_tensor(style), config, style_2_tensor, mask,
-                               show_progress=False)  # fmt: skip
+                               show_progress=False, content_unet=unets[0], style_unet=unets[1])  # fmt: skip
     sheets = [p for p in files if p.name.endswith("_style_views.png")]
     turntable = sorted((p for p in files if "_style_turntable" in p.name), key=lambda p: p.suffix != ".mp4")
     return StyleResult(sheets, turntable, files)

@@ -58,6 +58,25 @@ def _stamp(path: str) -> float:
     return p.stat().st_mtime if p.exists() else 0.0
 
 
+def _appearance_unets(cache: _Cache, folder: str, prior) -> tuple[nn.Module | None, nn.Module | None]:
+    """(content, style) appearance UNets of a trained Style Appearance Module for ``prior`` ("" = none: the
+    prior's own UNet writes both banks)."""
+    if not folder:
+        return None, None
+    from headstyle.sfa.module import ModuleLoadError, StyleAppearanceModule
+
+    def load() -> StyleAppearanceModule:
+        try:
+            module = StyleAppearanceModule.load(folder, prior.device, prior.dtype)
+            module.check_fits(prior.unet, folder)
+        except ModuleLoadError as exc:
+            raise AppError(str(exc)) from None
+        return module
+
+    module = cache.get(("style_module", folder, _stamp(folder), id(prior)), load)
+    return module.appearance_unets(prior.unet)
+
+
 class Models:
     """The configured models (app.toml): base generator, stylised generators, SD prior, LPIPS weights."""
 
@@ -152,6 +171,10 @@ class Models:
 
         return self._cache.get(("sd", m.sd_model, m.vae, m.depth_controlnet), load)
 
+    def sfa_unets(self, prior) -> tuple[nn.Module | None, nn.Module | None]:
+        """The configured Style Appearance Module's (content, style) UNets for ``prior`` (None: its own UNet)."""
+        return _appearance_unets(self._cache, self.cfg.models.style_module, prior)
+
 
 class Lab:
     """The synthetic head world: a base generator without weights to load, the ground-truth styles, styles
@@ -226,4 +249,8 @@ class Lab:
         nets = {"depth": SHIPPED / "controlnet-depth"} if (SHIPPED / "controlnet-depth").is_dir() else {}
         return self._cache.get(("sd",), lambda: DiffusersPrior.from_pretrained(
             SHIPPED, vae=None, controlnets=nets, device="cpu", dtype=torch.float32, latent_sample="mean"))
+
+    def sfa_unets(self, prior) -> tuple[nn.Module | None, nn.Module | None]:
+        """lab.style_module's (content, style) UNets for the learned lab prior (None: its own UNet)."""
+        return _appearance_unets(self._cache, self.settings.style_module, prior)
 
