@@ -41,8 +41,9 @@ class Generator(Protocol):
     trigrid(ws) -> planes: the ws-dependent volume every camera is rendered from (PanoHead's tri-grid)
     synthesis(ws, c, noise_mode=..., render_sr=True, generate_background=True, planes=None) -> RenderOutput
 
-    planes=trigrid(ws), row for row with ws, renders more cameras of identities whose tri-grid is
-    already computed (the backbone runs once per identity; gradients through shared planes sum).
+    planes=trigrid(ws_i) of I identities renders K = N / I cameras of each (ws and c identity-major)
+    from its one tri-grid: the backbone runs once per identity, and the K cameras' gradients are
+    accumulated in the one planes tensor, as separate calls' would sum.
 
     generate_background=False renders without a background network (the LD script trains so);
     a generator without one renders its constant background either way. init_kwargs: the

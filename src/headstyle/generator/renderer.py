@@ -208,8 +208,11 @@ def _sort_samples(depths: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
 class ImportanceRenderer(nn.Module):
     """Two-pass (coarse + importance) volume renderer of a tri-grid; it holds no parameters.
 
-    forward(planes (N, 3, C, D, H, W), decoder, ray_origins (N, M, 3), ray_directions (N, M, 3),
+    forward(planes (I, 3, C, D, H, W), decoder, ray_origins (N, M, 3), ray_directions (N, M, 3),
     rendering_kwargs) -> features (N, M, C), depth (N, M, 1), weights_sum (N, M, 1).
+    N = K * I: rows k*K .. (k+1)*K - 1 of the rays are K cameras of tri-grid k (identity-major). Their
+    points are folded into one grid_sample per tri-grid, so K cameras read one tri-grid without copies
+    and its gradient is accumulated in place.
 
     decoder(sampled_features (N, 3, P, C), directions (N, P, 3)) -> {"sigma": (N, P, 1),
     "rgb": (N, P, C_out)} with P = M * samples per ray. rendering_kwargs keys used:
@@ -242,6 +245,8 @@ class ImportanceRenderer(nn.Module):
                 f"and {tuple(ray_directions.shape)}"
             )
         n, m, _ = ray_origins.shape
+        if n % planes.shape[0]:
+            raise ValueError(f"{n} cameras for {planes.shape[0]} tri-grids: pass as many cameras for each tri-grid")
         depth_resolution = rendering_kwargs["depth_resolution"]
         n_importance = rendering_kwargs.get("depth_resolution_importance", 0)
         box_warp = rendering_kwargs["box_warp"]
@@ -300,10 +305,11 @@ class ImportanceRenderer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Decode the samples at ``depths`` (N, M, S, 1): colors (N, M, S, C), cropped densities (N, M, S, 1)."""
         n, m, s, _ = depths.shape
+        i = planes.shape[0]
         coordinates = (ray_origins.unsqueeze(-2) + depths * ray_directions.unsqueeze(-2)).reshape(n, -1, 3)
-        directions = ray_directions.unsqueeze(-2).expand(-1, -1, s, -1).reshape(n, -1, 3)
-        out = query_trigrid(planes, decoder, coordinates, directions, box_warp)
-        sigma = out["sigma"]
+        directions = ray_directions.unsqueeze(-2).expand(-1, -1, s, -1).reshape(i, -1, 3)
+        out = query_trigrid(planes, decoder, coordinates.reshape(i, -1, 3), directions, box_warp)
+        sigma = out["sigma"].reshape(n, m * s, 1)
         record[f"depths_{name}"] = depths.detach()
         record[f"sigma_{name}_precrop"] = sigma.detach()
         if triplane_crop:

@@ -282,7 +282,8 @@ class TriPlaneGenerator(nn.Module):
         ``generator`` (or the global RNG), which also drives noise_mode='random'. The SR always uses
         rendering_kwargs['superresolution_noise_mode'], whatever noise_mode says.
         generate_background=False skips the background network, as the LD script renders its training views.
-        ``planes``: trigrid(ws) computed before, one row per row of ws (the backbone is not run again).
+        ``planes``: trigrid computed before (the backbone is not run again), one row per identity: ws and c then
+        hold K = N / len(planes) consecutive rows per identity, all rendered from its one tri-grid.
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"c must be (N, 25) camera labels [cam2world (16), intrinsics (9)], got {tuple(c.shape)}")
@@ -291,9 +292,9 @@ class TriPlaneGenerator(nn.Module):
         ray_origins, ray_directions = ray_sampler(c[:, :16].view(-1, 4, 4), c[:, 16:25].view(-1, 3, 3), resolution)
         if planes is None:
             planes = self.trigrid(ws, noise_mode=noise_mode, generator=generator)
-        elif planes.shape[0] != n:
-            raise ValueError(f"planes hold {planes.shape[0]} tri-grids for {n} ws: pass one row per row of ws")
-        grid = planes.reshape(n, TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
+        elif n % planes.shape[0]:
+            raise ValueError(f"planes hold {planes.shape[0]} tri-grids for {n} ws: pass K ws per tri-grid")
+        grid = planes.reshape(len(planes), TRIGRID_PLANES, FEATURE_CHANNELS, self.triplane_depth, *planes.shape[-2:])
         features, depth, weights_sum = self.renderer(
             grid, self.decoder, ray_origins, ray_directions, self.rendering_kwargs, draws=draws, generator=generator
         )

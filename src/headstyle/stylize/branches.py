@@ -85,10 +85,9 @@ class Identities:
     planes: Tensor
     frozen_planes: Tensor
 
-    @staticmethod
-    def per_camera(x: Tensor, k: int, interleave: bool) -> Tensor:
-        """A per-identity tensor for k cameras per identity: identity-major (interleave) or camera-major rows."""
-        return x.repeat_interleave(k, dim=0) if interleave else x.repeat(k, *([1] * (x.dim() - 1)))
+    def ws_per_camera(self, k: int) -> Tensor:
+        """ws for k cameras per identity, identity-major: the row order synthesis(planes=...) reads."""
+        return self.ws.repeat_interleave(k, dim=0)
 
 
 @dataclass
@@ -127,17 +126,19 @@ class SingleView:
         ctx, cfg, n = self.ctx, self.ctx.cfg, ids.ws.shape[0]
         s = cfg.single
         c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
-        cams = torch.cat([c, cameras.mirror(c)]) if cfg.single.mirror else c
+        k = 2 if s.mirror else 1
+        cams = torch.stack([c, cameras.mirror(c)], 1).flatten(0, 1) if s.mirror else c
         kw = ctx.render_kwargs
-        ws, planes = (ids.per_camera(x, len(cams) // n, interleave=False) for x in (ids.ws, ids.planes))
-        out = ctx.G.synthesis(ws, cams.to(ctx.device), noise_mode="const", planes=planes, **kw)
+        out = ctx.G.synthesis(ids.ws_per_camera(k), cams.to(ctx.device), noise_mode="const", planes=ids.planes, **kw)
+        # Rendered identity-major (one tri-grid per identity); the loss reads every view, then every mirror.
+        views_then_mirrors = torch.arange(k * n, device=out.image.device).reshape(n, k).T.flatten()
         fro = None
         if "canny" in ctx.prior.control_names or ctx.need_source:
             with torch.no_grad():
                 fro = ctx.frozen.synthesis(ids.ws, c.to(ctx.device), noise_mode="const", planes=ids.frozen_planes, **kw)
         return Rendered(
-            images=shaping.resize_to(out.image.float(), ctx.image_size),
-            mask=out.mask.detach().float(),
+            images=shaping.resize_to(out.image[views_then_mirrors].float(), ctx.image_size),
+            mask=out.mask[views_then_mirrors].detach().float(),
             control=ctx.control("canny", lambda: self._canny(fro.image), cfg.single.control_scale),
             source=shaping.resize_to(fro.image.float(), ctx.image_size) if ctx.need_source else None,
         )
@@ -214,12 +215,11 @@ class Grid:
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
         pitch_range = math.radians(cfg.grid.pitch_range)
         cams = cameras.sample_360_cameras(4 * ids.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
-        ws4, planes4, frozen_planes4 = (ids.per_camera(x, 4, True) for x in (ids.ws, ids.planes, ids.frozen_planes))
-        kw = ctx.render_kwargs
-        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=planes4, **kw)
+        ws4, kw = ids.ws_per_camera(4), ctx.render_kwargs
+        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=ids.planes, **kw)
         with torch.no_grad():
             sr = ctx.depth_estimator is not None
-            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, planes=frozen_planes4, **kw)
+            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, planes=ids.frozen_planes, **kw)
         return Rendered(
             images=grid_image(out.image_raw, size),
             mask=grid_image(fro.mask, 2 * fro.mask.shape[-1]),
