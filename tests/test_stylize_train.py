@@ -93,7 +93,18 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_controls):
+@pytest.mark.parametrize(
+    "optim",
+    [
+        [],  # the paper's Adam
+        # SGD with momentum, its lr set at the first step, and the stopping rule decaying it at iteration 2
+        # (margin > -1 always holds): the lr, the calibration and the rule's state cross the checkpoint.
+        ["optim.name=sgd", "optim.sgd_first_step=0.001", "optim.stop_rule=classifier", "optim.stop_every=2",
+         "optim.stop_action=decay", "optim.stop_margin=-1.0", "optim.stop_probes=1"],
+    ],
+    ids=["adam", "sgd-stop-rule"],
+)
+def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_controls, optim):
     """6 iterations straight == 3, Ctrl-C (checkpoint + clean stop), resume 3: bitwise-identical weights."""
     base = apply_overrides(
         StylizeConfig(),
@@ -103,6 +114,7 @@ def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_contr
             "run.checkpoint_every=4",
             "run.sample_every=100",
             "single.rank_weights=[1, 0.5, 0.25]",
+            *optim,
         ],
     )
     original = _state(lab_generator())
@@ -131,6 +143,8 @@ def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_contr
 
     for name, p in straight.trainable_state().items():
         assert torch.equal(p, resumed.trainable_state()[name]), name
+    assert straight.optimizer.state_dict()["param_groups"] == resumed.optimizer.state_dict()["param_groups"]
+    assert straight.stop_triggered_at == resumed.stop_triggered_at == (2 if optim else 0)
     # The logs agree line by line too (losses, timesteps, gradient norms), wall time aside.
     logs = []
     for run in ("a", "b"):

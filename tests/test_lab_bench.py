@@ -1,0 +1,249 @@
+"""The lab bench's machinery: the prior choice, the optimisers and stopping rule of the trainer, the zero-gradient
+count, mean +- std over seeds, and LD's shaping figures (headstyle.lab.bench, .learned, .shaping_calibration,
+headstyle.stylize.trainer)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from headstyle.lab import learned
+from headstyle.lab.bench import (
+    LabSettings,
+    aggregate,
+    dead_share,
+    lab_config,
+    new_generator,
+    run_bench,
+    step_range,
+    train_variant,
+)
+from headstyle.lab.evaluate import oracle
+from headstyle.lab.prior import build_lab_prior
+from headstyle.lab.world import UNSTYLED_PROMPT, style_prompt
+from headstyle.priors.analytic import ExemplarPrior
+from headstyle.stylize.config import OptimConfig, load_config
+from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_first_step, margin
+
+RES = 16  # raw renders; x2 single views
+
+
+def sd_folder(tiny_sd, root: Path) -> Path:
+    """An SD folder in the learned prior's layout (controlnet-depth/, controlnet-canny/ inside) from the tiny SD."""
+    folder = root / "prior"
+    folder.mkdir()
+    for entry in Path(tiny_sd.model).iterdir():
+        (folder / entry.name).symlink_to(entry)
+    for name, path in tiny_sd.controlnets.items():
+        (folder / f"controlnet-{name}").symlink_to(path)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- optimisers
+
+
+def test_sgd_step_is_the_learning_rate_times_the_momentum_velocity():
+    """v1 = g1, p1 = p0 - lr v1; v2 = mu v1 + g2, p2 = p1 - lr v2 (torch's SGD, dampening 0)."""
+    p0 = torch.tensor([1.0, -2.0, 0.5])
+    p = torch.nn.Parameter(p0.clone())
+    lr, mu = 0.1, 0.9
+    opt = build_optimizer([p], OptimConfig(name="sgd", lr=lr, momentum=mu))
+    g1, g2 = torch.tensor([0.5, 1.0, -1.0]), torch.tensor([2.0, 0.0, 1.0])
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    expected = p0 - lr * g1 - lr * (mu * g1 + g2)
+    assert torch.allclose(p.detach(), expected, atol=1e-7)
+    assert isinstance(build_optimizer([p], OptimConfig()), torch.optim.Adam)
+
+
+def test_sgd_first_step_calibration_gives_the_first_step_its_rms():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = build_optimizer([p], OptimConfig(name="sgd", lr=1.0, momentum=0.9, sgd_first_step=0.01))
+    assert not calibrate_first_step(opt, 0.0, 0.01)  # a zero gradient cannot set it: wait for the next step
+    grad = torch.tensor([3.0, -4.0, 0.0, 0.0])
+    rms = float(grad.norm()) / math.sqrt(grad.numel())
+    assert calibrate_first_step(opt, rms, 0.01)
+    p.grad = grad
+    opt.step()
+    assert float(p.detach().square().mean().sqrt()) == pytest.approx(0.01, rel=1e-6)
+    assert not calibrate_first_step(opt, 1.0, 0.01) and opt.param_groups[0]["lr"] == pytest.approx(0.01 / rms)
+
+
+def test_classifier_margin_closed_form():
+    assert margin(torch.full((3,), 2.0), torch.ones(3)) == pytest.approx(1 / 3)
+    assert margin(torch.ones(2), torch.full((2,), 3.0)) == pytest.approx(-0.5)
+
+
+def _stop_run(tmp_path: Path, style_is_render: bool, action: str) -> tuple[Stylizer, int]:
+    """A lab run with the stopping rule, on an exemplar prior whose style prompt holds exactly the probe views'
+    current renders (style_is_render) or the gold truth of them, the unstyled prompt the other."""
+    settings = LabSettings(iterations=4, lr=1e-3, resolution=RES, prior="exemplar")
+    overrides = ("optim.stop_rule=classifier", "optim.stop_every=2", f"optim.stop_action={action}",
+                 "optim.stop_decay=0.5", "grid.enabled=false", "regularisers.tweedie_mse=0.0")  # fmt: skip
+    cfg = lab_config("statue", settings, tmp_path / f"{style_is_render}-{action}", overrides)
+    G = new_generator(settings)
+    placeholder = ExemplarPrior({style_prompt("statue"): torch.zeros(1, 3, 2 * RES, 2 * RES),
+                                 UNSTYLED_PROMPT: torch.ones(1, 3, 2 * RES, 2 * RES)})  # fmt: skip
+    ws, cams, _, _ = Stylizer(cfg, G, placeholder).probes
+    with torch.no_grad():
+        renders, gold = (g.synthesis(ws, cams, generate_background=False).image for g in (G, oracle("gold", G)))
+    style, source = (renders, gold) if style_is_render else (gold, renders)
+    prior = ExemplarPrior({style_prompt("statue"): style, UNSTYLED_PROMPT: source})
+    stylizer = Stylizer(cfg, new_generator(settings), prior)
+    return stylizer, stylizer.train(progress=False).iteration
+
+
+def test_stopping_rule_fires_when_the_diffusion_classifier_names_the_style(tmp_path):
+    """Known answer: the probe renders ARE the style prompt's data, so the first check (iteration 2) stops the run;
+    when they are the unstyled prompt's data the rule never fires and the run goes its length."""
+    stylizer, reached = _stop_run(tmp_path, style_is_render=True, action="stop")
+    assert (reached, stylizer.stop_triggered_at) == (2, 2)
+    assert stylizer.classifier_margin() > 0.5
+    stylizer, reached = _stop_run(tmp_path, style_is_render=False, action="stop")
+    assert (reached, stylizer.stop_triggered_at) == (4, 0)
+    assert stylizer.classifier_margin() < 0
+    stylizer, reached = _stop_run(tmp_path, style_is_render=True, action="decay")
+    assert (reached, stylizer.stop_triggered_at) == (4, 2)
+    assert stylizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+
+
+# ---------------------------------------------------------------------------------------------- bench figures
+
+
+def test_dead_share_counts_exactly_zero_and_nonfinite_iterations():
+    assert dead_share([True, False, False, False], [0, 0, 3, 0]) == (0.5, 0.25)
+    with pytest.raises(ValueError, match="one record per iteration"):
+        dead_share([True], [0, 0])
+
+
+def test_zero_gradient_share_is_one_when_the_objective_gradient_is_exactly_zero(tmp_path):
+    """LD with omega = 0 sends exactly 0 to the renders (the regulariser and the Tweedie loss still move the
+    weights); SDS's eps_u - eps term never vanishes."""
+    prior, _ = build_lab_prior(styles=("statue",), identities=2, views=4, resolution=RES)
+    zero = LabSettings(iterations=3, resolution=RES, guidance=0.0, prior="exemplar")
+    run = train_variant("statue", "ld", prior, zero, tmp_path / "ld", progress=False)
+    assert run.figures["zero_grad_share"] == 1.0 and run.figures["nonfinite_grad_share"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(run.G.parameters(), new_generator(zero).parameters(),
+                                                      strict=True))  # fmt: skip
+    sds = train_variant("statue", "sds", prior, LabSettings(iterations=3, resolution=RES, prior="exemplar"),
+                        tmp_path / "sds", progress=False)  # fmt: skip
+    assert sds.figures["zero_grad_share"] == 0.0
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+    rows = [{"style": "s", "variant": "ld", "optimizer": "adam", "seed": k, "x": v} for k, v in enumerate((1.0, 2.0,
+                                                                                                          6.0))]
+    rows.append({"style": "s", "variant": "ld", "optimizer": "adam", "seed": 3, "error": "RuntimeError: boom"})
+    rows.append({"style": "s", "variant": "sds", "optimizer": "adam", "seed": 0, "x": 5.0})
+    ld, sds = aggregate(rows)
+    assert (ld["runs"], ld["failed"], ld["x_mean"], ld["x_std"]) == (3, 1, 3.0, pytest.approx(math.sqrt(7)))
+    assert (sds["runs"], sds["x_mean"], sds["x_std"]) == (1, 5.0, 0.0)
+
+
+def test_step_range_of_sd_timesteps():
+    prior = ExemplarPrior({"a": torch.zeros(1, 3, 4, 4)})
+    timesteps = prior.inference_timesteps(50)
+    assert step_range(timesteps, 1, 281) == (35, 49)  # the LD script's range
+    assert step_range(timesteps, 300, 500) == (25, 34)
+    with pytest.raises(ValueError, match="no DDIM timestep"):
+        step_range(timesteps, 282, 300)
+
+
+def test_bench_through_an_sd_folder_writes_mean_std_runs_and_curves(tmp_path, tiny_sd):
+    """The bench on an SD-layout folder (DiffusersPrior with both ControlNets, the learned prior's path) with two
+    seeds: bench.csv holds the mean and std of runs.csv's rows, curves follow LD every iteration."""
+    settings = LabSettings(iterations=2, prior_identities=2, prior_views=2, eval_identities=2, eval_views=4,
+                           curve_every=1)  # fmt: skip
+    spec = learned.resolve_prior(str(sd_folder(tiny_sd, tmp_path)))
+    result = run_bench(("statue",), ("ld",), settings, tmp_path / "bench", progress=False, seeds=(0, 1),
+                       prior_spec=spec)  # fmt: skip
+    with open(tmp_path / "bench" / "runs.csv") as f:
+        runs = [r for r in csv.DictReader(f) if r["variant"] == "ld"]
+    with open(tmp_path / "bench" / "bench.csv") as f:
+        ld = next(r for r in csv.DictReader(f) if r["variant"] == "ld")
+    values = [float(r["stylisation"]) for r in runs]
+    assert len(values) == 2 and ld["runs"] == "2"
+    assert float(ld["stylisation_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-9)
+    assert float(ld["stylisation_std"]) == pytest.approx(statistics.stdev(values), rel=1e-9)
+    assert {int(float(c["iteration"])) for c in result.curves} == {0, 1, 2}
+    assert len(result.curves) == 2 * 3  # seeds x (start + 2 checkpoints)
+    assert (tmp_path / "bench" / "curves.png").stat().st_size > 0
+    assert "± " in (tmp_path / "bench" / "bench.md").read_text()
+    cfg = load_config(tmp_path / "bench" / "runs" / "statue-ld-adam-seed1" / "config.toml")
+    assert (cfg.shaping.scale, cfg.model.prior_image_size) == (1000.0, 64)
+    assert cfg.single.rank_weights == (1, 0.75, 0.5, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------- the prior choice
+
+
+def test_default_prior_until_it_ships_is_one_line_naming_both_options(tmp_path, monkeypatch, capsys):
+    from headstyle.cli import main
+
+    monkeypatch.setattr(learned, "SHIPPED", tmp_path / "learned_prior")
+    for command in (["demo"], ["lab", "bench"]):
+        monkeypatch.setattr("sys.argv", ["headstyle", *command, "--out", str(tmp_path / "out")])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--prior PATH" in err and "--prior exemplar" in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_prior_folder_needs_both_controlnets_and_the_lab_size(tmp_path, tiny_sd):
+    folder = sd_folder(tiny_sd, tmp_path)
+    (folder / "controlnet-canny").unlink()
+    with pytest.raises(learned.LabPriorError, match="controlnet-canny"):
+        learned.resolve_prior(str(folder))
+    with pytest.raises(learned.LabPriorError, match=r"model_index\.json"):
+        learned.resolve_prior(str(tmp_path))
+    (folder / "controlnet-canny").symlink_to(tiny_sd.controlnets["canny"])
+    spec = learned.resolve_prior(str(folder))
+    with pytest.raises(learned.LabPriorError, match="works at 64 px"):
+        spec.load(resolution=16, sr_factor=2, identities=1, views=1)
+    prior, profile = spec.load(resolution=32, sr_factor=2, identities=1, views=1)
+    assert prior.control_names == {"depth", "canny"}
+    assert (profile.image_size, profile.shaping_scale, profile.rank_weights) == (64, *learned.LEARNED_SHAPING)
+    assert learned.resolve_prior("exemplar").folder is None
+
+
+# ---------------------------------------------------------------------------------------------- shaping figures
+
+
+def test_shaping_figures_closed_form():
+    """Latents of std s and a rank-1 score c * u v^T: std, RMS |c|, max |c|, all energy in the first rank."""
+    from headstyle.lab.shaping_calibration import clamped_share, shaping_figures, shaping_scale
+
+    gen = torch.Generator().manual_seed(0)
+    latents = 2.0 * torch.randn(64, 4, 8, 8, generator=gen)
+    u = torch.tensor([1.0, -1.0, 1.0, -1.0]).reshape(1, 4, 1, 1) / 2  # unit vector over channels
+    v = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0).reshape(1, 1, 8, 8) / 8  # unit vector over pixels
+    grad = 3.0 * 16 * u * v  # every entry +-3 * 16 / 16 = +-3
+    f = shaping_figures([latents], [grad.expand(2, -1, -1, -1)])
+    assert f.latent_std == pytest.approx(float(latents.double().std()))
+    assert (f.score_rms, f.score_max, f.samples) == (pytest.approx(3.0), pytest.approx(3.0), 2)
+    assert f.rank_energy[0] == pytest.approx(1.0) and sum(f.rank_energy[1:]) == pytest.approx(0.0, abs=1e-12)
+    assert shaping_scale(f) == pytest.approx(1000 * f.latent_std)
+    assert clamped_share([grad], 2.0) == 1.0 and clamped_share([grad], 3.0) == 0.0
+
+
+def test_ld_scores_are_the_trainers_targets(tmp_path):
+    """ld_scores on the exemplar prior: a single-view and a grid gradient per identity, LD's omega (eps_c - eps_u) w:
+    zero when omega is 0."""
+    from headstyle.lab.shaping_calibration import ld_scores
+
+    prior, _ = build_lab_prior(styles=("statue",), identities=2, views=4, resolution=RES)
+    G = new_generator(LabSettings(resolution=RES))
+    latents, grads = ld_scores(prior, G, "statue", identities=2)
+    assert [x.shape for x in latents] == [g.shape for g in grads]
+    assert [tuple(g.shape) for g in grads] == [(2, 3, 2 * RES, 2 * RES)] * 2
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    _, silent = ld_scores(prior, G, "statue", identities=2, guidance=0.0)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in silent)
