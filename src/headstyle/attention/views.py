@@ -30,14 +30,25 @@ from headstyle.progress import progress_bar
 
 @torch.no_grad()
 def stylize_image(
-    sfa: StyleFusionPrior, image: Tensor, control: Control | None, sampling: SamplingConfig, generator: torch.Generator
+    sfa: StyleFusionPrior,
+    image: Tensor,
+    control: Control | None,
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    content: Tensor | None = None,
 ) -> Tensor:
-    """img2img of one (1, 3, S, S) image in [-1, 1] with DDIM through ``sfa``, the image as content reference."""
+    """img2img of (B, 3, S, S) images in [-1, 1] with DDIM through ``sfa``.
+
+    content: latents (n, C, h, w) of the content reference shared by the batch (e.g. a head's front and
+    back views, as DiffStyle360 pairs them); default the image itself (then B = 1).
+    """
     prompt = sfa.embed_prompts(sampling.prompt, sampling.negative_prompt)
     timesteps = sfa.inference_timesteps(sampling.steps)
     timesteps = timesteps[sampling.steps - int(sampling.steps * sampling.strength) :]
     x0 = sfa.encode(image)
-    sfa.set_content(x0)
+    if content is None and x0.shape[0] != 1:
+        raise ValueError(f"{x0.shape[0]} images need a content reference: each would be the others' content")
+    sfa.set_content(x0 if content is None else content)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     x = sfa.add_noise(x0, eps, timesteps[:1])
     for t in timesteps:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from headstyle.cli.common import UserError, app
+from headstyle.cli.lab import lab_app
 
 if TYPE_CHECKING:
     import torch
@@ -264,3 +265,75 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
         typer.echo(f"held-out diffusion loss: {result.val_loss:.5f} ({len(trainer.val_ids)} samples)")
     typer.echo(f"wrote {result.module} after {result.iteration} iterations; use it with "
                f"headstyle style-views --style-module {result.module}")  # fmt: skip
+
+
+def _numbers(text: str, kind: type, option: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give numbers separated by commas") from None
+    if not values:
+        raise UserError(f"{option} is empty: give at least one value")
+    return values
+
+
+@lab_app.command("sfa-ablation")
+def lab_sfa_ablation(
+    out: str = typer.Option("runs/lab-sfa-ablation", help="Output folder: ablation.md/.csv/.json, tradeoff.png, "
+                            "views.png, data/ and the training runs (a finished run is reused, a broken one resumed)."),
+    prior: str = typer.Option("", help="The base prior: an SD-layout lab prior folder (`headstyle lab train-prior`'s "
+                              "model/); '' = the shipped learned lab prior."),
+    data: str = typer.Option("", help="Training pairs: a `headstyle sfa dataset` folder (e.g. from lab runs of "
+                             "`headstyle stylize`); '' = written from the lab's ground truth of --seen."),
+    seen: str = typer.Option("statue,zombie,toon", help="Training styles (when --data is not given)."),
+    unseen: str = typer.Option("gold", help="The evaluation style, in no training pair."),
+    samples: int = typer.Option(24, help="Samples per training style (the paper: 150)."),
+    views: int = typer.Option(8, help="Views per sample (the paper: 16)."),
+    iterations: int = typer.Option(200, help="Training iterations per module (the paper: 800)."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (the paper: 1e-5)."),
+    train_views: int = typer.Option(8, help="Views per training batch (the paper: 16)."),
+    identities: int = typer.Option(4, help="Held-out evaluation identities."),
+    eval_views: int = typer.Option(8, help="Evaluation views over 360 degrees."),
+    strength: float = typer.Option(0.6, help="img2img strength."),
+    steps: int = typer.Option(25, help="DDIM steps of the full schedule."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance (the paper: 3.0)."),
+    taus: str = typer.Option("1.0,1.025,1.05,1.075,1.1", help="Key scaling sweep."),
+    key_tau: float = typer.Option(1.05, help="tau of the '+ key scaling' row (the paper: 1.05)."),
+    seeds: str = typer.Option("0,1", help="Seeds: a training run and sampling noise each."),
+    threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """DiffStyle360's Table 2 in the lab: SFA alone, + fine-tuning, + Style Appearance Module, + key scaling."""
+    import torch
+
+    from headstyle.cli.common import check_out_dir
+    from headstyle.lab.learned import SHIPPED
+    from headstyle.lab.sfa_ablation import AblationSettings, run_ablation
+    from headstyle.sfa.dataset import DatasetError, read_manifest
+
+    folder = Path(prior) if prior else SHIPPED
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"--prior {prior or SHIPPED}: not an SD-layout lab prior folder (no model_index.json); give "
+                        "the model/ folder of `headstyle lab train-prior`")  # fmt: skip
+    if data:
+        try:
+            read_manifest(Path(data))
+        except DatasetError as exc:
+            raise UserError(f"--data: {exc}") from None
+    try:
+        settings = AblationSettings(
+            prior=str(folder), data=data, seen=tuple(s.strip() for s in seen.split(",") if s.strip()), unseen=unseen,
+            samples=samples, views=views, iterations=iterations, lr=lr, train_views=train_views,
+            eval_identities=identities, eval_views=eval_views, strength=strength, steps=steps, guidance=guidance,
+            taus=_numbers(taus, float, "--taus"), key_tau=key_tau, seeds=_numbers(seeds, int, "--seeds"),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UserError(f"{exc} (see headstyle lab sfa-ablation --help)") from None
+    if threads < 0:
+        raise UserError("--threads must be >= 0")
+    check_out_dir(out)
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_ablation(settings, Path(out), progress=progress)
+    typer.echo(result.markdown(), nl=False)
+    typer.echo(f"wrote {out}/ablation.md, ablation.csv, tradeoff.png and views.png")

@@ -1,0 +1,328 @@
+"""DiffStyle360's ablation (its Table 2 and Fig. 12) in the synthetic lab, scored against the lab's ground truth.
+
+Rows, each on the lab's held-out identities and a style that no training pair shows (``unseen``):
+
+- "SFA alone": Style Fusion Attention on the base prior, whose own UNet writes both banks (tau 1.00);
+- "+ fine-tuning": one appearance module fine-tuned on the paired dataset writes both banks
+  (headstyle.sfa role "shared"; tau 1.00);
+- "+ Style Appearance Module": the frozen content module beside a trained Style Appearance Module
+  (role "style"; tau 1.00);
+- "+ key scaling": the same at ``key_tau``; and the trade-off curve of the same module over ``taus``.
+
+Generation: img2img (DDIM, ``strength`` of ``steps``, CFG ``guidance``) of each identity's base renders at
+the lab's evaluation cameras, the content bank written from the identity's front and back base renders and
+the style bank from a cross-identity exemplar's front and back in the unseen style: the pairs as the dataset
+makes them (headstyle.sfa.dataset). Scores (headstyle.lab.evaluate.score against the unseen style's truth of
+the same identities): stylisation and style_fd (the colour/texture statistics of the style, identity-free;
+the lab's FID), rgb_error (to the ground-truth stylised head of the same identity), id_accuracy_appearance
+(which truth is nearest), input_distance (colour distance to the identity's own unstylised render: the
+paper's ID axis, lower = more like the input) and mv_warp_error (multi-view consistency through the base
+geometry, which img2img keeps). Mean +- std over seeds; each seed trains its own modules and draws its own
+sampling noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from headstyle.attention.config import SamplingConfig, StyleFusionConfig
+from headstyle.attention.prior import StyleFusionPrior
+from headstyle.attention.views import stylize_image
+from headstyle.cameras import cameras
+from headstyle.export import save_grid
+from headstyle.io import atomic_path, atomic_write_text
+from headstyle.lab.evaluate import EvalSet, Views, make_eval_set, render_views, score
+from headstyle.lab.generator import LabGenerator
+from headstyle.lab.prior import check_disjoint, held_out_z
+from headstyle.lab.world import STYLES, sample_z
+from headstyle.metrics.identity import colour_distance
+from headstyle.progress import progress_bar
+from headstyle.sfa.dataset import REFERENCE_YAWS, DatasetSettings, SFADataset, check_no_leak, write_dataset
+from headstyle.sfa.module import StyleAppearanceModule, read_manifest
+from headstyle.sfa.train import MODULE_DIR, SFATrainConfig, SFATrainer
+from headstyle.stylize import checkpointing
+
+# The unseen style's exemplar identity: drawn apart from the evaluation (1000) and reference (3000) sets.
+EXEMPLAR_SEED = 5_000
+TRUNCATION_PSI = 0.75  # the lab's evaluation renders (headstyle.lab.evaluate.render_views)
+# (key, header, format, higher is better)
+COLUMNS = (
+    ("stylisation", "stylisation", ".3f", True),
+    ("style_fd", "style FD", ".4f", False),
+    ("rgb_error", "rgb err vs truth", ".4f", False),
+    ("id_accuracy_appearance", "id acc", ".2f", True),
+    ("input_distance", "input dist", ".4f", False),
+    ("mv_warp_error", "mv err", ".4f", False),
+)
+# name -> (label, the role of the trained module or None for the untrained SFA)
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "sfa": ("SFA alone", None),
+    "finetune": ("+ fine-tuning", "shared"),
+    "sam": ("+ Style Appearance Module", "style"),
+}
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """prior: an SD-layout lab prior folder (the base UNet; `headstyle lab train-prior`). data: an existing
+    `headstyle sfa dataset` folder, or "" to write one from the lab's ground truth of the ``seen`` styles
+    (samples x views each). Training: iterations, lr, views per batch, samples per style held out for the
+    validation loss. Evaluation: the ``unseen`` style, eval identities x views, img2img strength / steps /
+    guidance, the tau sweep and the tau of the "+ key scaling" row; seeds: one training run and sampling
+    noise each."""
+
+    prior: str
+    data: str = ""
+    seen: tuple[str, ...] = ("statue", "zombie", "toon")
+    unseen: str = "gold"
+    samples: int = 24
+    views: int = 8
+    iterations: int = 200
+    lr: float = 1e-4
+    train_views: int = 8
+    held_out_per_style: int = 2
+    eval_identities: int = 4
+    eval_views: int = 8
+    strength: float = 0.6
+    steps: int = 25
+    guidance: float = 3.0
+    taus: tuple[float, ...] = (1.0, 1.025, 1.05, 1.075, 1.1)
+    key_tau: float = 1.05
+    seeds: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in (*self.seen, self.unseen) if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown lab styles {unknown}; choose from {', '.join(STYLES)}")
+        if self.unseen in self.seen:
+            raise ValueError(f"the unseen style {self.unseen!r} is among the training styles {list(self.seen)}")
+        if min(self.samples, self.views, self.train_views, self.eval_identities, len(self.seeds)) < 1:
+            raise ValueError("samples, views, train_views, eval_identities and seeds must be at least 1")
+        if self.eval_views < 2 or self.iterations < 0:
+            raise ValueError("eval_views must be at least 2 (consistency) and iterations >= 0")
+        if not self.taus or not all(math.isfinite(t) and t > 0 for t in (*self.taus, self.key_tau)):
+            raise ValueError(f"taus and key_tau must be positive, got {list(self.taus)} and {self.key_tau}")
+        SamplingConfig(strength=self.strength, steps=self.steps, guidance_scale=self.guidance)
+
+
+def lab_like() -> LabGenerator:
+    """The lab generator's sizes (the learned prior's 64 px images), no trainable weights."""
+    return LabGenerator(resolution=32, sr_factor=2, residual=False).eval()
+
+
+def load_base_prior(folder: str):
+    """The SD-layout lab prior through the production path, fp32 on the CPU, VAE posterior means."""
+    from headstyle.priors.diffusers_prior import DiffusersPrior
+
+    return DiffusersPrior.from_pretrained(folder, vae=None, controlnets={}, device="cpu", dtype=torch.float32,
+                                          latent_sample="mean")  # fmt: skip
+
+
+def ensure_dataset(s: AblationSettings, out: Path, eval_z: Tensor, progress: bool) -> SFADataset:
+    """The training pairs: s.data, or the lab's ground-truth seen styles written into out/data; never an
+    evaluation identity, never the unseen style."""
+    if s.data:
+        ds = SFADataset(s.data)
+    else:
+        styles = {name: LabGenerator(resolution=32, sr_factor=2, style=name, residual=False) for name in s.seen}
+        settings = DatasetSettings(samples=s.samples, views=s.views, truncation_psi=TRUNCATION_PSI)
+        sources = {"base": "lab", **{name: f"lab:{name}" for name in s.seen}}
+        ds = write_dataset(out / "data", lab_like(), styles, settings, held_out_z(64), sources, progress=progress)
+    check_no_leak(ds, eval_z)
+    if s.unseen in ds.styles or f"lab:{s.unseen}" in ds.sources.values():
+        raise ValueError(f"{ds.root} trains on the unseen style {s.unseen!r}; evaluate on another style")
+    return ds
+
+
+def train_module(
+    s: AblationSettings, prior, ds: SFADataset, role: str, seed: int, out: Path, progress: bool
+) -> StyleAppearanceModule:
+    """The module of (role, seed), trained in out/runs/<role>-seed<seed>; a finished run is reused, an
+    interrupted one resumed from its checkpoint."""
+    run = out / "runs" / f"{role}-seed{seed}"
+    module_dir = run / MODULE_DIR
+    if (module_dir / "sfa_module.json").is_file() and read_manifest(module_dir)["iterations"] == s.iterations:
+        return StyleAppearanceModule.load(module_dir)
+    cfg = SFATrainConfig()
+    cfg.data.path, cfg.data.held_out_per_style = str(ds.root), s.held_out_per_style
+    cfg.model.model = s.prior
+    t = cfg.train
+    t.role, t.iterations, t.lr, t.views, t.seed = role, s.iterations, s.lr, s.train_views, seed
+    cfg.run.out, cfg.run.checkpoint_every, cfg.run.validate_every = str(run), 50, max(s.iterations, 1)
+    resume = run if checkpointing.list_checkpoints(run) else None
+    if resume is None:
+        checkpointing.clear_run(run)
+    trainer = SFATrainer(cfg, prior, ds)
+    trainer.train(resume=resume, progress=progress)
+    return trainer.module.eval().requires_grad_(False)
+
+
+@dataclass
+class References:
+    """Latents of each evaluation identity's front/back base renders (I, 2, C, h, w) and of the unseen
+    style's exemplar (2, C, h, w)."""
+
+    content: Tensor
+    style: Tensor
+
+
+@torch.no_grad()
+def references(prior, ev: EvalSet, unseen: str) -> References:
+    like = lab_like()
+    ref_cams = cameras(torch.tensor(REFERENCE_YAWS), torch.zeros(len(REFERENCE_YAWS)))
+    content = render_views(like, ev.z, ref_cams, TRUNCATION_PSI).image
+    styled = LabGenerator(resolution=32, sr_factor=2, style=unseen, residual=False)
+    exemplar = render_views(styled, sample_z(1, EXEMPLAR_SEED), ref_cams, TRUNCATION_PSI).image[0]
+    i = content.shape[0]
+    c = prior.encode(content.flatten(0, 1))
+    return References(c.reshape(i, 2, *c.shape[1:]), prior.encode(exemplar))
+
+
+@torch.no_grad()
+def generate(
+    prior, unets: tuple[nn.Module | None, nn.Module | None], refs: References, ev: EvalSet, tau: float,
+    s: AblationSettings, seed: int,
+) -> Views:
+    """img2img of every evaluation identity's base views through SFA with the given appearance modules."""
+    fusion = StyleFusionConfig(tau=tau)
+    sampling = SamplingConfig(strength=s.strength, steps=s.steps, guidance_scale=s.guidance, seed=seed)
+    images = []
+    for i in range(ev.z.shape[0]):
+        sfa = StyleFusionPrior(prior, refs.style, config=fusion, content_unet=unets[0], style_unet=unets[1],
+                               seed=seed * 1_000 + i)  # fmt: skip
+        noise = torch.Generator().manual_seed(seed * 1_000 + i)
+        images.append(stylize_image(sfa, ev.before.image[i], None, sampling, noise, content=refs.content[i]))
+    # img2img keeps the base geometry: depth and mask are the base renders'
+    return Views(torch.stack(images), ev.before.depth, ev.before.mask)
+
+
+def scores(pred: Views, ev: EvalSet) -> dict[str, float]:
+    """headstyle.lab.evaluate.score plus input_distance (see the module docstring)."""
+    out = score(pred, ev)
+    b = ev.before
+    size = pred.image.shape[-2:]
+    # masks come at the raw render's size, images super-resolved: compare on the images' grid
+    mask = F.interpolate(b.mask.flatten(0, 1), size=size, mode="nearest-exact").reshape(*b.mask.shape[:3], *size)
+    out["input_distance"] = float(colour_distance(pred.image, mask, b.image, mask).mean())
+    return {k: float(v) for k, v in out.items()}
+
+
+@dataclass
+class AblationResult:
+    """Every (row, tau, seed) scored; the table rows and the tau curve."""
+
+    runs: list[dict[str, Any]]
+    settings: AblationSettings
+
+    def rows(self) -> list[tuple[str, float]]:
+        """(variant, tau) of Table 2's rows."""
+        return [("input", 0.0), ("sfa", 1.0), ("finetune", 1.0), ("sam", 1.0), ("sam", self.settings.key_tau)]
+
+    def stats(self, variant: str, tau: float, key: str) -> tuple[float, float]:
+        values = [r[key] for r in self.runs if r["variant"] == variant and math.isclose(r["tau"], tau)]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    def markdown(self) -> str:
+        s = self.settings
+        head = "| row | tau | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, _, up in COLUMNS) + " |"
+        lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+        labels = {"input": "input (unstylised render)", **{k: v[0] for k, v in VARIANTS.items()}}
+        for variant, tau in self.rows():
+            label = "+ key scaling" if variant == "sam" and not math.isclose(tau, 1.0) else labels[variant]
+            cells = []
+            for key, _, fmt, _ in COLUMNS:
+                mean, std = self.stats(variant, tau, key)
+                cells.append(f"{mean:{fmt}} ± {std:{fmt}}")
+            tau_text = "-" if variant == "input" else f"{tau:.3f}"
+            lines.append(f"| {label} | {tau_text} | " + " | ".join(cells) + " |")
+        lines += ["", f"tau sweep of {labels['sam']} (Fig. 12):", "", head, lines[1]]
+        for tau in s.taus:
+            cells = [f"{m:{fmt}} ± {d:{fmt}}" for key, _, fmt, _ in COLUMNS for m, d in [self.stats("sam", tau, key)]]
+            lines.append(f"| {labels['sam']} | {tau:.3f} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        keys = list(dict.fromkeys(k for r in self.runs for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.runs)
+        return buf.getvalue()
+
+
+def plot_tradeoff(result: AblationResult, path: Path) -> None:
+    """tradeoff.png: stylisation and input distance (the identity axis) against tau, mean +- std over seeds,
+    with the untrained SFA and the fine-tuned module at tau 1 as markers (the paper's Fig. 12)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    taus = list(result.settings.taus)
+    panels = (("stylisation", "stylisation (higher = more style)"),
+              ("input_distance", "distance to the input (lower = more identity)"),
+              ("rgb_error", "rgb error vs the ground truth"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        stats = [result.stats("sam", t, key) for t in taus]
+        ax.errorbar(taus, [m for m, _ in stats], yerr=[d for _, d in stats], marker="o", capsize=3,
+                    label=VARIANTS["sam"][0])  # fmt: skip
+        for variant, marker in (("sfa", "s"), ("finetune", "^")):
+            m, d = result.stats(variant, 1.0, key)
+            ax.errorbar([1.0], [m], yerr=[d], marker=marker, linestyle="none", capsize=3, label=VARIANTS[variant][0])
+        ax.set_title(title)
+        ax.set_xlabel("key scaling tau")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def run_ablation(s: AblationSettings, out: Path, progress: bool = True) -> AblationResult:
+    """Train the modules per seed, generate and score every row and tau; writes ablation.md / .csv / .json,
+    tradeoff.png and views.png (the first identity: input, truth, then each row) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    ev = make_eval_set(s.unseen, lab_like(), s.eval_identities, s.eval_views)
+    check_disjoint(sample_z(1, EXEMPLAR_SEED), ev.z)
+    ds = ensure_dataset(s, out, ev.z, progress)
+    prior = load_base_prior(s.prior)
+    refs = references(prior, ev, s.unseen)
+    runs: list[dict[str, Any]] = [
+        {"variant": "input", "tau": 0.0, "seed": seed, **scores(ev.before, ev)} for seed in s.seeds
+    ]
+    sheet = [ev.before.image[0], ev.truth.image[0]]
+    configs = [("sfa", 1.0), ("finetune", 1.0), *(("sam", tau) for tau in s.taus)]
+    if not any(math.isclose(s.key_tau, t) for t in s.taus):
+        configs.append(("sam", s.key_tau))
+    for seed in s.seeds:
+        modules = {role: train_module(s, prior, ds, role, seed, out, progress) for role in ("shared", "style")}
+        with progress_bar(disable=not progress) as bar:
+            task = bar.add_task(f"sfa ablation seed {seed}", total=len(configs))
+            for variant, tau in configs:
+                role = VARIANTS[variant][1]
+                unets = (None, None) if role is None else modules[role].appearance_unets(prior.unet)
+                pred = generate(prior, unets, refs, ev, tau, s, seed)
+                runs.append({"variant": variant, "tau": tau, "seed": seed, **scores(pred, ev)})
+                if seed == s.seeds[0] and (variant != "sam" or math.isclose(tau, 1.0) or math.isclose(tau, s.key_tau)):
+                    sheet.append(pred.image[0])
+                bar.update(task, advance=1, info=f"{variant} tau {tau:.3f}")
+    result = AblationResult(runs, s)
+    atomic_write_text(out / "ablation.md", result.markdown())
+    atomic_write_text(out / "ablation.csv", result.csv())
+    atomic_write_text(out / "ablation.json", json.dumps({"settings": asdict(s), "runs": runs}, indent=1))
+    plot_tradeoff(result, out / "tradeoff.png")
+    save_grid(torch.cat(sheet), out / "views.png", cols=s.eval_views)
+    return result
