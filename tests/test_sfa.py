@@ -284,3 +284,18 @@ def test_app_loads_a_trained_module(dataset, prior, tmp_path):
     with pytest.raises(AppError, match="not a Style Appearance Module"):
         Models(cfg).sfa_unets(prior)
     assert Models(AppConfig()).sfa_unets(prior) == (None, None)
+
+
+def test_ablation_scores_know_the_input_and_the_truth():
+    """The ablation's scores on the two known answers: the unstylised input is at distance 0 from itself with
+    stylisation 0, the ground truth has rgb error 0 and stylisation 1; and the unseen style must stay unseen."""
+    from headstyle.lab.evaluate import make_eval_set
+    from headstyle.lab.sfa_ablation import AblationSettings, lab_like, scores
+
+    ev = make_eval_set("gold", lab_like(), identities=2, views=2)
+    before, truth = scores(ev.before, ev), scores(ev.truth, ev)
+    assert before["input_distance"] == 0 and before["stylisation"] == 0 and before["rgb_error"] > 0.01
+    assert truth["rgb_error"] == 0 and truth["input_distance"] > 0.01
+    assert truth["stylisation"] > 0.9  # the truth's own identities vs the style's reference identities
+    with pytest.raises(ValueError, match="among the training styles"):
+        AblationSettings(prior="", seen=("statue", "gold"), unseen="gold")
