@@ -27,7 +27,9 @@ from headstyle.generator.latents import Latent, latents_from_npz, latents_from_s
 from headstyle.settings import ConfigError
 
 # Small enough for a busy 2-core machine: a 2-identity prior, few frames, coarse meshes.
-LAB = ["lab.prior_identities=2", "lab.prior_views=4", "lab.turntable_frames=4", "lab.mesh_resolution=40"]
+# The exemplar prior: these tests drive the app's jobs, not the learned prior (tests/test_learned_prior.py).
+LAB = ["lab.prior=exemplar", "lab.prior_identities=2", "lab.prior_views=4", "lab.turntable_frames=4",
+       "lab.mesh_resolution=40"]
 
 
 @pytest.fixture

@@ -47,7 +47,8 @@ def served(parity_dir, tmp_path):
         "photo.steps=4", "photo.raw=true", "photo.w_avg_samples=200",
         "render.neural_rendering_resolution=16", "render.depth_samples=6", "render.raw=true",
         "render.turntable_frames=6", "render.mesh_resolution=24",
-        "lab.prior_identities=2", "lab.prior_views=4", "lab.turntable_frames=8", "lab.mesh_resolution=48",
+        "lab.prior=exemplar", "lab.prior_identities=2", "lab.prior_views=4", "lab.turntable_frames=8",
+        "lab.mesh_resolution=48",
         f"server.workdir={tmp_path / 'work'}",
     ])  # fmt: skip
     port = free_port()

@@ -247,3 +247,21 @@ def test_ld_scores_are_the_trainers_targets(tmp_path):
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     _, silent = ld_scores(prior, G, "statue", identities=2, guidance=0.0)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in silent)
+
+
+def test_app_lab_styles_train_on_the_configured_prior(tmp_path, tiny_sd, monkeypatch):
+    """The app's lab.prior: the learned prior by default (its absence one line naming the setting), the recipe's
+    shaping for an SD folder, the exemplar prior's on request."""
+    from headstyle.app import training
+    from headstyle.app.config import LabSection
+    from headstyle.app.jobs import AppError
+
+    monkeypatch.setattr(learned, "SHIPPED", tmp_path / "learned_prior")
+    with pytest.raises(AppError, match=r"lab\.prior: the learned lab prior is not shipped yet"):
+        training.lab_spec(LabSection(), "statue", 5, tmp_path / "a")
+    folder = str(sd_folder(tiny_sd, tmp_path))
+    sd = training.lab_spec(LabSection(prior=folder), "statue", 5, tmp_path / "b").config
+    exemplar = training.lab_spec(LabSection(prior="exemplar"), "statue", 5, tmp_path / "c").config
+    assert (sd["shaping"]["scale"], len(sd["single"]["rank_weights"])) == (1000.0, 4)
+    assert (exemplar["shaping"]["scale"], len(exemplar["single"]["rank_weights"])) == (10.0, 3)
+    assert training.lab_prior(LabSection(prior=folder)).control_names == {"depth", "canny"}

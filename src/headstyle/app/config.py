@@ -98,7 +98,9 @@ class RenderSection:
 class LabSection:
     """The synthetic lab (no weights): its generator's size, the prior's exemplar identities and views,
     training iterations offered by default, how its results are rendered, and a Style Appearance Module
-    trained for the learned lab prior (style_module, "" = none) for its Style image."""
+    trained for the learned lab prior (style_module, "" = none) for its Style image. prior: what lab styles
+    train on: "" = the shipped learned lab prior, "exemplar" = the analytic exemplar prior, or an SD folder
+    (headstyle.lab.learned)."""
 
     resolution: int = 32
     sr_factor: int = 2
@@ -109,6 +111,7 @@ class LabSection:
     turntable_frames: int = 36
     mesh_resolution: int = 96
     style_module: str = ""
+    prior: str = ""
 
     def __post_init__(self) -> None:
         if min(self.resolution, self.sr_factor, self.prior_identities, self.prior_views, self.iterations) < 1:

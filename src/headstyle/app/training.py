@@ -74,10 +74,12 @@ def lab_spec(lab: LabSection, style: str, iterations: int, run_dir: Path, seed: 
     _check_new(run_dir, iterations)
     settings = LabSettings(iterations=int(iterations), lr=lab.lr, seed=seed, resolution=lab.resolution,
                            sr_factor=lab.sr_factor, prior_identities=lab.prior_identities,
-                           prior_views=lab.prior_views)  # fmt: skip
+                           prior_views=lab.prior_views, prior=lab.prior)  # fmt: skip
     every = _every(settings.iterations)
+    profile = _lab_prior_spec(lab).profile(lab.resolution, lab.sr_factor)
     try:
-        cfg = lab_config(style, settings, run_dir, (f"run.sample_every={every}", f"run.checkpoint_every={every}"))
+        cfg = lab_config(style, settings, run_dir, (f"run.sample_every={every}", f"run.checkpoint_every={every}"),
+                         profile)  # fmt: skip
     except ConfigError as exc:
         raise AppError(str(exc)) from None
     return TrainSpec(to_dict(cfg), str(run_dir), lab=lab)
@@ -144,13 +146,25 @@ def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> Train
 # ---------------------------------------------------------------------------------------------- the child
 
 
-def lab_prior(lab: LabSection):
-    """The prior lab styles are trained with: the exact exemplar prior of headstyle.lab.prior. When the
-    learned lab prior ships (headstyle/lab/learned_prior/), return headstyle.lab.prior_card.load_prior() here."""
-    from headstyle.lab.prior import build_lab_prior
+def _lab_prior_spec(lab: LabSection):
+    """lab.prior resolved (headstyle.lab.learned.resolve_prior), its problem as an AppError."""
+    from headstyle.lab.learned import LabPriorError, resolve_prior
 
-    return build_lab_prior(identities=lab.prior_identities, views=lab.prior_views, resolution=lab.resolution,
-                           sr_factor=lab.sr_factor)[0]  # fmt: skip
+    try:
+        return resolve_prior(lab.prior)
+    except LabPriorError as exc:
+        raise AppError(f"lab.prior: {exc}") from None
+
+
+def lab_prior(lab: LabSection):
+    """The prior lab styles are trained with (lab.prior): the learned lab prior through DiffusersPrior by default,
+    the analytic exemplar prior with "exemplar", or an SD folder."""
+    from headstyle.lab.learned import LabPriorError
+
+    try:
+        return _lab_prior_spec(lab).load(lab.resolution, lab.sr_factor, lab.prior_identities, lab.prior_views)[0]
+    except LabPriorError as exc:
+        raise AppError(f"lab.prior: {exc}") from None
 
 
 def train(spec: TrainSpec) -> tuple[str, int, str]:

@@ -63,6 +63,13 @@ class LabPriorSpec:
     def name(self) -> str:
         return EXEMPLAR if self.folder is None else str(self.folder)
 
+    def profile(self, resolution: int, sr_factor: int) -> PriorProfile:
+        """The recipe's constants for a lab generator of raw ``resolution`` and ``sr_factor`` (its single views are
+        the prior's images; ``load`` checks that a learned prior takes that size)."""
+        if self.folder is None:
+            return PriorProfile(EXEMPLAR, resolution * sr_factor, *EXEMPLAR_SHAPING)
+        return PriorProfile("learned", resolution * sr_factor, *LEARNED_SHAPING)
+
     def load(self, resolution: int, sr_factor: int, identities: int, views: int, progress: bool = False):
         """(prior, profile) for a lab generator of raw ``resolution`` and ``sr_factor``; the exemplar prior is
         built from ``identities`` x ``views`` renders, the learned one must work at the lab's render sizes."""
@@ -72,7 +79,7 @@ class LabPriorSpec:
             prior, _ = build_lab_prior(
                 identities=identities, views=views, resolution=resolution, sr_factor=sr_factor, progress=progress
             )
-            return prior, PriorProfile(EXEMPLAR, resolution * sr_factor, *EXEMPLAR_SHAPING)
+            return prior, self.profile(resolution, sr_factor)
         prior = load_learned(self.folder)
         # Single views are the raw render x sr_factor; grids are 2x2 raw renders: both must be the prior's size.
         if not prior.image_size == resolution * sr_factor == 2 * resolution:
@@ -81,7 +88,7 @@ class LabPriorSpec:
                 f"{resolution * sr_factor} px single views ({resolution} px raw x{sr_factor}) and "
                 f"{2 * resolution} px grids; use a prior trained at {resolution * sr_factor} px or --prior exemplar"
             )
-        return prior, PriorProfile("learned", prior.image_size, *LEARNED_SHAPING)
+        return prior, self.profile(resolution, sr_factor)
 
 
 def resolve_prior(text: str) -> LabPriorSpec:
