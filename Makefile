@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of this exact version is provisioned here; other specs pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,24 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
+
+# The lab's full re-measurement (issue 18): 4 styles x every objective/ablation x seeds 0,1,2 at the paper's lr 1e-4
+# and the lab's 2e-3 (Adam), LD and SDS with SGD and the stopping rule, and an exemplar-prior row. Each part is one
+# process on one thread: `make -j2 lab-matrix` runs two at once. LAB_PRIOR: '' = the shipped learned prior, or a folder.
+LAB_PRIOR ?=
+LAB_BENCH = OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior "$(LAB_PRIOR)" --styles all --seeds 0,1,2 \
+	--iterations 100 --curve-every 10 --no-progress
+lab-matrix: lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar
+lab-matrix-paper: $(STAMP)
+	$(LAB_BENCH) --objectives all --lr 0.0001 --out runs/lab-matrix/adam-lr1e-4
+lab-matrix-fast: $(STAMP)
+	$(LAB_BENCH) --objectives all --lr 0.002 --out runs/lab-matrix/adam-lr2e-3
+lab-matrix-optim: $(STAMP)
+	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop,sgd-stop --lr 0.0001 --out runs/lab-matrix/optim-lr1e-4
+	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop,sgd-stop --lr 0.002 --out runs/lab-matrix/optim-lr2e-3
+lab-matrix-exemplar: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior exemplar --styles all --seeds 0,1,2 --objectives ld,sds \
+		--lr 0.002 --curve-every 10 --no-progress --out runs/lab-matrix/exemplar-lr2e-3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

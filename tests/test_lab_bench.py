@@ -265,3 +265,27 @@ def test_app_lab_styles_train_on_the_configured_prior(tmp_path, tiny_sd, monkeyp
     assert (sd["shaping"]["scale"], len(sd["single"]["rank_weights"])) == (1000.0, 4)
     assert (exemplar["shaping"]["scale"], len(exemplar["single"]["rank_weights"])) == (10.0, 3)
     assert training.lab_prior(LabSection(prior=folder)).control_names == {"depth", "canny"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--t-range", "281"], "--t-range"),
+        (["--t-range", "300,10"], "--t-range"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--optimizer", "adam,lbfgs"], "--optimizer"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--prior", "{tmp}"], "model_index.json"),
+    ],
+)
+def test_bench_options_are_checked_before_any_model_loads(args, message, tmp_path, monkeypatch, capsys):
+    from headstyle.cli import main
+
+    argv = [a.format(tmp=tmp_path) for a in args]
+    monkeypatch.setattr("sys.argv", ["headstyle", "lab", "bench", "--prior", "exemplar", *argv, "--out",
+                                     str(tmp_path / "out")])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
