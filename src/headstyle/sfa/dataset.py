@@ -327,10 +327,15 @@ def _check_continuation(old: dict, new: dict, root: Path) -> None:
 
 
 @torch.no_grad()
-def _render(G: Generator, z: Tensor, cams: Tensor, settings: DatasetSettings, device: torch.device):
-    ws = G.mapping(z.to(device), conditioning_camera().to(device), settings.truncation_psi, settings.truncation_cutoff)
-    n = len(cams)
-    return G.synthesis(ws.expand(n, -1, -1), cams.to(device), render_sr=settings.render_sr)
+def _render(G: Generator, seed: int, cams: Tensor, settings: DatasetSettings, device: torch.device):
+    """Identity ``seed`` at ``cams``: constant noise inputs and the renderer's ray jitter drawn from the seed
+    (as headstyle.export.render_view), so a sample is a pure function of its seeds and cameras (resumes match)."""
+    z = z_from_seed(seed, G.z_dim).to(device)
+    ws = G.mapping(z, conditioning_camera().to(device), settings.truncation_psi, settings.truncation_cutoff)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return G.synthesis(ws.expand(len(cams), -1, -1), cams.to(device), noise_mode="const",
+                           render_sr=settings.render_sr)  # fmt: skip
 
 
 def _image(out, settings: DatasetSettings) -> Tensor:
@@ -351,10 +356,10 @@ def write_sample(
     z_c, z_s = z_from_seed(content_seed, z_dim), z_from_seed(style_seed, z_dim)
     ref_cams = cameras(torch.tensor(REFERENCE_YAWS), torch.zeros(len(REFERENCE_YAWS)))
     cams = settings.view_cameras(sample)
-    content = _image(_render(base, z_c, ref_cams, settings, device), settings)
-    style = _image(_render(styled, z_s, ref_cams, settings, device), settings)
-    views = _image(_render(base, z_c, cams, settings, device), settings)
-    target_out = _render(styled, z_c, cams, settings, device)
+    content = _image(_render(base, content_seed, ref_cams, settings, device), settings)
+    style = _image(_render(styled, style_seed, ref_cams, settings, device), settings)
+    views = _image(_render(base, content_seed, cams, settings, device), settings)
+    target_out = _render(styled, content_seed, cams, settings, device)
     targets = _image(target_out, settings)
     folder.mkdir(parents=True)
     for name, image in (("content_front", content[0]), ("content_back", content[1]),
