@@ -28,7 +28,7 @@ from headstyle.lab.prior import build_lab_prior
 from headstyle.lab.world import UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.analytic import ExemplarPrior
 from headstyle.stylize.config import OptimConfig, load_config
-from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_first_step, margin
+from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_sgd, margin
 
 RES = 16  # raw renders; x2 single views
 
@@ -62,17 +62,24 @@ def test_sgd_step_is_the_learning_rate_times_the_momentum_velocity():
     assert isinstance(build_optimizer([p], OptimConfig()), torch.optim.Adam)
 
 
-def test_sgd_first_step_calibration_gives_the_first_step_its_rms():
+def test_sgd_calibration_gives_a_constant_gradient_steady_steps_of_the_set_rms():
+    """lr = step (1 - mu) / rms(g1): the first step is (1 - mu) * step, the velocity of a constant g1 tends to
+    g1 / (1 - mu), so the steps tend to RMS ``step`` (Adam's steady step is ~lr)."""
     p = torch.nn.Parameter(torch.zeros(4))
-    opt = build_optimizer([p], OptimConfig(name="sgd", lr=1.0, momentum=0.9, sgd_first_step=0.01))
-    assert not calibrate_first_step(opt, 0.0, 0.01)  # a zero gradient cannot set it: wait for the next step
+    mu = 0.9
+    opt = build_optimizer([p], OptimConfig(name="sgd", lr=1.0, momentum=mu, sgd_step=0.01))
+    assert not calibrate_sgd(opt, 0.0, 0.01)  # a zero gradient cannot set it: wait for the next step
     grad = torch.tensor([3.0, -4.0, 0.0, 0.0])
     rms = float(grad.norm()) / math.sqrt(grad.numel())
-    assert calibrate_first_step(opt, rms, 0.01)
-    p.grad = grad
-    opt.step()
-    assert float(p.detach().square().mean().sqrt()) == pytest.approx(0.01, rel=1e-6)
-    assert not calibrate_first_step(opt, 1.0, 0.01) and opt.param_groups[0]["lr"] == pytest.approx(0.01 / rms)
+    assert calibrate_sgd(opt, rms, 0.01)
+    steps = []
+    for _ in range(200):
+        before = p.detach().clone()
+        p.grad = grad.clone()
+        opt.step()
+        steps.append(float((p.detach() - before).square().mean().sqrt()))
+    assert steps[0] == pytest.approx((1 - mu) * 0.01, rel=1e-5) and steps[-1] == pytest.approx(0.01, rel=1e-5)
+    assert not calibrate_sgd(opt, 1.0, 0.01) and opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - mu) / rms)
 
 
 def test_classifier_margin_closed_form():

@@ -99,7 +99,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         [],  # the paper's Adam
         # SGD with momentum, its lr set at the first step, and the stopping rule decaying it at iteration 2
         # (margin > -1 always holds): the lr, the calibration and the rule's state cross the checkpoint.
-        ["optim.name=sgd", "optim.sgd_first_step=0.001", "optim.stop_rule=classifier", "optim.stop_every=2",
+        ["optim.name=sgd", "optim.sgd_step=0.001", "optim.stop_rule=classifier", "optim.stop_every=2",
          "optim.stop_action=decay", "optim.stop_margin=-1.0", "optim.stop_probes=1"],
     ],
     ids=["adam", "sgd-stop-rule"],

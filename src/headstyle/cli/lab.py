@@ -98,7 +98,7 @@ def lab_bench(
     objectives: str = typer.Option("ld,sds", help="Comma-separated objectives/ablations: ld, sds, ids, dds, nfsd, "
                                    "ld-no-mirror, ld-no-grid, ld-no-rank, ld-no-reg, ld-mvnrs, or 'all'."),
     optimizer: str = typer.Option("adam", help="Comma-separated optimisers: adam (the paper's), sgd (momentum 0.9, "
-                                  "step proportional to the gradient, its first step as long as Adam's), adam-stop, "
+                                  "step proportional to the gradient, steady step as long as Adam's), adam-stop, "
                                   "sgd-stop (with the diffusion-classifier stopping rule), or 'all'."),
     prior: str = typer.Option("", help=PRIOR_HELP),
     iterations: int = typer.Option(100, help="Training iterations of every run (same budget)."),

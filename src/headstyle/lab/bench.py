@@ -61,14 +61,14 @@ CURVE_VARIANTS = ("ld", "sds")
 
 
 def _optimizer(name: str, lr: float) -> tuple[str, ...]:
-    sgd = ("optim.name=sgd", "optim.momentum=0.9", f"optim.sgd_first_step={lr}")
+    sgd = ("optim.name=sgd", "optim.momentum=0.9", f"optim.sgd_step={lr}")
     stop = ("optim.stop_rule=classifier",)
     return {"adam": (), "sgd": sgd, "adam-stop": stop, "sgd-stop": (*sgd, *stop)}[name]
 
 
 # The paper's Adam; SGD with momentum 0.9 whose step is proportional to the gradient (its learning rate set at
-# the first step so that step moves the weights as far, in RMS, as Adam's first step: --lr); either with the
-# diffusion-classifier stopping rule (optim.stop_rule, headstyle.stylize.trainer).
+# the first step so that a constant gradient would reach steady steps as long, in RMS, as Adam's: --lr); either
+# with the diffusion-classifier stopping rule (optim.stop_rule, headstyle.stylize.trainer).
 OPTIMIZERS = ("adam", "sgd", "adam-stop", "sgd-stop")
 
 # Columns of the bench table: (metric key, header, format).

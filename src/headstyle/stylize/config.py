@@ -141,9 +141,10 @@ class OptimConfig:
     """The optimiser of the trainable weights, and an optional stopping rule.
 
     name: "adam" (the paper's; lr, beta1, beta2) or "sgd" (with ``momentum``: the step is lr times the
-    velocity, so it shrinks with the gradient). sgd_first_step > 0 sets SGD's lr at the first step with
-    a non-zero gradient so that that step's RMS over the weights equals it (Adam's first step moves
-    every weight by lr); the lr then stays (checkpointed in the optimizer's param group).
+    velocity, so it shrinks with the gradient). sgd_step > 0 sets SGD's lr at the first step with a
+    non-zero gradient g1 so that the steady step of a constant g1, lr * g1 / (1 - momentum), has RMS
+    sgd_step over the weights (Adam's steady step is about lr per weight); the lr then stays
+    (checkpointed in the optimizer's param group).
     stop_rule "classifier": every stop_every iterations the diffusion classifier margin of the current
     renders (stylize/trainer.py, Stylizer.classifier_margin: eps error under the source prompt vs the
     style prompt on stop_probes fixed single views at low noise) is measured; once it exceeds
@@ -157,7 +158,7 @@ class OptimConfig:
     train_biases: bool = False
     name: str = "adam"
     momentum: float = 0.9
-    sgd_first_step: float = 0.0
+    sgd_step: float = 0.0
     stop_rule: str = "none"
     stop_margin: float = 0.0
     stop_every: int = 10
@@ -249,7 +250,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "optim.beta1": (0.0, 0.999999),
     "optim.beta2": (0.0, 0.999999),
     "optim.momentum": (0.0, 0.999999),
-    "optim.sgd_first_step": (0.0, None),
+    "optim.sgd_step": (0.0, None),
     "optim.stop_margin": (-1.0, 1.0),
     "optim.stop_decay": (0.0, 1.0),
     "shaping.clamp": (0.0, None),
@@ -391,8 +392,8 @@ def validate(cfg: StylizeConfig) -> None:
             raise ConfigError(f"{key} must be a positive number, got {flat[key]}")
     if not all(math.isfinite(y) and abs(y) <= 360 for y in cfg.run.sample_yaws):
         raise ConfigError(f"run.sample_yaws are degrees within [-360, 360], got {list(cfg.run.sample_yaws)}")
-    if cfg.optim.sgd_first_step > 0 and cfg.optim.name != "sgd":
-        raise ConfigError(f"optim.sgd_first_step sets SGD's learning rate: set optim.name=sgd (got {cfg.optim.name})")
+    if cfg.optim.sgd_step > 0 and cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.sgd_step sets SGD's learning rate: set optim.name=sgd (got {cfg.optim.name})")
     if not cfg.optim.train_modules:
         raise ConfigError("optim.train_modules is empty: name the modules to train, e.g. ['backbone.synthesis']")
     if len(cfg.single.rank_weights) > 0 and any(w < 0 for w in cfg.single.rank_weights):

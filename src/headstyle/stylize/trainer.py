@@ -83,20 +83,20 @@ PROBE_TIMESTEPS = 3
 def build_optimizer(params: list[nn.Parameter], optim: Any) -> torch.optim.Optimizer:
     """The config's optimiser (optim: an OptimConfig): the paper's Adam, or SGD with momentum (step = lr * velocity,
     v <- momentum * v + grad). SGD's param group carries "calibrated" (its lr set from the first step, see
-    OptimConfig.sgd_first_step), checkpointed with the optimizer's state."""
+    OptimConfig.sgd_step), checkpointed with the optimizer's state."""
     if optim.name == "sgd":
-        calibrated = optim.sgd_first_step <= 0
+        calibrated = optim.sgd_step <= 0
         return torch.optim.SGD([{"params": params, "calibrated": calibrated}], lr=optim.lr, momentum=optim.momentum)
     return torch.optim.Adam(params, lr=optim.lr, betas=(optim.beta1, optim.beta2))
 
 
-def calibrate_first_step(optimizer: torch.optim.Optimizer, grad_rms: float, first_step: float) -> bool:
-    """Set an uncalibrated SGD group's lr so that the coming step (velocity = grad at the first step) has RMS
-    ``first_step`` over the weights; a zero gradient leaves it for the next step. True when calibrated now."""
+def calibrate_sgd(optimizer: torch.optim.Optimizer, grad_rms: float, step: float) -> bool:
+    """Set an uncalibrated SGD group's lr so that a constant gradient of RMS ``grad_rms`` would reach steady steps
+    lr * grad / (1 - momentum) of RMS ``step``; a zero gradient leaves it for the next step. True when set now."""
     group = optimizer.param_groups[0]
     if group["calibrated"] or not (grad_rms > 0 and math.isfinite(grad_rms)):
         return False
-    group["lr"] = first_step / grad_rms
+    group["lr"] = step * (1 - group["momentum"]) / grad_rms
     group["calibrated"] = True
     return True
 
@@ -382,9 +382,9 @@ class Stylizer:
         out: dict[str, Any] = {"grad_norm": float(grad_norm), "grad_norm_local": float(local_norm)}
         if torch.isfinite(grad_norm):
             self.nonfinite_in_row = 0
-            if self.cfg.optim.sgd_first_step > 0:
+            if self.cfg.optim.sgd_step > 0:
                 rms = float(grad_norm) / math.sqrt(flat.numel())
-                out["sgd_calibrated"] = int(calibrate_first_step(self.optimizer, rms, self.cfg.optim.sgd_first_step))
+                out["sgd_calibrated"] = int(calibrate_sgd(self.optimizer, rms, self.cfg.optim.sgd_step))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
