@@ -153,7 +153,11 @@ def lab_train_prior(
     out: str = typer.Option(..., help="Run folder: data/, checkpoints/, model/ (the SD-layout prior), logs."),
     resume: bool = typer.Option(False, help="Continue a run in --out from its checkpoints."),
     stage: str = typer.Option("all", help="Stage: data, vae, decoder, unet, controlnet or all (every unfinished one)."),
-    config: str = typer.Option("full", help="Sizes and steps: full, full-text (text encoder trained) or tiny (tests)."),
+    config: str = typer.Option(
+        "full",
+        help="Sizes and steps: full, full-text (text encoder trained), full-long (full-text, a longer UNet "
+        "schedule) or tiny (tests).",
+    ),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

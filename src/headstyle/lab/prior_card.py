@@ -2,8 +2,8 @@
 
 Figures (all on ground-truth renders of the lab's HELD-OUT identities unless said otherwise):
 
-- diffusion classifier: for each render x0 and t in ``CLASSIFIER_T`` (all <= 281), the eps error
-  || eps - eps_theta(x_t, t, prompt) ||^2 of each domain's prompt under shared noise; the domain
+- diffusion classifier: for each render x0, t in ``CLASSIFIER_T`` (all <= 281) and CLASSIFIER_DRAWS noises,
+  the eps error || eps - eps_theta(x_t, t, prompt) ||^2 of each domain's prompt under shared noise; the domain
   with the lowest summed error is the prediction (Li et al. 2023, "Your diffusion model is secretly
   a zero-shot classifier"). On single views and on 2x2 grids.
 - memorisation: mean eps error at t <= 281 (own prompt) on held-out renders / the same on the
@@ -47,6 +47,7 @@ from headstyle.priors.base import Branch, Control
 
 SHIPPED = Path(__file__).with_name("learned_prior")
 CLASSIFIER_T = (101, 181, 281)
+CLASSIFIER_DRAWS = 4  # noise draws per t: the classifier averages its eps errors, as Li et al. do over many
 IMG2IMG_T = (281, 481)
 GUIDANCE = 5.0
 CONTROL_T = 681
@@ -117,10 +118,10 @@ def training_truth(identities: int, views: int, cfg: TrainPriorConfig) -> Render
 @torch.no_grad()
 def eps_errors(
     prior, latents: Tensor, prompts: list[str], ts: tuple[int, ...], seed: int, control: Control | None = None,
-    batch: int = 64,
+    batch: int = 64, draws: int = 1,
 ) -> Tensor:
-    """Mean squared eps error (N, len(prompts), len(ts)) of each latent under each prompt; the noise of a
-    latent at a t is shared by all prompts (paired comparison)."""
+    """Mean squared eps error (N, len(prompts), len(ts)) of each latent under each prompt, averaged over ``draws``
+    noise draws per t; each noise is shared by all prompts (paired comparison)."""
     from headstyle.priors.base import PromptEmbeds
 
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +130,7 @@ def eps_errors(
     embeds = [prior.embed_prompts(p).cond for p in prompts]
     # predict_noise evaluates (uncond, cond) of a branch: two prompts per branch halve the UNet calls.
     pairs = [(i, min(i + 1, len(prompts) - 1)) for i in range(0, len(prompts), 2)]
-    for j, t in enumerate(ts):
+    for j, t in [(j, t) for j, t in enumerate(ts) for _ in range(draws)]:
         eps = torch.randn(latents.shape, generator=gen)
         tt = torch.tensor([t])
         x_t = prior.add_noise(latents, eps, tt)
@@ -139,7 +140,7 @@ def eps_errors(
             branches = [Branch(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
             for (a, b), pred in zip(pairs, prior.predict_noise(branches), strict=True):
                 for k, e in zip((a, b), pred, strict=True):
-                    out[sl, k, j] = (e - eps[sl]).square().flatten(1).mean(1)
+                    out[sl, k, j] += (e - eps[sl]).square().flatten(1).mean(1) / draws
     return out
 
 
@@ -149,7 +150,7 @@ def encode(prior, images: Tensor) -> Tensor:
     return prior.vae.encode(images.to(prior.vae_dtype)).latent_dist.mean.float() * prior.scaling_factor
 
 
-def classify(prior, renders: Renders, grid: bool, seed: int = 0) -> tuple[float, Tensor]:
+def classify(prior, renders: Renders, grid: bool, seed: int = 0, draws: int = CLASSIFIER_DRAWS) -> tuple[float, Tensor]:
     """Diffusion-classifier accuracy over every domain's renders, and the (true, predicted) confusion counts."""
     prompts = [PHRASINGS[d][0] for d in DOMAINS]
     confusion = torch.zeros(len(DOMAINS), len(DOMAINS), dtype=torch.long)
@@ -159,7 +160,7 @@ def classify(prior, renders: Renders, grid: bool, seed: int = 0) -> tuple[float,
             control = Control("depth", depth)
         else:
             images, control = renders.single(d), None
-        err = eps_errors(prior, encode(prior, images), prompts, CLASSIFIER_T, seed, control).sum(-1)
+        err = eps_errors(prior, encode(prior, images), prompts, CLASSIFIER_T, seed, control, draws=draws).sum(-1)
         confusion[k] += torch.bincount(err.argmin(1), minlength=len(DOMAINS))
     return float(confusion.diag().sum() / confusion.sum()), confusion
 

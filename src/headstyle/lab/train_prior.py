@@ -129,8 +129,8 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     # The frozen random text encoder left "a zombie", "a golden sculpture of a head" and the unstyled prompt
     # nearly interchangeable for the UNet after 1800 steps: train it with the UNet, to the schedule's end.
     "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
-    # full-text still confused unstyled with zombie heads at low noise (classifier 0.79): 3.3x the UNet steps.
-    "full-long": TrainPriorConfig(train_text=True, unet_steps=8000, unet_horizon=8000, controlnet_steps=400),
+    # full-text still confused unstyled with zombie heads at low noise (classifier 0.79): 2.5x the UNet steps.
+    "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
     # Tests: a few steps of every stage on tiny models.
     "tiny": TrainPriorConfig(
         identities=2,
