@@ -299,6 +299,7 @@ def lab_sfa_ablation(
     guidance: float = typer.Option(3.0, help="Classifier-free guidance (the paper: 3.0)."),
     taus: str = typer.Option("1.0,1.025,1.05,1.075,1.1", help="Key scaling sweep."),
     key_tau: float = typer.Option(1.05, help="tau of the '+ key scaling' row (the paper: 1.05)."),
+    pairing: str = typer.Option("paper", help="Value pairing: paper (K_hat-V_s, tau K_s-V_c, as written) or matched."),
     seeds: str = typer.Option("0,1", help="Seeds: a training run and sampling noise each."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -325,7 +326,8 @@ def lab_sfa_ablation(
             prior=str(folder), data=data, seen=tuple(s.strip() for s in seen.split(",") if s.strip()), unseen=unseen,
             samples=samples, views=views, iterations=iterations, lr=lr, train_views=train_views,
             eval_identities=identities, eval_views=eval_views, strength=strength, steps=steps, guidance=guidance,
-            taus=_numbers(taus, float, "--taus"), key_tau=key_tau, seeds=_numbers(seeds, int, "--seeds"),
+            taus=_numbers(taus, float, "--taus"), key_tau=key_tau, pairing=pairing,
+            seeds=_numbers(seeds, int, "--seeds"),
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"{exc} (see headstyle lab sfa-ablation --help)") from None

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.attention.config import SamplingConfig, StyleFusionConfig
+from headstyle.attention.config import Pairing, SamplingConfig, StyleFusionConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.attention.views import stylize_image
 from headstyle.cameras import cameras
@@ -79,8 +79,9 @@ class AblationSettings:
     `headstyle sfa dataset` folder, or "" to write one from the lab's ground truth of the ``seen`` styles
     (samples x views each). Training: iterations, lr, views per batch, samples per style held out for the
     validation loss. Evaluation: the ``unseen`` style, eval identities x views, img2img strength / steps /
-    guidance, the tau sweep and the tau of the "+ key scaling" row; seeds: one training run and sampling
-    noise each."""
+    guidance, the tau sweep and the tau of the "+ key scaling" row; pairing: Style Fusion Attention's value
+    pairing in training and evaluation ("paper": tau K_s with V_c, as Sec. 3.5 writes; "matched": tau K_s
+    with V_s); seeds: one training run and sampling noise each."""
 
     prior: str
     data: str = ""
@@ -99,6 +100,7 @@ class AblationSettings:
     guidance: float = 3.0
     taus: tuple[float, ...] = (1.0, 1.025, 1.05, 1.075, 1.1)
     key_tau: float = 1.05
+    pairing: Pairing = "paper"
     seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,7 @@ class AblationSettings:
         if not self.taus or not all(math.isfinite(t) and t > 0 for t in (*self.taus, self.key_tau)):
             raise ValueError(f"taus and key_tau must be positive, got {list(self.taus)} and {self.key_tau}")
         SamplingConfig(strength=self.strength, steps=self.steps, guidance_scale=self.guidance)
+        StyleFusionConfig(pairing=self.pairing)
 
 
 def lab_like() -> LabGenerator:
@@ -157,6 +160,7 @@ def train_module(
     cfg = SFATrainConfig()
     cfg.data.path, cfg.data.held_out_per_style = str(ds.root), s.held_out_per_style
     cfg.model.model = s.prior
+    cfg.fusion.pairing = s.pairing
     t = cfg.train
     t.role, t.iterations, t.lr, t.views, t.seed = role, s.iterations, s.lr, s.train_views, seed
     cfg.run.out, cfg.run.checkpoint_every, cfg.run.validate_every = str(run), 50, max(s.iterations, 1)
@@ -195,7 +199,7 @@ def generate(
     s: AblationSettings, seed: int,
 ) -> Views:
     """img2img of every evaluation identity's base views through SFA with the given appearance modules."""
-    fusion = StyleFusionConfig(tau=tau)
+    fusion = StyleFusionConfig(tau=tau, pairing=s.pairing)
     sampling = SamplingConfig(strength=s.strength, steps=s.steps, guidance_scale=s.guidance, seed=seed)
     images = []
     for i in range(ev.z.shape[0]):
