@@ -201,11 +201,11 @@ def test_training_lowers_the_held_out_diffusion_loss(dataset, prior, tmp_path):
 
 def test_resume_is_exact(dataset, prior, tmp_path):
     """4 iterations straight == 2, a new process-like trainer resuming from the checkpoint, 2 more: bitwise."""
-    straight = SFATrainer(config(dataset, tmp_path / "a", iterations=4), prior, dataset)
+    straight = SFATrainer(config(dataset, tmp_path / "a", iterations=4, views=2), prior, dataset)
     straight.train(progress=False)
-    first = SFATrainer(config(dataset, tmp_path / "b", iterations=2), prior, dataset)
+    first = SFATrainer(config(dataset, tmp_path / "b", iterations=2, views=2), prior, dataset)
     first.train(progress=False)
-    second = SFATrainer(config(dataset, tmp_path / "b", iterations=4), prior, dataset)
+    second = SFATrainer(config(dataset, tmp_path / "b", iterations=4, views=2), prior, dataset)
     second.train(resume=tmp_path / "b", progress=False)
     for (name, a), b in zip(straight.module.named_parameters(), second.module.parameters(), strict=True):
         assert torch.equal(a, b), name
