@@ -156,7 +156,7 @@ def lab_train_prior(
     config: str = typer.Option(
         "full",
         help="Sizes and steps: full, full-text (text encoder trained), full-long (full-text, a longer UNet "
-        "schedule) or tiny (tests).",
+        "schedule), full-pooled (full-text + the pooled prompt in the timestep embedding) or tiny (tests).",
     ),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),

@@ -101,6 +101,9 @@ class TrainPriorConfig:
     text_width: int = 64
     text_layers: int = 2
     train_text: bool = False  # train the text encoder with the UNet (else it stays frozen at its random init)
+    # The pooled prompt added to the timestep embedding (diffusers' addition_embed_type="text", as DeepFloyd IF's
+    # UNet): every ResNet block then sees the prompt, not only the cross-attention layers.
+    text_pool: bool = False
     unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_steps: int = 1800
     unet_horizon: int = 2400  # the cosine schedule's length; training stops at unet_steps (lr then 0.25 x peak)
@@ -131,6 +134,9 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
     # full-text still confused unstyled with zombie heads at low noise (classifier 0.79): 2.5x the UNet steps.
     "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
+    # At t <= 281 cross-attention alone left the prompt nearly unread (gold and unstyled heads scored as unstyled
+    # or zombie): the pooled prompt also conditions every ResNet block through the timestep embedding.
+    "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=3000, unet_horizon=3000),
     # Tests: a few steps of every stage on tiny models.
     "tiny": TrainPriorConfig(
         identities=2,
@@ -335,6 +341,8 @@ def build_unet(cfg: TrainPriorConfig, latent_size: int) -> nn.Module:
             cross_attention_dim=cfg.text_width,
             attention_head_dim=8,
             norm_num_groups=min(8, cfg.unet_channels[0]),
+            addition_embed_type="text" if cfg.text_pool else None,
+            addition_embed_type_num_heads=8,
         )
 
 
