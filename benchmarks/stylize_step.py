@@ -12,9 +12,12 @@ on the machine then do not skew the ratio) and wall time on CUDA: backbone (the 
 (synthesis minus backbone and SR), SR, VAE encode, ControlNets, UNet, backward, optimizer, other; plus
 call counts and peak memory (CUDA: allocator peak; CPU: torch.profiler running allocation peak).
 Medians over --steps after one warm-up step, the two variants alternating step by step; the ratio is
-ours / script within this run.
+ours / script within this run. --mixed-precision bf16 runs ours as run.mixed_precision=bf16 runs it (bf16
+autocast for generator and prior, fp32 loss math and optimizer); the script keeps fp32, as train_LD.py runs
+the generator.
 
     .venv/bin/python benchmarks/stylize_step.py [--steps 3] [--generator lab|panohead|panohead-full] [--device cpu]
+        [--mixed-precision no|bf16]
 """
 
 from __future__ import annotations
@@ -281,6 +284,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--generator", choices=("lab", "panohead", "panohead-full"), default="lab")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="ours' run.mixed_precision")
     args = parser.parse_args()
     device = torch.device(args.device)
     global CPU_TIME
@@ -289,7 +293,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sd = build_tiny_sd(Path(tmp) / "sd")
         prior = DiffusersPrior.from_pretrained(sd.model, vae=None, controlnets=sd.controlnets, device=device)
-        overrides = ["prompt.prompt=portrait of a werewolf", f"run.device={device.type}", "regularisers.tweedie_mse=0"]
+        overrides = ["prompt.prompt=portrait of a werewolf", f"run.device={device.type}", "regularisers.tweedie_mse=0",
+                     f"run.mixed_precision={args.mixed_precision}"]  # fmt: skip
         if args.generator == "lab":
             overrides.append("single.rank_weights=[1, 0.75, 0.5]")  # the lab prior sees 3 channels
         ours = Stylizer(apply_overrides(StylizeConfig(), [*overrides, f"run.out={tmp}/ours"]),
@@ -300,7 +305,8 @@ def main() -> None:
 
     table = Table(
         title=f"stylize iteration on {device.type} ({args.generator} generator, tiny SD + 2 ControlNets), "
-        f"median of {args.steps}, {'process CPU' if CPU_TIME else 'wall'} ms"
+        f"median of {args.steps}, {'process CPU' if CPU_TIME else 'wall'} ms; ours in "
+        f"{'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}, script in fp32"
     )
     table.add_column("stage")
     for name in results:
