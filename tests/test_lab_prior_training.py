@@ -223,3 +223,46 @@ def test_text_encoder_trains_with_the_unet_when_asked(run: Path, tmp_path: Path)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert tp.read_stages(out)["unet"]["parameters"] > tp.read_stages(run)["unet"]["parameters"]
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_pooled_prompt_reaches_the_unet_without_cross_attention(pooled: bool) -> None:
+    """text_pool: with every cross-attention output zeroed the prompt still changes eps (it enters the timestep
+    embedding of every ResNet block); without it, cross-attention is the prompt's only way in."""
+    cfg = replace(TINY, text_pool=pooled)
+    unet = tp.build_unet(cfg, 8).eval()
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+    gen = torch.Generator().manual_seed(0)
+    x, prompts = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(2, 1, 77, cfg.text_width, generator=gen)
+    with torch.no_grad():
+        a, b = (unet(x, 10, encoder_hidden_states=p).sample for p in prompts)
+    assert ((a - b).abs().amax() > 1e-4) if pooled else torch.equal(a, b)
+
+
+def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run: Path, tmp_path: Path) -> None:
+    """A text_pool run's UNet and ControlNet (which copies the pooled embedding) load through DiffusersPrior, and
+    the prompt changes eps through them."""
+    from headstyle.priors.base import Branch, Control
+    from headstyle.priors.diffusers_prior import DiffusersPrior
+
+    cfg = replace(TINY, text_pool=True)
+    out = tmp_path / "run"
+    shutil.copytree(run / "data", out / "data")
+    for sub in ("vae", "tokenizer", "text_encoder"):
+        shutil.copytree(run / "model" / sub, out / "model" / sub)
+    tp.stage_unet(out, cfg, progress=False)
+    tp.stage_controlnet(out, cfg, progress=False, name="depth")
+    model = out / "model"
+    prior = DiffusersPrior.from_pretrained(model, vae=None, controlnets={"depth": model / "controlnet-depth"})
+    assert prior.unet.config.addition_embed_type == "text"
+    assert prior.controlnets["depth"].config.addition_embed_type == "text"
+    batch = tp.sample_batch(tp.load_data(out), 2, 1.0, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        latents = prior.encode(batch.images, generator=torch.Generator().manual_seed(0))
+        x_t = prior.add_noise(latents, torch.randn_like(latents), torch.tensor([200]))
+        t, control = torch.tensor([200]), Control("depth", batch.controls)
+        eps = [prior.predict_noise([Branch(x_t, t, prior.embed_prompts(tp.PHRASINGS[d][0]), control)])[0][1]
+               for d in ("statue", "gold")]  # fmt: skip
+    assert torch.isfinite(eps[0]).all() and not torch.equal(*eps)

@@ -136,7 +136,7 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
     # At t <= 281 cross-attention alone left the prompt nearly unread (gold and unstyled heads scored as unstyled
     # or zombie): the pooled prompt also conditions every ResNet block through the timestep embedding.
-    "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=3000, unet_horizon=3000),
+    "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=2400),
     # Tests: a few steps of every stage on tiny models.
     "tiny": TrainPriorConfig(
         identities=2,
@@ -352,7 +352,14 @@ def build_controlnet(cfg: TrainPriorConfig, unet: nn.Module, name: str) -> nn.Mo
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 13 + CONTROLNETS.index(name))
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
+        if cfg.text_pool:
+            # from_unet leaves the pooling's head count at ControlNetModel's default: give it the UNet's, so
+            # the copied pooled-prompt embedding computes what the UNet's does.
+            weights, heads = net.state_dict(), unet.config.addition_embed_type_num_heads
+            net = ControlNetModel.from_config(net.config, addition_embed_type_num_heads=heads)
+            net.load_state_dict(weights)
+        return net
 
 
 def prompt_words() -> list[str]:

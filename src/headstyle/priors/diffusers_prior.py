@@ -116,7 +116,9 @@ def _check_model_folder(folder: Path, vae_given: bool) -> None:
 def _check_family(unet: Mapping, text_hidden: int, vae: Mapping, scheduler: Mapping, controlnets: Mapping, model: str):
     """Reject configs that do not fit together as an SD 1.x eps-prediction family (before loading weights)."""
     problems = []
-    if unet.get("addition_embed_type") is not None:
+    # "text" (DeepFloyd IF's pooled prompt in the timestep embedding) reads only the prompt's hidden states; the
+    # other kinds need added_cond_kwargs (SDXL's pooled embeds and time ids, Kandinsky's image embeds).
+    if unet.get("addition_embed_type") not in (None, "text"):
         problems.append(f"its UNet uses addition_embed_type={unet['addition_embed_type']!r} (an SDXL-style model)")
     if unet.get("in_channels", 4) != 4:
         problems.append(f"its UNet takes {unet['in_channels']} input channels (an inpainting/depth2img model)")
