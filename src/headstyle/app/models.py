@@ -232,7 +232,7 @@ class Lab:
 
     def sfa_reason(self) -> str | None:
         """None when the learned lab prior (an SD-shaped diffusers model) is there for Style Fusion Attention."""
-        from headstyle.lab.prior_card import SHIPPED
+        from headstyle.lab.learned import SHIPPED
 
         if (SHIPPED / "model_index.json").is_file():
             return None
@@ -240,7 +240,7 @@ class Lab:
                 "and the lab's Style image runs on it")  # fmt: skip
 
     def sfa_prior(self):
-        from headstyle.lab.prior_card import SHIPPED
+        from headstyle.lab.learned import SHIPPED
         from headstyle.priors.diffusers_prior import DiffusersPrior
 
         reason = self.sfa_reason()

@@ -19,7 +19,7 @@ from pathlib import Path
 from headstyle.priors.base import ScorePrior
 
 EXEMPLAR = "exemplar"
-# The shipped learned prior (headstyle.lab.prior_card.SHIPPED; not imported here: that module pulls the trainer).
+# The shipped learned prior (its card and figures: headstyle.lab.prior_card).
 SHIPPED = Path(__file__).with_name("learned_prior")
 CONTROLNETS = {"depth": "controlnet-depth", "canny": "controlnet-canny"}  # grid branch, single branch
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from headstyle.distill.shaping import tile_2x2
 from headstyle.export import save_grid
 from headstyle.io import atomic_write_text
+from headstyle.lab.learned import SHIPPED
 from headstyle.lab.prior import held_out_z, stratified_360_cameras
 from headstyle.lab.train_prior import (
     CONTROLNETS,
@@ -45,7 +46,6 @@ from headstyle.lab.train_prior import (
 )
 from headstyle.priors.base import Branch, Control
 
-SHIPPED = Path(__file__).with_name("learned_prior")
 CLASSIFIER_T = (101, 181, 281)
 CLASSIFIER_DRAWS = 4  # noise draws per t: the classifier averages its eps errors, as Li et al. do over many
 IMG2IMG_T = (281, 481)
