@@ -41,7 +41,8 @@ class StyleFusionPrior:
     prior: the DiffusersPrior whose UNet gets the fusion processors.
     style_latents / style_latents_2: (n, C, h, w) latents of the style image(s)
     (n = 2 for front and back views); a second style is blended with config.alpha. The content
-    reference is set with set_content. style_mask: (H, W) in [0, 1], 1 where to stylise.
+    reference is set with set_content. style_mask: (H, W) in [0, 1], 1 where to stylise, or (n, H, W),
+    one per style image; content_mask: the content images' own (H, W) or (n_c, H, W) (default style_mask).
     content_unet / style_unet: the appearance modules (default: the prior's own UNet; a trained Style
     Appearance Module from headstyle.sfa as style_unet, or as both for a shared fine-tuned one).
     seed: the stream of the reference noise, so a run is reproducible.
@@ -59,6 +60,7 @@ class StyleFusionPrior:
         style_unet: nn.Module | None = None,
         seed: int = 0,
         differentiable: bool = False,
+        content_mask: Tensor | None = None,
     ) -> None:
         self.prior = prior
         self.config = config or StyleFusionConfig()
@@ -69,6 +71,7 @@ class StyleFusionPrior:
                 f"and {tuple(self.styles[1].shape)}"
             )
         self.style_mask = style_mask
+        self.content_mask = content_mask
         self.content_unet = content_unet or prior.unet
         self.style_unet = style_unet or prior.unet
         self.content: Tensor | None = None
@@ -153,7 +156,8 @@ class StyleFusionPrior:
             )
         t_write = t[:1] if bool((t == t[0]).all()) else t
         cfg = self.config
-        state = StyleFusionState(tau=cfg.tau, alpha=cfg.alpha, pairing=cfg.pairing, style_mask=self.style_mask)
+        state = StyleFusionState(tau=cfg.tau, alpha=cfg.alpha, pairing=cfg.pairing, style_mask=self.style_mask,
+                                  content_mask=self.content_mask)
         with install_style_fusion(self.prior.unet, state, cfg.layers) as fusion:
             names = fusion.layer_names
             content = None

@@ -134,9 +134,15 @@ def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def mask_tokens(mask: Tensor, grid: tuple[int, int], num_images: int) -> Tensor:
-    """A (H, W) mask in [0, 1] area-resized to the token grid, flattened, tiled once per bank image."""
-    m = F.interpolate(mask.float().reshape(1, 1, *mask.shape[-2:]), size=grid, mode="area")
-    return m.reshape(-1).repeat(num_images)
+    """A mask in [0, 1] area-resized to the token grid and flattened in the bank's token order: (H, W)
+    tiled once per bank image, or (num_images, H, W), one mask per image (e.g. each view's region mask)."""
+    if mask.ndim == 3 and mask.shape[0] != num_images:
+        raise ValueError(f"{mask.shape[0]} per-image masks for a bank of {num_images} images")
+    if mask.ndim not in (2, 3):
+        raise ValueError(f"a style mask is (H, W) or (images, H, W), got {tuple(mask.shape)}")
+    per_image = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    m = F.interpolate(per_image, size=grid, mode="area").reshape(per_image.shape[0], -1)
+    return m.reshape(-1) if mask.ndim == 3 else m.reshape(-1).repeat(num_images)
 
 
 def _bank_mask(mask: Tensor, features: Tensor, bank: ReferenceBank) -> Tensor:
@@ -165,7 +171,9 @@ class StyleFusionState:
     """What every installed processor reads: the banks and the fusion settings.
 
     styles: one style bank, or two interpolated with alpha (0: first style, 1: second).
-    tau: style key scaling (paper default 1.05). style_mask: (H, W) in [0, 1], 1 = stylise.
+    tau: style key scaling (paper default 1.05). style_mask: (H, W) in [0, 1], 1 = stylise, on every
+    bank image, or (n, H, W), one per style image; content_mask: the content bank's own masks, (H, W) or
+    (n_c, H, W) (default style_mask): a region mask differs between a content view and a style exemplar.
     """
 
     content: ReferenceBank | None = None
@@ -174,6 +182,7 @@ class StyleFusionState:
     alpha: float = 0.5
     pairing: Pairing = "paper"
     style_mask: Tensor | None = None
+    content_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.pairing not in PAIRINGS:
@@ -234,10 +243,11 @@ class StyleFusionAttnProcessor:
         content_kv = _project(attn, content, dtype) if content is not None else None
         style_kv = _style_key_values(attn, styles, alpha, dtype) if styles else None
         mask_c = mask_s = None
-        if style_mask is not None and style_kv is not None:
+        content_mask = style_mask if state.content_mask is None else state.content_mask
+        if style_kv is not None and style_mask is not None:
             mask_s = _bank_mask(style_mask, styles[0], state.styles[0])
-            if content is not None:
-                mask_c = _bank_mask(style_mask, content, state.content)
+        if style_kv is not None and content is not None and content_mask is not None:
+            mask_c = _bank_mask(content_mask, content, state.content)
         fused = fuse_keys_values(k_l, v_l, content_kv, style_kv, tau, state.pairing, mask_c, mask_s)
         key, value = fused.key, fused.value
 

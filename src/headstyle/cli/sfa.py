@@ -301,6 +301,9 @@ def lab_sfa_ablation(
     key_tau: float = typer.Option(1.05, help="tau of the '+ key scaling' row (the paper: 1.05)."),
     pairing: str = typer.Option("paper", help="Value pairing: paper (K_hat-V_s, tau K_s-V_c, as written) or matched."),
     seeds: str = typer.Option("0,1", help="Seeds: a training run and sampling noise each."),
+    mask_regions: str = typer.Option("", help="Stylise only these world regions, e.g. 'hair' or 'skin,lips' (skin, "
+                                     "hair, sclera, iris, brow, lips): each reference view's own region mask masks "
+                                     "the banks; '' = everywhere."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -328,6 +331,7 @@ def lab_sfa_ablation(
             eval_identities=identities, eval_views=eval_views, strength=strength, steps=steps, guidance=guidance,
             taus=_numbers(taus, float, "--taus"), key_tau=key_tau, pairing=pairing,
             seeds=_numbers(seeds, int, "--seeds"),
+            mask_regions=tuple(r.strip() for r in mask_regions.split(",") if r.strip()),
         )  # fmt: skip
     except ValueError as exc:
         raise UserError(f"{exc} (see headstyle lab sfa-ablation --help)") from None

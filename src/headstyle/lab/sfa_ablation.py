@@ -19,6 +19,11 @@ the lab's FID), rgb_error (to the ground-truth stylised head of the same identit
 paper's ID axis, lower = more like the input) and mv_warp_error (multi-view consistency through the base
 geometry, which img2img keeps). Mean +- std over seeds; each seed trains its own modules and draws its own
 sampling noise.
+
+``mask_regions`` restricts Style Fusion Attention to named regions of the world (headstyle.lab.world.REGIONS):
+each content view's and each style exemplar view's own region mask (world.region_masks) masks its bank's
+tokens, and the runs gain outside_distance, the colour distance to the input outside the regions of each
+evaluation view (what the mask should keep).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from headstyle.io import atomic_path, atomic_write_text
 from headstyle.lab.evaluate import EvalSet, Views, make_eval_set, render_views, score
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z
-from headstyle.lab.world import STYLES, sample_z
+from headstyle.lab.world import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
 from headstyle.metrics.identity import colour_distance
 from headstyle.progress import progress_bar
 from headstyle.sfa.dataset import REFERENCE_YAWS, DatasetSettings, SFADataset, check_no_leak, write_dataset
@@ -56,6 +61,7 @@ from headstyle.stylize import checkpointing
 # The unseen style's exemplar identity: drawn apart from the evaluation (1000) and reference (3000) sets.
 EXEMPLAR_SEED = 5_000
 TRUNCATION_PSI = 0.75  # the lab's evaluation renders (headstyle.lab.evaluate.render_views)
+REGION_FLOOR = 0.05  # region coverage below this counts as none (see world_masks)
 # (key, header, format, higher is better)
 COLUMNS = (
     ("stylisation", "stylisation", ".3f", True),
@@ -65,6 +71,7 @@ COLUMNS = (
     ("input_distance", "input dist", ".4f", False),
     ("mv_warp_error", "mv err", ".4f", False),
 )
+OUTSIDE_COLUMN = ("outside_distance", "outside dist", ".4f", False)
 # name -> (label, the role of the trained module or None for the untrained SFA)
 VARIANTS: dict[str, tuple[str, str | None]] = {
     "sfa": ("SFA alone", None),
@@ -81,7 +88,8 @@ class AblationSettings:
     validation loss. Evaluation: the ``unseen`` style, eval identities x views, img2img strength / steps /
     guidance, the tau sweep and the tau of the "+ key scaling" row; pairing: Style Fusion Attention's value
     pairing in training and evaluation ("paper": tau K_s with V_c, as Sec. 3.5 writes; "matched": tau K_s
-    with V_s); seeds: one training run and sampling noise each."""
+    with V_s); seeds: one training run and sampling noise each. mask_regions: stylise only these world
+    regions (empty: everywhere)."""
 
     prior: str
     data: str = ""
@@ -102,6 +110,7 @@ class AblationSettings:
     key_tau: float = 1.05
     pairing: Pairing = "paper"
     seeds: tuple[int, ...] = (0, 1)
+    mask_regions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [s for s in (*self.seen, self.unseen) if s not in STYLES]
@@ -116,6 +125,8 @@ class AblationSettings:
         if not self.taus or not all(math.isfinite(t) and t > 0 for t in (*self.taus, self.key_tau)):
             raise ValueError(f"taus and key_tau must be positive, got {list(self.taus)} and {self.key_tau}")
         SamplingConfig(strength=self.strength, steps=self.steps, guidance_scale=self.guidance)
+        if self.mask_regions:
+            check_regions(self.mask_regions)
         StyleFusionConfig(pairing=self.pairing)
 
 
@@ -175,22 +186,44 @@ def train_module(
 @dataclass
 class References:
     """Latents of each evaluation identity's front/back base renders (I, 2, C, h, w) and of the unseen
-    style's exemplar (2, C, h, w)."""
+    style's exemplar (2, C, h, w); with mask regions, their region masks (I, 2, h', w') and (2, h', w')."""
 
     content: Tensor
     style: Tensor
+    content_mask: Tensor | None = None
+    style_mask: Tensor | None = None
+
+
+def world_masks(z: Tensor, cams: Tensor, regions: tuple[str, ...], style: str | None = None) -> Tensor:
+    """Masks (I, V, h, w) of ``regions`` in the world's renders of identities z (I, P) at cameras (V, 25), at the
+    lab renders' raw size and truncation: each pixel's coverage by the regions, 0 below REGION_FLOOR.
+
+    The floor, because Style Fusion Attention drops a style token only where its mask is exactly 0: the soft
+    masks' tails (1e-8 far from a region) would keep every style token, with its key scaled to ~0. Soft above
+    it, because eyes and brows cover under half of any pixel of a 32 px render."""
+    like = lab_like()
+    i, v = len(z), len(cams)
+    params = params_from_z(TRUNCATION_PSI * z.repeat_interleave(v, 0))
+    masks = region_masks(params, cams.repeat(i, 1), like.neural_rendering_resolution, like.rendering_kwargs, style)
+    union = region_select(masks, regions)
+    return torch.where(union >= REGION_FLOOR, union, 0.0).reshape(i, v, *masks.shape[-2:])
 
 
 @torch.no_grad()
-def references(prior, ev: EvalSet, unseen: str) -> References:
+def references(prior, ev: EvalSet, unseen: str, mask_regions: tuple[str, ...] = ()) -> References:
     like = lab_like()
     ref_cams = cameras(torch.tensor(REFERENCE_YAWS), torch.zeros(len(REFERENCE_YAWS)))
     content = render_views(like, ev.z, ref_cams, TRUNCATION_PSI).image
     styled = LabGenerator(resolution=32, sr_factor=2, style=unseen, residual=False)
-    exemplar = render_views(styled, sample_z(1, EXEMPLAR_SEED), ref_cams, TRUNCATION_PSI).image[0]
+    exemplar_z = sample_z(1, EXEMPLAR_SEED)
+    exemplar = render_views(styled, exemplar_z, ref_cams, TRUNCATION_PSI).image[0]
     i = content.shape[0]
     c = prior.encode(content.flatten(0, 1))
-    return References(c.reshape(i, 2, *c.shape[1:]), prior.encode(exemplar))
+    refs = References(c.reshape(i, 2, *c.shape[1:]), prior.encode(exemplar))
+    if mask_regions:
+        refs.content_mask = world_masks(ev.z, ref_cams, mask_regions)
+        refs.style_mask = world_masks(exemplar_z, ref_cams, mask_regions, unseen)[0]
+    return refs
 
 
 @torch.no_grad()
@@ -203,22 +236,31 @@ def generate(
     sampling = SamplingConfig(strength=s.strength, steps=s.steps, guidance_scale=s.guidance, seed=seed)
     images = []
     for i in range(ev.z.shape[0]):
-        sfa = StyleFusionPrior(prior, refs.style, config=fusion, content_unet=unets[0], style_unet=unets[1],
-                               seed=seed * 1_000 + i)  # fmt: skip
+        content_mask = None if refs.content_mask is None else refs.content_mask[i]
+        sfa = StyleFusionPrior(prior, refs.style, config=fusion, style_mask=refs.style_mask, content_unet=unets[0],
+                               style_unet=unets[1], seed=seed * 1_000 + i, content_mask=content_mask)  # fmt: skip
         noise = torch.Generator().manual_seed(seed * 1_000 + i)
         images.append(stylize_image(sfa, ev.before.image[i], None, sampling, noise, content=refs.content[i]))
     # img2img keeps the base geometry: depth and mask are the base renders'
     return Views(torch.stack(images), ev.before.depth, ev.before.mask)
 
 
-def scores(pred: Views, ev: EvalSet) -> dict[str, float]:
-    """headstyle.lab.evaluate.score plus input_distance (see the module docstring)."""
+def scores(pred: Views, ev: EvalSet, inside: Tensor | None = None) -> dict[str, float]:
+    """headstyle.lab.evaluate.score plus input_distance, and outside_distance when ``inside`` (I, V, h, w),
+    the evaluation views' region masks, is given (see the module docstring)."""
     out = score(pred, ev)
     b = ev.before
     size = pred.image.shape[-2:]
-    # masks come at the raw render's size, images super-resolved: compare on the images' grid
-    mask = F.interpolate(b.mask.flatten(0, 1), size=size, mode="nearest-exact").reshape(*b.mask.shape[:3], *size)
+
+    def on_images(mask: Tensor) -> Tensor:
+        # masks come at the raw render's size, images super-resolved: compare on the images' grid
+        return F.interpolate(mask.flatten(0, 1), size=size, mode="nearest-exact").reshape(*mask.shape[:3], *size)
+
+    mask = on_images(b.mask)
     out["input_distance"] = float(colour_distance(pred.image, mask, b.image, mask).mean())
+    if inside is not None:
+        outside = mask * (1 - on_images(inside.unsqueeze(2)))
+        out["outside_distance"] = float(colour_distance(pred.image, outside, b.image, outside).mean())
     return {k: float(v) for k, v in out.items()}
 
 
@@ -239,20 +281,21 @@ class AblationResult:
 
     def markdown(self) -> str:
         s = self.settings
-        head = "| row | tau | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, _, up in COLUMNS) + " |"
-        lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+        columns = COLUMNS + ((OUTSIDE_COLUMN,) if s.mask_regions else ())
+        head = "| row | tau | " + " | ".join(f"{h} {'↑' if up else '↓'}" for _, h, _, up in columns) + " |"
+        lines = [head, "|" + "---|" * (len(columns) + 2)]
         labels = {"input": "input (unstylised render)", **{k: v[0] for k, v in VARIANTS.items()}}
         for variant, tau in self.rows():
             label = "+ key scaling" if variant == "sam" and not math.isclose(tau, 1.0) else labels[variant]
             cells = []
-            for key, _, fmt, _ in COLUMNS:
+            for key, _, fmt, _ in columns:
                 mean, std = self.stats(variant, tau, key)
                 cells.append(f"{mean:{fmt}} ± {std:{fmt}}")
             tau_text = "-" if variant == "input" else f"{tau:.3f}"
             lines.append(f"| {label} | {tau_text} | " + " | ".join(cells) + " |")
         lines += ["", f"tau sweep of {labels['sam']} (Fig. 12):", "", head, lines[1]]
         for tau in s.taus:
-            cells = [f"{m:{fmt}} ± {d:{fmt}}" for key, _, fmt, _ in COLUMNS for m, d in [self.stats("sam", tau, key)]]
+            cells = [f"{m:{fmt}} ± {d:{fmt}}" for key, _, fmt, _ in columns for m, d in [self.stats("sam", tau, key)]]
             lines.append(f"| {labels['sam']} | {tau:.3f} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -303,9 +346,10 @@ def run_ablation(s: AblationSettings, out: Path, progress: bool = True) -> Ablat
     check_disjoint(sample_z(1, EXEMPLAR_SEED), ev.z)
     ds = ensure_dataset(s, out, ev.z, progress)
     prior = load_base_prior(s.prior)
-    refs = references(prior, ev, s.unseen)
+    refs = references(prior, ev, s.unseen, s.mask_regions)
+    inside = world_masks(ev.z, ev.cams, s.mask_regions) if s.mask_regions else None
     runs: list[dict[str, Any]] = [
-        {"variant": "input", "tau": 0.0, "seed": seed, **scores(ev.before, ev)} for seed in s.seeds
+        {"variant": "input", "tau": 0.0, "seed": seed, **scores(ev.before, ev, inside)} for seed in s.seeds
     ]
     sheet = [ev.before.image[0], ev.truth.image[0]]
     configs = [("sfa", 1.0), ("finetune", 1.0), *(("sam", tau) for tau in s.taus)]
@@ -319,7 +363,7 @@ def run_ablation(s: AblationSettings, out: Path, progress: bool = True) -> Ablat
                 role = VARIANTS[variant][1]
                 unets = (None, None) if role is None else modules[role].appearance_unets(prior.unet)
                 pred = generate(prior, unets, refs, ev, tau, s, seed)
-                runs.append({"variant": variant, "tau": tau, "seed": seed, **scores(pred, ev)})
+                runs.append({"variant": variant, "tau": tau, "seed": seed, **scores(pred, ev, inside)})
                 if seed == s.seeds[0] and (variant != "sam" or math.isclose(tau, 1.0) or math.isclose(tau, s.key_tau)):
                     sheet.append(pred.image[0])
                 bar.update(task, advance=1, info=f"{variant} tau {tau:.3f}")

@@ -19,11 +19,14 @@ ground-truth stylised head that metrics compare against.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from headstyle.generator.renderer import ray_march, ray_sampler
 
 # (name, low, high): value = low + (high - low) * Phi(z).
 PARAMS: tuple[tuple[str, float, float], ...] = (
@@ -295,6 +298,45 @@ def head_field(
     regions_full = torch.zeros(n, m, len(REGIONS), device=points.device)
     regions_full[idx] = regions
     return Field(density_from_sdf(sdf), rgb_full, regions_full, sdf)
+
+
+def region_masks(
+    params: Tensor, c: Tensor, resolution: int, rendering_kwargs: Mapping[str, Any], style: str | None = None
+) -> Tensor:
+    """Per-view masks of the colour regions (N, R, H, W) in [0, 1], R in ``REGIONS`` order.
+
+    The region weights (N, M, R) of ``head_field`` are composited along each ray with the weights that
+    composite the colour (the lab generator's rays and fixed sample depths, no residual field):
+    mask_r = sum_i w_i r_i. Regions are evaluated at every sample (no shading band) and sum to 1 there,
+    so the masks sum over R to the render's foreground mask sum_i w_i. ``style`` edits the geometry as
+    the stylised world does (its regions keep their names).
+    """
+    if c.ndim != 2 or c.shape[1] != 25 or c.shape[0] != params.shape[0]:
+        raise ValueError(f"c must be (N, 25) cameras, one per identity row of params, got {tuple(c.shape)}")
+    rk = rendering_kwargs
+    n, s = params.shape[0], rk["depth_resolution"]
+    origins, dirs = ray_sampler(c[:, :16].reshape(-1, 4, 4), c[:, 16:].reshape(-1, 3, 3), resolution)
+    depths = torch.linspace(rk["ray_start"], rk["ray_end"], s, device=c.device).reshape(1, 1, s, 1)
+    depths = depths.expand(n, resolution * resolution, s, 1)
+    points = (origins.unsqueeze(2) + depths * dirs.unsqueeze(2)).reshape(n, -1, 3)
+    with torch.no_grad():
+        field = head_field(params, points, style, shading_band=float("inf"))
+    shape = (n, resolution * resolution, s)
+    masks, _, _ = ray_march(field.regions.reshape(*shape, -1), field.sigma.reshape(*shape, 1), depths, rk)
+    return masks.permute(0, 2, 1).reshape(n, len(REGIONS), resolution, resolution)
+
+
+def check_regions(names: tuple[str, ...]) -> None:
+    """Refuse an empty or unknown choice of regions, naming the known ones."""
+    unknown = [name for name in names if name not in REGIONS]
+    if unknown or not names:
+        raise ValueError(f"unknown lab regions {unknown or '(none given)'}; choose from {', '.join(REGIONS)}")
+
+
+def region_select(masks: Tensor, names: tuple[str, ...]) -> Tensor:
+    """The union of named regions: the sum of their masks (..., H, W) from ``region_masks``' (..., R, H, W)."""
+    check_regions(names)
+    return masks[..., [REGIONS.index(name) for name in names], :, :].sum(-3).clamp(0, 1)
 
 
 def _region_matrix(device: torch.device) -> Tensor:

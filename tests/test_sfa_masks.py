@@ -1,0 +1,192 @@
+"""Style masks from the lab world's own region labels (headstyle.lab.world.region_masks) and their effect on
+Style Fusion Attention: per-image masks of the content and style banks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from typer.testing import CliRunner
+
+from headstyle.attention.banks import write_bank
+from headstyle.attention.install import install_style_fusion
+from headstyle.attention.processors import StyleFusionState, fuse_keys_values, mask_tokens
+from headstyle.cameras import cameras
+from headstyle.cli import UserError, app
+from headstyle.lab.generator import LabGenerator
+from headstyle.lab.sfa_ablation import REGION_FLOOR, world_masks
+from headstyle.lab.world import REGIONS, params_from_z, region_masks, region_select, sample_z
+from headstyle.sfa.dataset import REFERENCE_YAWS
+from headstyle.testing import CROSS_ATTENTION_DIM
+
+RES = 32
+PSI = 0.75
+
+
+def _masks(z: torch.Tensor, yaws: list[float], style: str | None = None, pitch: float = 0.15) -> torch.Tensor:
+    yaw = torch.tensor(yaws)
+    c = cameras(yaw, torch.full_like(yaw, pitch))
+    rk = LabGenerator(resolution=RES, residual=False).rendering_kwargs
+    return region_masks(params_from_z(PSI * z), c, RES, rk, style)
+
+
+def _index(*names: str) -> list[int]:
+    return [REGIONS.index(n) for n in names]
+
+
+def test_region_masks_partition_the_foreground():
+    """Region weights sum to 1 at every sample and are composited with the colour's weights, so the masks sum
+    over regions to the render's foreground mask; a front view shows every region, a back view no face."""
+    z = sample_z(3, 11)
+    yaws = [0.0, 2.0, math.pi]
+    masks = _masks(z, yaws)
+    yaw = torch.tensor(yaws)
+    c = cameras(yaw, torch.full_like(yaw, 0.15))
+    G = LabGenerator(resolution=RES, sr_factor=1, residual=False)
+    foreground = G.synthesis(G.mapping(z, c, PSI), c).mask[:, 0]
+    assert masks.shape == (3, len(REGIONS), RES, RES)
+    assert masks.min() >= 0 and masks.max() <= 1 + 1e-6
+    torch.testing.assert_close(masks.sum(1), foreground, atol=1e-5, rtol=0)
+    assert foreground.sum() > 100  # the heads fill a good part of the views
+    assert (masks[0].amax((-2, -1)) > 0.03).all(), masks[0].amax((-2, -1))  # eyes and brows are a pixel wide at 32 px
+    assert masks[2, _index("sclera", "iris", "lips")].max() < 0.01
+    assert masks[2, _index("hair")].sum() > masks[0, _index("hair")].sum()
+
+
+def test_a_style_geometry_edit_moves_the_region_masks():
+    """The toon style enlarges the eyes 1.45x (world.STYLES): its eye regions cover more pixels of the same
+    identity's front view, in proportion to the eyes' area."""
+    z = sample_z(1, 4)
+    plain, toon = _masks(z, [0.0]), _masks(z, [0.0], "toon")
+    eyes = _index("sclera", "iris")
+    ratio = toon[0, eyes].sum() / plain[0, eyes].sum()
+    assert 1.45**2 * 0.7 < ratio < 1.45**2 * 1.3, ratio
+    torch.testing.assert_close(toon.sum(1), toon.sum(1).clamp(0, 1))
+
+
+def test_a_mirror_camera_gives_the_mirrored_masks():
+    """The world is left-right symmetric for every identity (paired eyes, ears and brows at +-x, hair and
+    lights' colour play no part in the regions), so yaw -a renders the mirror image of yaw a's masks."""
+    z = sample_z(2, 21)
+    for i in range(2):
+        left, right = _masks(z[i : i + 1].repeat(2, 1), [0.7, -0.7])
+        torch.testing.assert_close(right, left.flip(-1), atol=1e-4, rtol=0)  # float rounding of the cameras
+        assert (left - left.flip(-1)).abs().max() > 0.3  # a view at yaw 0.7 is not symmetric itself
+
+
+# ------------------------------------------------------------------------------------------------ the fusion
+
+
+def _reference_masks(regions: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image masks (2, h, w) of a content identity's front/back views and a toon exemplar's."""
+    ref = cameras(torch.tensor(REFERENCE_YAWS), torch.zeros(len(REFERENCE_YAWS)))
+    return world_masks(sample_z(1, 30), ref, regions)[0], world_masks(sample_z(1, 31), ref, regions, "toon")[0]
+
+
+def test_region_masks_select_the_bank_tokens_of_their_own_image():
+    """Token-level known answer: content tokens outside the region keep K_c, V_c exactly (the content path),
+    inside they are lerp(content, fused, m); the style segment holds exactly the region's tokens of each
+    image, tau m K_s. The lips are absent from the back views, so no token of image 2 takes part."""
+    mask_c, mask_s = _reference_masks(("lips",))
+    assert mask_c.shape == (2, RES, RES) and mask_c.max() <= 1 and mask_c[mask_c > 0].min() >= REGION_FLOOR
+    assert mask_c[1].max() == 0 and mask_s[1].max() == 0 and mask_c[0].sum() > 3 and mask_s[0].sum() > 1
+    grid, n = (8, 8), 64
+    tc, ts = mask_tokens(mask_c, grid, 2), mask_tokens(mask_s, grid, 2)
+    g = torch.Generator().manual_seed(0)
+    k_l, v_l = (torch.randn(1, 10, 6, generator=g) for _ in range(2))
+    k_c, v_c, k_s, v_s = (torch.randn(1, 2 * n, 6, generator=g) for _ in range(4))
+    for pairing in ("paper", "matched"):
+        plain = fuse_keys_values(k_l, v_l, (k_c, v_c), (k_s, v_s), 1.05, pairing)
+        masked = fuse_keys_values(k_l, v_l, (k_c, v_c), (k_s, v_s), 1.05, pairing, tc, ts)
+        fused_k, fused_v = masked.key[0, masked.segments["fused"]], masked.value[0, masked.segments["fused"]]
+        outside = tc == 0
+        assert torch.equal(fused_k[outside], k_c[0, outside]) and torch.equal(fused_v[outside], v_c[0, outside])
+        k_hat = plain.key[0, plain.segments["fused"]]
+        m = tc.unsqueeze(-1)
+        torch.testing.assert_close(fused_k, k_c[0] + m * (k_hat - k_c[0]), atol=1e-6, rtol=0)
+        keep = ts > 0
+        assert keep.nonzero().max() < n  # only image 1's (the front's) tokens
+        style_k = masked.key[0, masked.segments["style"]]
+        torch.testing.assert_close(style_k, (1.05 * k_s[0] * ts.unsqueeze(-1))[keep], atol=1e-7, rtol=0)
+        style_values = v_c if pairing == "paper" else v_s
+        assert torch.equal(masked.value[0, masked.segments["style"]], style_values[0, keep])
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_sd) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_sd.model / "unet").eval()
+
+
+def test_region_masks_in_the_unet(unet):
+    """Through every fusion layer of a tiny real UNet: masks of a region that no bank image shows give the
+    content path bitwise; a per-image stack of one mask equals that mask shared; the lips of the front views
+    change the output, and a content mask of its own differs from reusing the style mask."""
+    g = torch.Generator().manual_seed(3)
+    x, content, style = (torch.randn(n, 4, 8, 8, generator=g) for n in (1, 2, 2))
+    context = torch.randn(1, 5, CROSS_ATTENTION_DIM, generator=g)
+    t = torch.tensor([500])
+
+    def eps() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=context).sample
+
+    lips_c, lips_s = _reference_masks(("lips",))
+    back_only = torch.zeros_like(lips_c)
+    back_only[1] = 1.0
+    state = StyleFusionState(tau=1.05)
+    with install_style_fusion(unet, state) as fusion:
+        bank_c = write_bank(unet, content, t, context, fusion.layer_names)
+        bank_s = write_bank(unet, style, t, context, fusion.layer_names)
+        state.set_banks(bank_c, [])
+        content_path = eps()
+        state.set_banks(bank_c, [bank_s])
+        # lips of the back views only: the back views show none, so nothing is stylised
+        state.style_mask, state.content_mask = lips_s * back_only, lips_c * back_only
+        absent = eps()
+        state.style_mask, state.content_mask = lips_s, lips_c
+        own = eps()
+        state.content_mask = None
+        shared_with_style = eps()
+        state.style_mask = torch.stack([lips_s[0], lips_s[0]])
+        stacked = eps()
+        state.style_mask = lips_s[0]
+        shared = eps()
+    assert torch.equal(absent, content_path)
+    assert torch.equal(stacked, shared)
+    assert (own - content_path).abs().max() > 1e-4
+    assert (own - shared_with_style).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="3 per-image masks for a bank of 2 images"):
+        mask_tokens(torch.zeros(3, 4, 4), (2, 2), 2)
+
+
+# ------------------------------------------------------------------------------------------------ the ablation
+
+
+def test_masked_ablation_scores_and_settings(tiny_sd, tmp_path):
+    """outside_distance is 0 for the input itself and positive for the ground truth (the style changes the
+    outside of the hair too); an unknown region is one line naming the known ones."""
+    from headstyle.lab.evaluate import make_eval_set
+    from headstyle.lab.sfa_ablation import AblationSettings, lab_like, scores
+
+    ev = make_eval_set("gold", lab_like(), identities=2, views=2)
+    inside = world_masks(ev.z, ev.cams, ("hair",))
+    assert inside.shape == (2, 2, RES, RES) and 0 < inside.mean() < 1
+    before, truth = scores(ev.before, ev, inside), scores(ev.truth, ev, inside)
+    assert before["outside_distance"] == 0 and truth["outside_distance"] > 0.01
+    assert "outside_distance" not in scores(ev.before, ev)
+    assert AblationSettings(prior="", mask_regions=("hair", "brow")).mask_regions == ("hair", "brow")
+    with pytest.raises(ValueError, match="unknown lab regions \\['horns'\\]; choose from skin, hair"):
+        AblationSettings(prior="", mask_regions=("hair", "horns"))
+    result = CliRunner().invoke(app, ["lab", "sfa-ablation", "--prior", str(tiny_sd.model), "--mask-regions",
+                                      "hair,horns", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert isinstance(result.exception, UserError)  # one line, exit 2 under main()
+    assert "unknown lab regions ['horns']" in str(result.exception) and not (tmp_path / "out").exists()
+
+
+def test_region_select_is_the_union():
+    masks = _masks(sample_z(1, 8), [0.4])
+    hair_brow = region_select(masks, ("hair", "brow"))
+    torch.testing.assert_close(hair_brow, (masks[:, 1] + masks[:, 4]).clamp(0, 1))
+    torch.testing.assert_close(region_select(masks, REGIONS), masks.sum(1).clamp(0, 1))
