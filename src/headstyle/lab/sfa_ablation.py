@@ -120,6 +120,9 @@ class AblationSettings:
             raise ValueError(f"the unseen style {self.unseen!r} is among the training styles {list(self.seen)}")
         if min(self.samples, self.views, self.train_views, self.eval_identities, len(self.seeds)) < 1:
             raise ValueError("samples, views, train_views, eval_identities and seeds must be at least 1")
+        if not self.data and self.samples <= self.held_out_per_style:
+            raise ValueError(f"samples ({self.samples}) must exceed the {self.held_out_per_style} per style held out "
+                             "for the validation loss, or nothing is left to train on")  # fmt: skip
         if self.eval_views < 2 or self.iterations < 0:
             raise ValueError("eval_views must be at least 2 (consistency) and iterations >= 0")
         if not self.taus or not all(math.isfinite(t) and t > 0 for t in (*self.taus, self.key_tau)):
