@@ -44,6 +44,17 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     return seeds
 
 
+def parse_numbers(text: str, kind: type[int] | type[float], option: str) -> tuple:
+    """'1,281' -> (1, 281): at least one number of ``kind``."""
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give numbers separated by commas, e.g. 1,2") from None
+    if not values:
+        raise UserError(f"{option} is empty: give at least one value")
+    return values
+
+
 def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
     """'-90,0,90' (degrees) -> radians."""
     from headstyle.cameras import parse_angles_degrees

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli.common import UserError, app
+from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
               "the analytic exemplar prior, or PATH = any SD folder from `headstyle lab train-prior` (its model/).")
@@ -72,16 +72,6 @@ lab_app = typer.Typer(no_args_is_help=True, help="The synthetic head lab: benchm
 app.add_typer(lab_app, name="lab")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{option} {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
-    if not values:
-        raise UserError(f"{option} is empty: give at least one value, e.g. 0")
-    return values
-
-
 def _names(text: str, known: tuple[str, ...], option: str) -> tuple[str, ...]:
     names = tuple(known) if text == "all" else tuple(v.strip() for v in text.split(",") if v.strip())
     bad = [n for n in names if n not in known]
@@ -123,10 +113,10 @@ def lab_bench(
     style_list = _names(styles, tuple(STYLES), "--styles")
     variant_list = _names(objectives, tuple(VARIANTS), "--objectives")
     optimizer_list = _names(optimizer, OPTIMIZERS, "--optimizer")
-    seed_list = _int_list(seeds, "--seeds")
+    seed_list = tuple(parse_seeds(seeds))
     window = None
     if t_range:
-        window = _int_list(t_range, "--t-range")
+        window = parse_numbers(t_range, int, "--t-range")
         if len(window) != 2 or not 0 <= window[0] <= window[1] <= 999:
             raise UserError(f"--t-range {t_range!r}: give LOW,HIGH with 0 <= LOW <= HIGH <= 999, e.g. 1,281")
     if iterations < 1 or threads < 0 or curve_every < 0 or not (math.isfinite(lr) and lr > 0):

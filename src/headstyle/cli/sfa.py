@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app
+from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds
 from headstyle.cli.lab import lab_app
 
 if TYPE_CHECKING:
@@ -267,16 +267,6 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
                f"headstyle style-views --style-module {result.module}")  # fmt: skip
 
 
-def _numbers(text: str, kind: type, option: str) -> tuple:
-    try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{option} {text!r}: give numbers separated by commas") from None
-    if not values:
-        raise UserError(f"{option} is empty: give at least one value")
-    return values
-
-
 @lab_app.command("sfa-ablation")
 def lab_sfa_ablation(
     out: str = typer.Option("runs/lab-sfa-ablation", help="Output folder: ablation.md/.csv/.json, tradeoff.png, "
@@ -329,8 +319,8 @@ def lab_sfa_ablation(
             prior=str(folder), data=data, seen=tuple(s.strip() for s in seen.split(",") if s.strip()), unseen=unseen,
             samples=samples, views=views, iterations=iterations, lr=lr, train_views=train_views,
             eval_identities=identities, eval_views=eval_views, strength=strength, steps=steps, guidance=guidance,
-            taus=_numbers(taus, float, "--taus"), key_tau=key_tau, pairing=pairing,
-            seeds=_numbers(seeds, int, "--seeds"),
+            taus=parse_numbers(taus, float, "--taus"), key_tau=key_tau, pairing=pairing,
+            seeds=tuple(parse_seeds(seeds)),
             mask_regions=tuple(r.strip() for r in mask_regions.split(",") if r.strip()),
         )  # fmt: skip
     except ValueError as exc:
