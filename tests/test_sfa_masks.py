@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from typer.testing import CliRunner
 
@@ -190,3 +191,116 @@ def test_region_select_is_the_union():
     hair_brow = region_select(masks, ("hair", "brow"))
     torch.testing.assert_close(hair_brow, (masks[:, 1] + masks[:, 4]).clamp(0, 1))
     torch.testing.assert_close(region_select(masks, REGIONS), masks.sum(1).clamp(0, 1))
+
+
+# ------------------------------------------------------------------------------------------------ the face parser
+
+
+def _random_parser(seed: int = 0):
+    """A randomly initialised BiSeNet with random batch-norm statistics (no weights ship or download)."""
+    from headstyle.faces.parser import BiSeNet
+
+    torch.manual_seed(seed)
+    net = BiSeNet()
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, a=1, generator=g)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return net
+
+
+# Names and shapes of face-parsing.PyTorch's model.py / resnet.py (BiSeNet(n_classes=19)): 191 tensors.
+PUBLISHED = {
+    "cp.resnet.conv1.weight": (64, 3, 7, 7),
+    "cp.resnet.layer2.0.downsample.0.weight": (128, 64, 1, 1),
+    "cp.resnet.layer4.1.bn2.running_var": (512,),
+    "cp.arm32.conv.conv.weight": (128, 512, 3, 3),
+    "cp.arm16.conv_atten.weight": (128, 128, 1, 1),
+    "cp.conv_avg.conv.weight": (128, 512, 1, 1),
+    "ffm.convblk.conv.weight": (256, 256, 1, 1),
+    "ffm.conv1.weight": (64, 256, 1, 1),
+    "ffm.conv2.weight": (256, 64, 1, 1),
+    "conv_out.conv.conv.weight": (256, 256, 3, 3),
+    "conv_out.conv_out.weight": (19, 256, 1, 1),
+    "conv_out16.conv.conv.weight": (64, 128, 3, 3),
+    "conv_out32.conv_out.weight": (19, 64, 1, 1),
+}
+
+
+def test_parser_has_the_published_layout_and_round_trips_its_checkpoint(tmp_path):
+    """A random BiSeNet saved as train.py saves it (torch.save(net.state_dict())), in the legacy pickle format
+    of 2019's 79999_iter.pth, without batch-norm counters, or as .safetensors, loads to the same outputs."""
+    from safetensors.torch import save_file
+
+    from headstyle.faces.parser import CLASSES, BiSeNet, parse
+
+    net = _random_parser()
+    state = net.state_dict()
+    assert len(state) == 191 and {k: tuple(state[k].shape) for k in PUBLISHED} == PUBLISHED
+    x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    expected = parse(net, x, size=64)
+    assert expected.shape == (1, len(CLASSES), 48, 40)
+    torch.testing.assert_close(expected.sum(1), torch.ones(1, 48, 40))
+    torch.save(state, tmp_path / "79999_iter.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    bare = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(bare, tmp_path / "bare.pth")
+    save_file(bare, str(tmp_path / "parser.safetensors"))
+    for name in ("79999_iter.pth", "legacy.pth", "bare.pth", "parser.safetensors"):
+        assert torch.equal(parse(BiSeNet.from_file(tmp_path / name), x, size=64), expected), name
+    other = parse(_random_parser(1), x, size=64)
+    assert (other - expected).abs().max() > 1e-3
+
+
+def test_parser_refuses_wrong_files_in_one_line(tmp_path):
+    from headstyle.faces.parser import BiSeNet
+    from headstyle.faces.perceptual import WeightsError
+
+    state = _random_parser().state_dict()
+    cases = {}
+    torch.save({k: v for k, v in state.items() if k != "ffm.conv1.weight"}, tmp_path / "missing.pth")
+    cases["missing.pth"] = "missing: ffm.conv1.weight"
+    torch.save({**state, "conv_out.conv_out.weight": torch.zeros(18, 256, 1, 1)}, tmp_path / "classes.pth")
+    cases["classes.pth"] = "wrong shape: conv_out.conv_out.weight"
+    torch.save({"model": state}, tmp_path / "nested.pth")
+    cases["nested.pth"] = "not a state dict"
+    (tmp_path / "text.pth").write_text("not weights")
+    cases["text.pth"] = "refused by the weights-only reader (Unsupported operand"
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    torch.save({"cp.resnet.conv1.weight": Payload()}, tmp_path / "code.pth")
+    cases["code.pth"] = "exec was not an allowed global by default); nothing of it was executed"
+    cases["absent.pth"] = "no such file"
+    (tmp_path / "text.safetensors").write_text("not weights")
+    cases["text.safetensors"] = "not a readable weights file (SafetensorError"
+    for name, message in cases.items():
+        with pytest.raises(WeightsError) as err:
+            BiSeNet.from_file(tmp_path / name)
+        assert message in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+    assert not marker.exists()
+
+
+def test_parser_regions_are_unions_of_classes():
+    """Known answer: a probability map whose most likely class is known at each pixel."""
+    from headstyle.faces.parser import CLASSES, region_masks
+
+    labels = torch.tensor([[CLASSES.index(c) for c in ("hair", "skin", "nose", "l_eye")],
+                           [CLASSES.index(c) for c in ("u_lip", "mouth", "background", "r_brow")]])  # fmt: skip
+    probs = 0.6 * F.one_hot(labels, len(CLASSES)).permute(2, 0, 1)[None].float() + 0.4 / len(CLASSES)
+    assert torch.equal(region_masks(probs, ("hair",))[0], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert torch.equal(region_masks(probs, ("skin", "eyes"))[0], torch.tensor([[0.0, 1, 1, 1], [0, 0, 0, 0]]))
+    assert torch.equal(region_masks(probs, ("lips", "brows"))[0], torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 1]]))
+    assert torch.equal(region_masks(probs, ("mouth",))[0], torch.tensor([[0.0, 0, 0, 0], [1, 1, 0, 0]]))
+    soft = region_masks(probs, ("hair", "nose"), hard=False)[0]
+    torch.testing.assert_close(soft, probs[0, CLASSES.index("hair")] + probs[0, CLASSES.index("nose")])
+    with pytest.raises(ValueError, match="unknown face regions \\['horns'\\]"):
+        region_masks(probs, ("hair", "horns"))
