@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,55 @@ def test_parser_regions_are_unions_of_classes():
     torch.testing.assert_close(soft, probs[0, CLASSES.index("hair")] + probs[0, CLASSES.index("nose")])
     with pytest.raises(ValueError, match="unknown face regions \\['horns'\\]"):
         region_masks(probs, ("hair", "horns"))
+
+
+def _constant_parser(path, cls: str) -> str:
+    """A parser checkpoint that labels every pixel ``cls``: the output head's features are a constant 10
+    (batch norm weight 0, bias 10, then ReLU) and only ``cls``'s logit reads them."""
+    from headstyle.faces.parser import CLASSES
+
+    state = _random_parser().state_dict()
+    state["conv_out.conv.bn.weight"] = torch.zeros(256)
+    state["conv_out.conv.bn.bias"] = torch.full((256,), 10.0)
+    head = torch.zeros(len(CLASSES), 256, 1, 1)
+    head[CLASSES.index(cls)] = 1.0
+    state["conv_out.conv_out.weight"] = head
+    torch.save(state, path)
+    return str(path)
+
+
+def test_style_views_masks_views_by_their_parsed_regions(tiny_sd, parity_dir, tmp_path):
+    """Known answers through `style-views --mask-parser`: a parser that sees hair everywhere makes the hair mask
+    all ones, which equals the unmasked run bitwise; one that sees skin everywhere leaves no hair to stylise
+    (a different result); each view's parsed mask is written beside it. Bad parser input is one line."""
+    from PIL import Image
+
+    style = tmp_path / "style.png"
+    Image.fromarray((np.mgrid[0:48, 0:48][1] // 6 % 2 * 255).astype(np.uint8)).convert("RGB").save(style)
+    base = [
+        "style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--controlnet-depth", "",
+        "--style-image", str(style), "--seeds", "0", "--yaws", "30", "--steps", "4", "--strength", "0.5",
+        "--device", "cpu", "--raw-only", "--neural-rendering-resolution", "16", "--depth-samples", "6",
+    ]  # fmt: skip
+    view = "seed0000_yaw+030_pitch+00"
+    runs = {}
+    for name, extra in (
+        ("plain", []),
+        ("hair", ["--mask-parser", _constant_parser(tmp_path / "hair.pth", "hair"), "--mask-regions", "hair"]),
+        ("skin", ["--mask-parser", _constant_parser(tmp_path / "skin.pth", "skin"), "--mask-regions", "hair"]),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = np.asarray(Image.open(tmp_path / name / f"{view}.png"))
+    assert np.array_equal(runs["hair"], runs["plain"])
+    assert np.abs(runs["skin"].astype(int) - runs["plain"].astype(int)).max() > 0
+    assert (np.asarray(Image.open(tmp_path / "hair" / f"{view}_mask.png")) == 255).all()
+    assert (np.asarray(Image.open(tmp_path / "skin" / f"{view}_mask.png")) == 0).all()
+    for extra, message in (
+        (["--mask-parser", str(tmp_path / "hair.pth")], "give both style.parser and style.regions"),
+        (["--mask-parser", str(tmp_path / "hair.pth"), "--mask-regions", "horns"], "unknown face regions ['horns']"),
+        (["--mask-parser", str(style), "--mask-regions", "hair"], "refused by the weights-only reader"),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / "bad")])
+        assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+        assert not (tmp_path / "bad").exists()

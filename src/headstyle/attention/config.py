@@ -123,11 +123,22 @@ class ViewsModelConfig:
 @dataclass
 class StyleImagesConfig:
     """The style reference image, an optional second one (blended with fusion.alpha) and an optional mask
-    (white = stylise there, black = keep the content)."""
+    (white = stylise there, black = keep the content), painted (``mask``) or parsed: ``parser``, a face
+    parser checkpoint (face-parsing.PyTorch's 79999_iter.pth), finds ``regions`` (e.g. hair, lips; see
+    headstyle.faces.parser) in each rendered view and in the first style image."""
 
     image: str = ""
     image_2: str = ""
     mask: str = ""
+    parser: str = ""
+    regions: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.parser) != bool(self.regions):
+            raise ValueError("a face parser needs the regions to stylise and regions need the parser: give both "
+                             "style.parser and style.regions (--mask-parser and --mask-regions)")  # fmt: skip
+        if self.parser and self.mask:
+            raise ValueError("give a painted mask or a face parser, not both")
 
 
 @dataclass

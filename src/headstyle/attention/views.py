@@ -8,7 +8,7 @@ rendered depth drives the depth ControlNet, so every view keeps the generator's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -69,6 +69,7 @@ def stylize_views(
     show_progress: bool = True,
     content_unet: nn.Module | None = None,
     style_unet: nn.Module | None = None,
+    content_masks: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Path]:
     """Write into config.views.out, per latent, a stylised PNG and its render per view, a sheet (renders over
     stylised views) and a turntable GIF (+ MP4 with ffmpeg) of the stylised views. Returns the paths.
@@ -76,7 +77,8 @@ def stylize_views(
     prior: a DiffusersPrior; its "depth" ControlNet, when loaded, gets the rendered depth.
     style_image(_2): (1, 3, H, W) in [-1, 1]; style_mask: (H, W) in [0, 1], 1 = stylise.
     content_unet / style_unet: appearance modules (a trained Style Appearance Module, headstyle.sfa);
-    default: the prior's own UNet writes both banks.
+    default: the prior's own UNet writes both banks. content_masks: each rendered view (1, 3, S, S) -> its own
+    content mask (H, W) (e.g. its parsed face regions; written as <view>_mask.png); default style_mask.
     """
     v, sampling = config.views, config.sampling
     size = prior.image_size
@@ -100,8 +102,11 @@ def stylize_views(
                 if use_depth:
                     depth = controls.depth_control(resize_to(r.depth, size), resize_to(r.mask, size))
                     control = Control("depth", depth, sampling.control_scale)
-                styled = stylize_image(sfa, image.to(prior.device), control, sampling, generator)
                 stem = out / view_name(latent, yaw, pitch)
+                if content_masks is not None:
+                    sfa.content_mask = content_masks(image.to(prior.device))
+                    written.append(save_image(sfa.content_mask.cpu().expand(3, -1, -1) * 2 - 1, f"{stem}_mask.png"))
+                styled = stylize_image(sfa, image.to(prior.device), control, sampling, generator)
                 written.append(save_image(styled[0], stem.with_suffix(".png")))
                 written.append(save_image(image[0], f"{stem}_render.png"))
                 renders.append(image.cpu())

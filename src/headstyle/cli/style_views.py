@@ -28,6 +28,10 @@ def style_views(
     pitch: float | None = typer.Option(None, help="View pitch in degrees."),
     tau: float | None = typer.Option(None, help="Style key scaling: larger = stronger style, weaker identity (1.05)."),
     mask: str | None = typer.Option(None, help="Style mask image (white = stylise there, black = keep content)."),
+    mask_parser: str | None = typer.Option(None, help="Face parser checkpoint (face-parsing.PyTorch's 79999_iter.pth): "
+                                           "masks each view and the style image by --mask-regions."),
+    mask_regions: str | None = typer.Option(None, help="Regions the parser's mask keeps, e.g. hair or skin,lips "
+                                            "(skin, face, hair, eyes, brows, lips, mouth, nose, ears, neck, ...)."),
     style_image_2: str | None = typer.Option(None, help="Second style image, blended with --alpha."),
     alpha: float | None = typer.Option(None, help="Blend of the two styles: 0 = first, 1 = second (default 0.5)."),
     strength: float | None = typer.Option(None, help="img2img strength: fraction of the schedule re-noised (0.6)."),
@@ -71,6 +75,8 @@ def style_views(
         "model.neural_rendering_resolution": neural_rendering_resolution, "model.depth_samples": depth_samples,
         "model.style_module": style_module,
         "style.image": style_image, "style.image_2": style_image_2, "style.mask": mask,
+        "style.parser": mask_parser, "style.regions": _list(mask_regions and ",".join(
+            f'"{r.strip()}"' for r in mask_regions.split(",") if r.strip())),
         "views.seeds": _list(seeds), "views.yaws": _list(yaws), "views.pitch": pitch, "views.out": out,
         "views.truncation_psi": truncation, "views.truncation_cutoff": truncation_cutoff, "views.fps": fps,
         "views.render_sr": "false" if raw_only else None,
@@ -110,6 +116,15 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     for option, path in (("--style-image", s.image), ("--style-image-2", s.image_2), ("--mask", s.mask)):
         if path:
             check_image(path, option)
+    if s.parser:
+        from headstyle.faces import parser as face_parser
+        from headstyle.faces.perceptual import WeightsError
+
+        try:
+            face_parser.check_regions(s.regions)
+            net = face_parser.BiSeNet.from_file(s.parser)
+        except (ValueError, WeightsError) as exc:
+            raise UserError(f"--mask-parser / --mask-regions: {exc}") from None
     if m.style_module:
         from headstyle.sfa.module import ModuleLoadError, read_manifest
 
@@ -132,10 +147,19 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
         style_mask = load_image(s.mask, size, mode="L")[0, 0] if s.mask else None
     except ValueError as exc:
         raise UserError(f"{exc}; give a PNG or JPEG file") from None
+    content_masks = None
+    if s.parser:
+        net = net.to(prior.device)
+
+        def content_masks(image):
+            return face_parser.region_masks(face_parser.parse(net, image), s.regions)[0]
+
+        # the first style image's regions; a second style is blended through the same tokens
+        style_mask = content_masks(style.to(prior.device))
     v = cfg.views
     latents = latents_from_seeds(G, list(v.seeds), v.truncation_psi, v.truncation_cutoff)
     paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask, content_unet=unets[0],
-                          style_unet=unets[1])  # fmt: skip
+                          style_unet=unets[1], content_masks=content_masks)  # fmt: skip
     typer.echo(f"wrote {len(paths)} files to {v.out}")
 
 
