@@ -266,3 +266,17 @@ def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run
         eps = [prior.predict_noise([Branch(x_t, t, prior.embed_prompts(tp.PHRASINGS[d][0]), control)])[0][1]
                for d in ("statue", "gold")]  # fmt: skip
     assert torch.isfinite(eps[0]).all() and not torch.equal(*eps)
+
+
+def test_eps_errors_do_not_depend_on_the_prompts_order(run: Path) -> None:
+    """The diffusion classifier's errors per prompt are the same whatever the order (and an odd prompt count,
+    whose last prompt shares a UNet call with itself, counts it once)."""
+    from headstyle.lab import prior_card as pc
+
+    prior = pc.load_prior(run / "model")
+    images = tp.sample_batch(tp.load_data(run), 3, 0.0, torch.Generator().manual_seed(2)).images
+    latents = pc.encode(prior, images)
+    prompts = [tp.PHRASINGS[d][0] for d in tp.DOMAINS]
+    forward = pc.eps_errors(prior, latents, prompts, (101, 281), seed=0, draws=2)
+    backward = pc.eps_errors(prior, latents, prompts[::-1], (101, 281), seed=0, draws=2).flip(1)
+    assert torch.allclose(forward, backward, rtol=1e-5, atol=1e-7)

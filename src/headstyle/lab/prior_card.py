@@ -138,8 +138,9 @@ def eps_errors(
             sl = slice(s, s + batch)
             ctl = None if control is None else Control(control.name, control.image[sl], control.scale)
             branches = [Branch(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
-            for (a, b), pred in zip(pairs, prior.predict_noise(branches), strict=True):
-                for k, e in zip((a, b), pred, strict=True):
+            for (a, b), (e_a, e_b) in zip(pairs, prior.predict_noise(branches), strict=True):
+                # an odd prompt count pairs the last prompt with itself: count it once
+                for k, e in {a: e_a, b: e_b}.items():
                     out[sl, k, j] += (e - eps[sl]).square().flatten(1).mean(1) / draws
     return out
 
