@@ -345,7 +345,8 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         "A tiny Stable-Diffusion-1.5-shaped latent diffusion model of the synthetic head world",
         "(headstyle.lab.world), loaded by `DiffusersPrior.from_pretrained(folder, vae=None, controlnets=...)`.",
         "64 px images: single views (32 px raw render x2 bilinear) and 2x2 grids of 32 px raw renders;",
-        "AutoencoderKL with factor 4 -> 16x16x4 latents; frozen random CLIPTextModel with its own vocabulary;",
+        f"AutoencoderKL with factor 4 -> 16x16x4 latents; a CLIPTextModel with its own vocabulary "
+        f"({'trained with the UNet' if cfg.train_text else 'frozen at its random init'});",
         "UNet2DConditionModel (epsilon, scaled-linear betas 0.00085..0.012, 1000 steps, "
         f"{cfg.prompt_dropout:.0%} prompt dropout); ControlNets: depth (grids), canny (single views).",
         "",
@@ -381,8 +382,8 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         f"## What it learned ({f['held_out']['identities']} held-out identities x {f['held_out']['views']} "
         "training cameras, every domain)",
         "",
-        f"- Diffusion classifier at t in {CLASSIFIER_T}: single views {f['classifier_single']:.3f}, "
-        f"2x2 grids with depth control {f['classifier_grid_depth']:.3f}.",
+        f"- Diffusion classifier at t in {CLASSIFIER_T}, {CLASSIFIER_DRAWS} noise draws each: single views "
+        f"{f['classifier_single']:.3f}, 2x2 grids with depth control {f['classifier_grid_depth']:.3f}.",
         f"- Denoising error held-out / training identities: {f['eps_error_held_out']:.4f} / "
         f"{f['eps_error_training']:.4f} = {f['eps_error_ratio']:.3f}.",
         f"- DDIM (25 steps) + CFG {GUIDANCE} samples classified to their domain by colour statistics: "
