@@ -77,6 +77,17 @@ def save_grid(images: Tensor | np.ndarray, path: str | os.PathLike, cols: int | 
     return save_image(image_grid(images, cols=cols, pad=pad), path)
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG (tight layout, 100 dpi), written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def depth_to_uint8(depth: Tensor, mask: Tensor | None = None, threshold: float = 0.5) -> np.ndarray:
     """Depth (N, 1, H, W) or (1, H, W) -> grey uint8 (N, H, W) / (H, W): near = white, far = dark.
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headstyle.io import atomic_path, atomic_write_text
+from headstyle.export import save_figure
+from headstyle.io import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
@@ -381,10 +382,7 @@ def plot_curves(curves: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_bench(

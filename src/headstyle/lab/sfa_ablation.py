@@ -45,8 +45,8 @@ from headstyle.attention.config import Pairing, SamplingConfig, StyleFusionConfi
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.attention.views import stylize_image
 from headstyle.cameras import cameras
-from headstyle.export import save_grid
-from headstyle.io import atomic_path, atomic_write_text
+from headstyle.export import save_figure, save_grid
+from headstyle.io import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, Views, make_eval_set, render_views, score
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z
@@ -335,10 +335,7 @@ def plot_tradeoff(result: AblationResult, path: Path) -> None:
         ax.set_xlabel("key scaling tau")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_ablation(s: AblationSettings, out: Path, progress: bool = True) -> AblationResult:
