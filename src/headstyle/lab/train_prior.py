@@ -132,10 +132,10 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     # The frozen random text encoder left "a zombie", "a golden sculpture of a head" and the unstyled prompt
     # nearly interchangeable for the UNet after 1800 steps: train it with the UNet, to the schedule's end.
     "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
-    # full-text still confused unstyled with zombie heads at low noise (classifier 0.79): 2.5x the UNet steps.
+    # Tried against full-text's unstyled-for-zombie confusion (classifier 0.82 of single views, 4 draws), neither
+    # better: 2.5x the UNet steps (0.56 at step 2400 of 6000, stopped there) and the pooled prompt in the timestep
+    # embedding of every ResNet block (0.83 after 2400 steps, the same confusion).
     "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
-    # At t <= 281 cross-attention alone left the prompt nearly unread (gold and unstyled heads scored as unstyled
-    # or zombie): the pooled prompt also conditions every ResNet block through the timestep embedding.
     "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=2400),
     # Tests: a few steps of every stage on tiny models.
     "tiny": TrainPriorConfig(
