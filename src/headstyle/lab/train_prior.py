@@ -133,7 +133,7 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     # nearly interchangeable for the UNet after 1800 steps: train it with the UNet, to the schedule's end.
     "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
     # Tried against full-text's unstyled-for-zombie confusion (classifier 0.82 of single views, 4 draws), neither
-    # better: 2.5x the UNet steps (0.56 at step 2400 of 6000, stopped there) and the pooled prompt in the timestep
+    # better: 2.5x the UNet steps (0.70 at step 2453 of 6000, stopped there) and the pooled prompt in the timestep
     # embedding of every ResNet block (0.83 after 2400 steps, the same confusion).
     "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
     "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=2400),
