@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import uuid
@@ -53,3 +54,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 text through atomic_path: readers never see a half-written file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_format_manifest(path: Path, fmt: str, error: type[ValueError], missing: str) -> dict:
+    """The JSON object at ``path`` whose "format" is ``fmt`` (a manifest headstyle wrote), else ``error`` with one
+    line: ``missing`` when there is no file, "not JSON", or "not a <fmt> manifest". Versions are the caller's."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise error(f"{path}: not JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} manifest")
+    return manifest

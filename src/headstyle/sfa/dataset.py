@@ -51,7 +51,7 @@ from torch import Tensor
 from headstyle.cameras import cameras, conditioning_camera
 from headstyle.generator.base import Generator
 from headstyle.generator.latents import z_from_seed
-from headstyle.io import atomic_path, atomic_write_text
+from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
 
 FORMAT = "headstyle-sfa-dataset"
@@ -251,14 +251,8 @@ class SFADataset:
 
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
-    if not path.is_file():
-        raise DatasetError(f"{root} holds no {MANIFEST}: not an SFA dataset; make one with `headstyle sfa dataset`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise DatasetError(f"{path}: not JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not a {FORMAT} manifest")
+    missing = f"{root} holds no {MANIFEST}: not an SFA dataset; make one with `headstyle sfa dataset`"
+    manifest = read_format_manifest(path, FORMAT, DatasetError, missing)
     if manifest.get("version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: format version {manifest.get('version')}, this headstyle reads {FORMAT_VERSION}")
     styles = manifest.get("styles")

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from headstyle.io import atomic_write_text
+from headstyle.io import atomic_write_text, read_format_manifest
 
 FORMAT = "headstyle-sfa-module"
 FORMAT_VERSION = 1
@@ -109,17 +109,11 @@ class StyleAppearanceModule(nn.Module):
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """sfa_module.json of a module folder, checked (format, version, role)."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ModuleLoadError(
-            f"{folder} holds no {MANIFEST}: not a Style Appearance Module; give the module/ folder that "
-            "`headstyle sfa train` writes"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise ModuleLoadError(f"{path}: not JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModuleLoadError(f"{path}: not a {FORMAT} manifest")
+    missing = (
+        f"{folder} holds no {MANIFEST}: not a Style Appearance Module; give the module/ folder that "
+        "`headstyle sfa train` writes"
+    )
+    manifest = read_format_manifest(path, FORMAT, ModuleLoadError, missing)
     if manifest.get("version") != FORMAT_VERSION or manifest.get("role") not in ROLES:
         raise ModuleLoadError(f"{path}: version {manifest.get('version')} / role {manifest.get('role')!r} unknown")
     return manifest
