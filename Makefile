@@ -40,7 +40,7 @@ bench: $(STAMP)
 # process on one thread: `make -j2 lab-matrix` runs two at once. LAB_PRIOR: '' = the shipped learned prior, or a folder.
 LAB_PRIOR ?=
 LAB_BENCH = OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior "$(LAB_PRIOR)" --styles all --seeds 0,1,2 \
-	--iterations 100 --curve-every 10 --no-progress
+	--iterations 100 --curve-every 10 --no-progress --resume
 lab-matrix: lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar
 lab-matrix-paper: $(STAMP)
 	$(LAB_BENCH) --objectives all --lr 0.0001 --out runs/lab-matrix/adam-lr1e-4
@@ -51,7 +51,7 @@ lab-matrix-optim: $(STAMP)
 	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop,sgd-stop --lr 0.002 --out runs/lab-matrix/optim-lr2e-3
 lab-matrix-exemplar: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior exemplar --styles all --seeds 0,1,2 --objectives ld,sds \
-		--lr 0.002 --curve-every 10 --no-progress --out runs/lab-matrix/exemplar-lr2e-3
+		--lr 0.002 --curve-every 10 --no-progress --resume --out runs/lab-matrix/exemplar-lr2e-3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

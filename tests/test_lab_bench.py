@@ -14,6 +14,7 @@ import torch
 
 from headstyle.lab import learned
 from headstyle.lab.bench import (
+    BenchResumeError,
     LabSettings,
     aggregate,
     dead_share,
@@ -185,6 +186,37 @@ def test_bench_through_an_sd_folder_writes_mean_std_runs_and_curves(tmp_path, ti
     cfg = load_config(tmp_path / "bench" / "runs" / "statue-ld-adam-seed1" / "config.toml")
     assert (cfg.shaping.scale, cfg.model.prior_image_size) == (1000.0, 64)
     assert cfg.single.rank_weights == (1, 0.75, 0.5, 0.25)
+
+
+def test_a_resumed_bench_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_path, monkeypatch):
+    """Seed 0, then --resume with seeds 0,1: only seed 1 trains, seed 0's row and curve are kept as written, and
+    seed 1's row equals a straight run's; other settings are refused before the prior loads."""
+    settings = LabSettings(iterations=2, resolution=RES, prior_identities=2, prior_views=2, eval_identities=2,
+                           eval_views=4, prior="exemplar", curve_every=1)  # fmt: skip
+    out = tmp_path / "bench"
+    first = run_bench(("statue",), ("ld",), settings, out, progress=False, seeds=(0,))
+    trained: list[int] = []
+    both = run_bench(("statue",), ("ld",), settings, out, progress=False, seeds=(0, 1), resume=True,
+                     on_run=lambda row: trained.append(row["seed"]))  # fmt: skip
+    assert trained == [1]
+    ld = [r for r in both.rows if r["variant"] == "ld"]
+    assert [r["seed"] for r in ld] == [0, 1] and len(both.rows) == 3  # one untrained row
+    seed0 = next(r for r in first.rows if r["variant"] == "ld")
+    assert ld[0] == seed0  # floats round-trip runs.csv exactly (repr)
+    assert [c for c in both.curves if c["seed"] == 0] == first.curves
+    straight = run_bench(("statue",), ("ld",), settings, tmp_path / "straight", progress=False, seeds=(1,))
+    seed1 = next(r for r in straight.rows if r["variant"] == "ld")
+    assert {k: v for k, v in ld[1].items() if k != "seconds"} == {k: v for k, v in seed1.items() if k != "seconds"}
+    with open(out / "runs.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f) if r["variant"] == "ld"] == ["0", "1"]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the prior loaded before the settings were checked")
+
+    monkeypatch.setattr(learned.LabPriorSpec, "load", no_load)
+    with pytest.raises(BenchResumeError, match=r"other settings \(lr\)"):
+        run_bench(("statue",), ("ld",), LabSettings(**{**settings.__dict__, "lr": 1e-4}), out, progress=False,
+                  seeds=(0,), resume=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the prior choice

@@ -101,12 +101,14 @@ def lab_bench(
                                     "(0 = off)."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default; 1 is fastest for the lab)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    resume: bool = typer.Option(False, help="Keep the finished runs in --out (same prior and options) and run only "
+                                "the missing ones."),
 ) -> None:
     """Train every objective/ablation and optimiser for the same budget and seeds; print and save the tables."""
     import math
     from pathlib import Path
 
-    from headstyle.lab.bench import OPTIMIZERS, VARIANTS, LabSettings, format_row, run_bench
+    from headstyle.lab.bench import OPTIMIZERS, VARIANTS, BenchResumeError, LabSettings, format_row, run_bench
     from headstyle.lab.learned import LabPriorError
     from headstyle.lab.world import STYLES
 
@@ -130,8 +132,8 @@ def lab_bench(
     try:
         result = run_bench(style_list, variant_list, settings, Path(out), progress=progress, seeds=seed_list,
                            optimizers=optimizer_list, prior_spec=spec,
-                           on_run=lambda row: typer.echo(format_row(row)))  # fmt: skip
-    except LabPriorError as err:
+                           on_run=lambda row: typer.echo(format_row(row)), resume=resume)  # fmt: skip
+    except (LabPriorError, BenchResumeError) as err:
         raise UserError(str(err)) from None
     typer.echo(result.markdown(), nl=False)
     written = "bench.md, bench.csv, runs.csv" + (", curves.csv, curves.png" if result.curves else "")

@@ -395,12 +395,15 @@ def run_bench(
     optimizers: tuple[str, ...] = ("adam",),
     prior_spec: LabPriorSpec | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> BenchResult:
     """Train every (style, variant, optimizer, seed) for the same budget and score it on held-out identities.
 
     Writes bench.md / bench.csv (mean and std over seeds), runs.csv (every run), and with
     settings.curve_every curves.csv / curves.png for the CURVE_VARIANTS, in ``out``; each run's folder is
-    out/runs/<style>-<variant>-<optimizer>-seed<seed>. ``on_run`` sees every finished row (progress output).
+    out/runs/<style>-<variant>-<optimizer>-seed<seed>. The tables are rewritten after every run; with ``resume``
+    the finished runs in ``out`` (same prior and settings, bench.json) are kept and only the missing or failed ones
+    run. ``on_run`` sees every finished row (progress output).
     """
     from headstyle.lab.learned import resolve_prior
 
@@ -412,29 +415,85 @@ def run_bench(
             f"{', '.join(VARIANTS)}; optimizers: {', '.join(OPTIMIZERS)}"
         )
     spec = prior_spec or resolve_prior(settings.prior)
+    result = _resumed(out, spec.name, settings) if resume else BenchResult(prior=spec.name)
     prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
                                settings.prior_views, progress=progress)  # fmt: skip
-    result = BenchResult(prior=spec.name)
+    atomic_write_text(out / "bench.json", json.dumps(_bench_record(spec.name, settings), indent=2) + "\n")
+    done = {_run_key(r) for r in result.rows}
     like = new_generator(settings)
     for style in styles:
         ev: EvalSet = make_eval_set(style, like, settings.eval_identities, settings.eval_views)
         before = _floats(evaluate(like, ev))
-        result.rows.append({"style": style, "variant": "untrained", "optimizer": "-", "seed": settings.seed,
-                            **before, **dict.fromkeys(RUN_FIGURES, 0.0)})  # fmt: skip
+        untrained = {"style": style, "variant": "untrained", "optimizer": "-", "seed": settings.seed}
+        if _run_key(untrained) not in done:
+            result.rows.append({**untrained, **before, **dict.fromkeys(RUN_FIGURES, 0.0)})
         for variant in variants:
             for optimizer in optimizers:
                 for seed in seeds if seeds is not None else (settings.seed,):
+                    if (style, variant, optimizer, seed) in done:
+                        continue
                     row = _run_one(style, variant, optimizer, seed, prior, profile, settings, out, ev, before, result,
                                    progress)  # fmt: skip
+                    _write_tables(result, out)
                     if on_run is not None:
                         on_run(row)
+    _write_tables(result, out)
+    if result.curves:
+        plot_curves(result.curves, out / "curves.png")
+    return result
+
+
+def _write_tables(result: BenchResult, out: Path) -> None:
     atomic_write_text(out / "bench.csv", result.csv())
     atomic_write_text(out / "runs.csv", result.runs_csv())
     atomic_write_text(out / "bench.md", result.markdown())
     if result.curves:
         atomic_write_text(out / "curves.csv", result.curves_csv())
-        plot_curves(result.curves, out / "curves.png")
-    return result
+
+
+class BenchResumeError(ValueError):
+    """--resume on a folder whose bench used another prior or other settings."""
+
+
+def _run_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    return row["style"], row["variant"], row["optimizer"], int(row["seed"])
+
+
+def _bench_record(prior: str, settings: LabSettings) -> dict[str, Any]:
+    """What a resumed bench must share with the runs already in its folder (seeds, styles and variants may grow)."""
+    record = {k: v for k, v in settings.__dict__.items() if k != "seed"}
+    record["t_range"] = list(settings.t_range) if settings.t_range is not None else None
+    return {"prior": prior, "settings": record}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """A runs.csv / curves.csv written by _csv: names stay text, the seed an int, every other filled cell a float."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = ("style", "variant", "optimizer", "error")
+    return [{k: (v if k in text else int(v) if k == "seed" else float(v)) for k, v in r.items() if v != ""}
+            for r in rows]  # fmt: skip
+
+
+def _resumed(out: Path, prior: str, settings: LabSettings) -> BenchResult:
+    """The finished runs (and their curves) of the bench in ``out``; failed runs are dropped so that they rerun."""
+    record_path = out / "bench.json"
+    if not record_path.is_file():
+        return BenchResult(prior=prior)
+    record = json.loads(record_path.read_text())
+    want = _bench_record(prior, settings)
+    if record != want:
+        changed = sorted(k for k in {**record["settings"], **want["settings"]}
+                         if record["settings"].get(k) != want["settings"].get(k))  # fmt: skip
+        changed += ["prior"] * (record["prior"] != prior)
+        raise BenchResumeError(f"{out} holds a bench with other settings ({', '.join(changed)}); use the same options "
+                         "to resume it or another --out")  # fmt: skip
+    rows = [r for r in _read_rows(out / "runs.csv") if "error" not in r]
+    keys = {_run_key(r) for r in rows}
+    curves = [c for c in _read_rows(out / "curves.csv") if _run_key(c) in keys]
+    return BenchResult(prior=prior, rows=rows, curves=curves)
 
 
 def _run_one(
