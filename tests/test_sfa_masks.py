@@ -334,6 +334,7 @@ def test_style_views_masks_views_by_their_parsed_regions(tiny_sd, parity_dir, tm
         "style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--controlnet-depth", "",
         "--style-image", str(style), "--seeds", "0", "--yaws", "30", "--steps", "4", "--strength", "0.5",
         "--device", "cpu", "--raw-only", "--neural-rendering-resolution", "16", "--depth-samples", "6",
+        "--content", "view",
     ]  # fmt: skip
     view = "seed0000_yaw+030_pitch+00"
     runs = {}
@@ -349,6 +350,12 @@ def test_style_views_masks_views_by_their_parsed_regions(tiny_sd, parity_dir, tm
     assert np.abs(runs["skin"].astype(int) - runs["plain"].astype(int)).max() > 0
     assert (np.asarray(Image.open(tmp_path / "hair" / f"{view}_mask.png")) == 255).all()
     assert (np.asarray(Image.open(tmp_path / "skin" / f"{view}_mask.png")) == 0).all()
+    # front_back content: the parser masks the head's front and back renders, written side by side
+    hair = ["--mask-parser", str(tmp_path / "hair.pth"), "--mask-regions", "hair", "--content", "front_back"]
+    result = CliRunner().invoke(app, [*base, *hair, "--out", str(tmp_path / "front_back")])
+    assert result.exit_code == 0, result.output
+    sheet = np.asarray(Image.open(tmp_path / "front_back" / "seed0000_content_mask.png"))
+    assert sheet.shape[:2] == (64, 2 * 64) and (sheet == 255).all()
     for extra, message in (
         (["--mask-parser", str(tmp_path / "hair.pth")], "give both style.parser and style.regions"),
         (["--mask-parser", str(tmp_path / "hair.pth"), "--mask-regions", "horns"], "unknown face regions ['horns']"),

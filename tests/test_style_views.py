@@ -111,10 +111,67 @@ def test_style_views_cli_writes_views_sheet_and_turntable(tiny_sd, parity_dir, t
     assert np.asarray(Image.open(out / "seed0000_style_views.png")).shape[0] > 2 * 64
 
 
+def test_content_bank_is_the_heads_front_and_back_renders(tiny_sd, parity_dir, tmp_path, monkeypatch):
+    """--content front_back (the default, DiffStyle360's pairing) writes every view's content bank from the
+    head's front and back renders, encoded; --content view from the view itself. --style-image-back makes the
+    style bank the style's front and back."""
+    from headstyle.attention.config import REFERENCE_YAWS
+    from headstyle.cameras import cameras
+    from headstyle.cli.common import load_generator
+    from headstyle.distill.shaping import resize_to
+    from headstyle.export import render_view
+    from headstyle.generator.latents import latents_from_seeds
+
+    contents, styles = [], []
+    set_content, init = StyleFusionPrior.set_content, StyleFusionPrior.__init__
+
+    def record_content(self, latents, images_per_group=None):
+        if latents is not None:
+            contents.append(latents.clone())
+        set_content(self, latents, images_per_group)
+
+    def record_style(self, prior, style_latents, *args, **kwargs):
+        styles.append(style_latents.clone())
+        init(self, prior, style_latents, *args, **kwargs)
+
+    monkeypatch.setattr(StyleFusionPrior, "set_content", record_content)
+    monkeypatch.setattr(StyleFusionPrior, "__init__", record_style)
+    yy, xx = np.mgrid[0:48, 0:48]
+    front = _write_png(tmp_path / "front.png", np.stack([(xx // 6 % 2) * 255] * 3, -1).astype(np.uint8))
+    back = _write_png(tmp_path / "back.png", np.stack([yy * 5] * 3, -1).astype(np.uint8))
+    base = ["style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--vae", "",
+            "--controlnet-depth", "", "--style-image", front, "--seeds", "0", "--yaws", "45", "--steps", "2",
+            "--strength", "0.5", "--device", "cpu", "--raw-only", "--neural-rendering-resolution", "16",
+            "--depth-samples", "6"]  # fmt: skip
+    runs = {}
+    for name, extra in (("front_back", ["--style-image-back", back]), ("view", ["--content", "view"])):
+        result = CliRunner().invoke(app, [*base, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = np.asarray(Image.open(tmp_path / name / "seed0000_yaw+045_pitch+00.png")).astype(int)
+
+    prior = DiffusersPrior.from_pretrained(tiny_sd.model, vae=None, controlnets={}, latent_sample="mean")
+    G = load_generator(str(parity_dir), torch.device("cpu"), None, 16, 6)
+    latent = latents_from_seeds(G, [0], 0.7, 14)[0]
+
+    def encoded(yaw: float) -> torch.Tensor:
+        return prior.encode(resize_to(render_view(G, latent, cameras(yaw, 0.0), False).image_raw, prior.image_size))
+
+    # batched and one-by-one encodes agree to float rounding
+    torch.testing.assert_close(contents[0], torch.cat([encoded(yaw) for yaw in REFERENCE_YAWS]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(contents[1], encoded(np.radians(45.0)), rtol=0, atol=1e-5)
+    assert (contents[0][0] - contents[0][1]).abs().max() > 1e-2  # front and back differ
+    assert styles[0].shape[0] == 2 and styles[1].shape[0] == 1
+    torch.testing.assert_close(styles[0][:1], styles[1], rtol=0, atol=1e-5)
+    assert np.abs(runs["front_back"] - runs["view"]).max() > 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--alpha", "0.3"], "--alpha blends two styles"),
+        (["--content", "side"], "content must be one of"),
+        (["--style-image-back", "no/such/back.png"], "no/such/back.png: no such file"),
+        (["--style-image-back", "STYLE", "--content", "view"], "--style-image-back goes with --content front_back"),
         (["--tau", "0"], "tau must be positive"),
         (["--strength", "0"], "strength must lie in (0, 1]"),
         (["--pairing", "swapped"], "pairing must be one of"),
@@ -125,7 +182,7 @@ def test_style_views_cli_rejects_bad_input(tmp_path, monkeypatch, capsys, extra,
     style = _write_png(tmp_path / "s.png", np.zeros((8, 8, 3), np.uint8))
     out = tmp_path / "o"
     argv = ["headstyle", "style-views", "--generator", str(tmp_path), "--style-image", style, "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", [*argv, *extra])
+    monkeypatch.setattr(sys, "argv", [*argv, *(style if a == "STYLE" else a for a in extra)])
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capsys.readouterr().err

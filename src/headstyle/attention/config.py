@@ -14,6 +14,11 @@ PAIRINGS: tuple[str, ...] = ("paper", "matched")
 LayerSet = Literal["all", "decoder"]
 LAYER_SETS: tuple[str, ...] = ("all", "decoder")
 REFERENCE_MODES: tuple[str, ...] = ("noised", "clean")
+# The appearance modules' two reference views of a head, front and back (radians, pitch 0): DiffStyle360 feeds
+# I_content / I_content_back and I_style / I_style_back (Sec. 3.2), in training and at inference.
+REFERENCE_YAWS = (0.0, math.pi)
+ContentReference = Literal["front_back", "view"]
+CONTENT_REFERENCES: tuple[str, ...] = ("front_back", "view")
 
 
 @dataclass
@@ -75,7 +80,9 @@ class SamplingConfig:
 class ViewsConfig:
     """Which heads and views: latent seeds (truncated with psi / cutoff), yaws and pitch in DEGREES (yaw 0 =
     front), the output folder, the turntable's fps, and render_sr: stylise the super-resolved image (True)
-    or the raw neural render, upsampled."""
+    or the raw neural render, upsampled. content: the content bank of every view is written from the head's
+    "front_back" renders (REFERENCE_YAWS; the paper's pairing, what a trained Style Appearance Module saw) or
+    from the "view" being stylised."""
 
     seeds: tuple[int, ...] = (0,)
     yaws: tuple[float, ...] = (-90.0, -45.0, 0.0, 45.0, 90.0, 180.0)
@@ -85,8 +92,11 @@ class ViewsConfig:
     out: str = ""
     fps: float = 4.0
     render_sr: bool = True
+    content: ContentReference = "front_back"
 
     def __post_init__(self) -> None:
+        if self.content not in CONTENT_REFERENCES:
+            raise ValueError(f"content must be one of {CONTENT_REFERENCES}, got {self.content!r}")
         if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds):
             raise ValueError(f"seeds must be integers in [0, 2**32), got {list(self.seeds)}")
         angles = (*self.yaws, self.pitch)
@@ -122,12 +132,14 @@ class ViewsModelConfig:
 
 @dataclass
 class StyleImagesConfig:
-    """The style reference image, an optional second one (blended with fusion.alpha) and an optional mask
-    (white = stylise there, black = keep the content), painted (``mask``) or parsed: ``parser``, a face
-    parser checkpoint (face-parsing.PyTorch's 79999_iter.pth), finds ``regions`` (e.g. hair, lips; see
-    headstyle.faces.parser) in each rendered view and in the first style image."""
+    """The style reference image, optionally its back view (``image_back``: the style bank then holds front and
+    back, as DiffStyle360's I_style / I_style_back), an optional second style (blended with fusion.alpha) and
+    an optional mask (white = stylise there, black = keep the content), painted (``mask``) or parsed:
+    ``parser``, a face parser checkpoint (face-parsing.PyTorch's 79999_iter.pth), finds ``regions`` (e.g. hair,
+    lips; see headstyle.faces.parser) in each content reference and in the style image(s)."""
 
     image: str = ""
+    image_back: str = ""
     image_2: str = ""
     mask: str = ""
     parser: str = ""
@@ -139,6 +151,9 @@ class StyleImagesConfig:
                              "style.parser and style.regions (--mask-parser and --mask-regions)")  # fmt: skip
         if self.parser and self.mask:
             raise ValueError("give a painted mask or a face parser, not both")
+        if self.image_back and self.image_2:
+            raise ValueError("a style's back view (style.image_back) and a blended second style (style.image_2) "
+                             "do not combine: the two styles' banks must hold the same views; drop one")  # fmt: skip
 
 
 @dataclass

@@ -22,6 +22,10 @@ def style_views(
     generator: str | None = typer.Option(None, help="Generator: PanoHead .pkl, .pth, our .safetensors (+ .json) or a "
                                          "folder."),
     style_image: str | None = typer.Option(None, help="Style reference image (PNG/JPEG)."),
+    style_image_back: str | None = typer.Option(None, help="The style's back view (optional): the style bank then "
+                                                "holds front and back, as a trained Style Appearance Module saw."),
+    content: str | None = typer.Option(None, help="Content reference of every view: front_back (the head's front "
+                                       "and back renders, DiffStyle360's pairing) or view (the view itself)."),
     out: str | None = typer.Option(None, help="Output folder (created)."),
     seeds: str | None = typer.Option(None, help="Comma-separated latent seeds, e.g. 0,1 (default 0)."),
     yaws: str | None = typer.Option(None, help="View yaws in degrees (0 = front; default -90,-45,0,45,90,180)."),
@@ -74,7 +78,8 @@ def style_views(
         "model.vae": vae, "model.controlnet_depth": controlnet_depth, "model.device": device,
         "model.neural_rendering_resolution": neural_rendering_resolution, "model.depth_samples": depth_samples,
         "model.style_module": style_module,
-        "style.image": style_image, "style.image_2": style_image_2, "style.mask": mask,
+        "style.image": style_image, "style.image_back": style_image_back, "style.image_2": style_image_2,
+        "style.mask": mask, "views.content": content,
         "style.parser": mask_parser, "style.regions": _list(mask_regions and ",".join(
             f'"{r.strip()}"' for r in mask_regions.split(",") if r.strip())),
         "views.seeds": _list(seeds), "views.yaws": _list(yaws), "views.pitch": pitch, "views.out": out,
@@ -102,6 +107,7 @@ def style_views(
 
 def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     """Check the inputs (before any model loads), load generator and prior, stylise and write the views."""
+    import torch
 
     from headstyle.attention.prior import load_image
     from headstyle.attention.views import stylize_views
@@ -113,7 +119,10 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
         raise UserError("give --generator, --style-image and --out (or model.generator, style.image, views.out)")
     if alpha_given and not s.image_2:
         raise UserError("--alpha blends two styles: give --style-image-2 as well")
-    for option, path in (("--style-image", s.image), ("--style-image-2", s.image_2), ("--mask", s.mask)):
+    if s.image_back and cfg.views.content == "view":
+        raise UserError("--style-image-back goes with --content front_back: a view alone is one content image")
+    for option, path in (("--style-image", s.image), ("--style-image-back", s.image_back),
+                         ("--style-image-2", s.image_2), ("--mask", s.mask)):  # fmt: skip
         if path:
             check_image(path, option)
     if s.parser:
@@ -142,7 +151,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     unets = load_style_module(m.style_module, prior) if m.style_module else (None, None)
     try:
         size = prior.image_size
-        style = load_image(s.image, size)
+        style = torch.cat([load_image(path, size) for path in (s.image, s.image_back) if path])
         style_2 = load_image(s.image_2, size) if s.image_2 else None
         style_mask = load_image(s.mask, size, mode="L")[0, 0] if s.mask else None
     except ValueError as exc:
@@ -154,8 +163,8 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
         def content_masks(image):
             return face_parser.region_masks(face_parser.parse(net, image), s.regions)[0]
 
-        # the first style image's regions; a second style is blended through the same tokens
-        style_mask = content_masks(style.to(prior.device))
+        # the first style's regions (front and back); a second style is blended through the same tokens
+        style_mask = torch.stack([content_masks(view[None].to(prior.device)) for view in style])
     v = cfg.views
     latents = latents_from_seeds(G, list(v.seeds), v.truncation_psi, v.truncation_cutoff)
     paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask, content_unet=unets[0],

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.attention.config import Pairing, SamplingConfig, StyleFusionConfig
+from headstyle.attention.config import REFERENCE_YAWS, Pairing, SamplingConfig, StyleFusionConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.attention.views import stylize_image
 from headstyle.cameras import cameras
@@ -53,7 +53,7 @@ from headstyle.lab.prior import check_disjoint, held_out_z
 from headstyle.lab.world import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
 from headstyle.metrics.identity import colour_distance
 from headstyle.progress import progress_bar
-from headstyle.sfa.dataset import REFERENCE_YAWS, DatasetSettings, SFADataset, check_no_leak, write_dataset
+from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, write_dataset
 from headstyle.sfa.module import StyleAppearanceModule, read_manifest
 from headstyle.sfa.train import MODULE_DIR, SFATrainConfig, SFATrainer
 from headstyle.stylize import checkpointing

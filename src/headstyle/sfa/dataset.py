@@ -48,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from headstyle.attention.config import REFERENCE_YAWS
 from headstyle.cameras import cameras, conditioning_camera
 from headstyle.generator.base import Generator
 from headstyle.generator.latents import z_from_seed
@@ -60,7 +61,6 @@ MANIFEST = "dataset.json"
 INDEX = "index.jsonl"
 HELD_OUT = "held_out.safetensors"
 ARRAYS = "arrays.safetensors"
-REFERENCE_YAWS = (0.0, math.pi)  # front and back: the appearance modules' two reference views
 STYLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Two identities closer than this in z are the same identity (z entries are N(0, 1) draws).
 LEAK_DISTANCE = 1e-3
