@@ -69,6 +69,28 @@ def test_batched_multi_branch_call_equals_separate_calls(prior):
         assert (batched[2][1] - batched[2][0]).abs().max() > 1e-3
 
 
+def test_cond_only_call_equals_the_cond_half_of_the_full_call(prior):
+    """predict_noise_cond (one UNet call over the cond rows, ControlNets included) gives predict_noise's eps_cond
+    for every branch, and through Style Fusion Attention too (the SFA trainer's loss)."""
+    from headstyle.attention.prior import StyleFusionPrior
+
+    branches = _branches(prior)
+    with torch.no_grad():
+        full = prior.predict_noise(branches)
+        cond = prior.predict_noise_cond(branches)
+        for (_, ec), c, b in zip(full, cond, branches, strict=True):
+            assert c.dtype == torch.float32 and c.shape == b.x_t.shape
+            torch.testing.assert_close(c, ec, rtol=0, atol=1e-5)
+        refs = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(3))
+        fused = [StyleFusionPrior(prior, refs[1:], seed=5) for _ in range(2)]
+        for sfa in fused:
+            sfa.set_content(refs[:1])
+        (_, ec), = fused[0].predict_noise(branches[:1])  # fmt: skip
+        c = fused[1].predict_noise_cond(branches[:1])[0]
+    torch.testing.assert_close(c, ec, rtol=0, atol=1e-5)
+    assert (c - cond[0]).abs().max() > 1e-3  # the banks matter
+
+
 def test_uncond_and_cond_rows_are_not_swapped(prior):
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=g), torch.tensor([281, 41])

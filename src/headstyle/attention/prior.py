@@ -10,6 +10,8 @@ installed on its UNet, and takes them off again.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +148,14 @@ class StyleFusionPrior:
 
         Banks are written at the branches' timestep when all samples share one, else per sample.
         """
+        return self._fused(branches, self.prior.predict_noise)
+
+    def predict_noise_cond(self, branches: list[Branch]) -> list[Tensor]:
+        """eps_cond per branch through the fused UNet, cond rows only (DiffusersPrior.predict_noise_cond)."""
+        return self._fused(branches, self.prior.predict_noise_cond)
+
+    def _fused(self, branches: list[Branch], predict: Callable[[list[Branch]], list[Any]]) -> list[Any]:
+        """``predict(branches)`` with the fusion processors installed and the banks written."""
         if not branches:
             return []
         t = torch.cat([b.t.reshape(-1).expand(b.x_t.shape[0]) for b in branches]).long().to(self.alphas_cumprod.device)
@@ -165,4 +175,4 @@ class StyleFusionPrior:
                 content = self._bank(self.content_unet, self.content, self.content_per_group, t_write, names)
             styles = [self._bank(self.style_unet, s, s.shape[0], t_write, names) for s in self.styles]
             state.set_banks(content, styles)
-            return self.prior.predict_noise(branches)
+            return predict(branches)

@@ -364,35 +364,44 @@ class DiffusersPrior:
         if not branches:
             return []
         sizes = [b.x_t.shape[0] for b in branches]
+        eps = self._eps(branches, sizes, with_uncond=True)
         total = sum(sizes)
+        return list(zip(eps[:total].split(sizes), eps[total:].split(sizes), strict=True))
+
+    def predict_noise_cond(self, branches: list[Branch]) -> list[Tensor]:
+        """eps_cond float32 per branch from one UNet call over the cond rows only: for losses on the
+        conditional prediction without guidance (a denoising loss), at half predict_noise's rows."""
+        if not branches:
+            return []
+        sizes = [b.x_t.shape[0] for b in branches]
+        return list(self._eps(branches, sizes, with_uncond=False).split(sizes))
+
+    def _eps(self, branches: list[Branch], sizes: list[int], with_uncond: bool) -> Tensor:
+        """The UNet's eps (float32) over [uncond; cond] of all branches, or over cond only."""
+        halves = 2 if with_uncond else 1
         x = torch.cat([b.x_t.to(self.device, self.dtype) for b in branches])
         t = torch.cat([b.t.to(self.device).long().reshape(-1).expand(n) for b, n in zip(branches, sizes, strict=True)])
         prompts = [b.prompt.repeat(n) for b, n in zip(branches, sizes, strict=True)]
-        uncond = torch.cat([p.uncond.to(self.device, self.dtype) for p in prompts])
-        cond = torch.cat([p.cond.to(self.device, self.dtype) for p in prompts])
-        x_in, t_in, text = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
-
-        down, mid = self._control_residuals(branches, sizes, total)
-        eps = self.unet(
-            x_in,
-            t_in,
-            encoder_hidden_states=text,
+        text = [torch.cat([p.cond.to(self.device, self.dtype) for p in prompts])]
+        if with_uncond:
+            text.insert(0, torch.cat([p.uncond.to(self.device, self.dtype) for p in prompts]))
+        down, mid = self._control_residuals(branches, sizes, halves)
+        return self.unet(
+            x.repeat(halves, 1, 1, 1),
+            t.repeat(halves),
+            encoder_hidden_states=torch.cat(text),
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample.float()
-        eps_u, eps_c = eps[:total], eps[total:]
-        out, start = [], 0
-        for n in sizes:
-            out.append((eps_u[start : start + n], eps_c[start : start + n]))
-            start += n
-        return out
 
     def _control_residuals(
-        self, branches: list[Branch], sizes: list[int], total: int
+        self, branches: list[Branch], sizes: list[int], halves: int
     ) -> tuple[list[Tensor] | None, Tensor | None]:
-        """Run each branch's ControlNet on its own [uncond; cond] rows and scatter into the 2N batch."""
+        """Run each branch's ControlNet on its own [uncond; cond] rows (halves 2) or cond rows (halves 1) and
+        scatter into the UNet's batch."""
         if all(b.control is None for b in branches):
             return None, None
+        total = sum(sizes)
         down: list[Tensor] | None = None
         mid: Tensor | None = None
         start = 0
@@ -409,18 +418,19 @@ class DiffusersPrior:
                 p = b.prompt.repeat(n)
                 size = (x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor)
                 image = self._control_image(b.control, n, size)
+                text = [p.uncond, p.cond] if halves == 2 else [p.cond]
                 res_down, res_mid = net(
-                    torch.cat([x, x]),
-                    torch.cat([t, t]),
-                    encoder_hidden_states=torch.cat([p.uncond, p.cond]).to(self.device, self.dtype),
-                    controlnet_cond=torch.cat([image, image]),
+                    x.repeat(halves, 1, 1, 1),
+                    t.repeat(halves),
+                    encoder_hidden_states=torch.cat(text).to(self.device, self.dtype),
+                    controlnet_cond=image.repeat(halves, 1, 1, 1),
                     conditioning_scale=b.control.scale,
                     return_dict=False,
                 )
                 if down is None:
-                    down = [r.new_zeros((2 * total, *r.shape[1:])) for r in res_down]
-                    mid = res_mid.new_zeros((2 * total, *res_mid.shape[1:]))
-                rows = torch.cat([torch.arange(start, start + n), torch.arange(total + start, total + start + n)])
+                    down = [r.new_zeros((halves * total, *r.shape[1:])) for r in res_down]
+                    mid = res_mid.new_zeros((halves * total, *res_mid.shape[1:]))
+                rows = torch.cat([torch.arange(h * total + start, h * total + start + n) for h in range(halves)])
                 rows = rows.to(self.device)
                 down = [d.index_copy(0, rows, r) for d, r in zip(down, res_down, strict=True)]
                 mid = mid.index_copy(0, rows, res_mid)

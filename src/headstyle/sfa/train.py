@@ -11,8 +11,9 @@ exemplar) and ``views`` of its V cameras (the paper's batch: 16 views of one gen
 and one AdamW step on the module (the paper: lr 1e-5, 800 iterations). The main UNet, the VAE and
 the ControlNet stay frozen; LoRA on the main UNet's attention is not offered (peft is not a
 dependency). Role "shared" trains one module that writes both banks (Table 2's "+ fine-tuning").
-The paper's CFG 3.0 is a sampling setting (style-views' default guidance); the loss is on eps_cond
-with the training prompt ("" by default: the style comes from the banks, not from text).
+The paper's CFG 3.0 is a sampling setting (style-views' default guidance); the loss is on eps_cond with the
+training prompt ("" by default: the style comes from the banks, not from text), so the UNet runs on the cond
+rows only (predict_noise_cond).
 
 State lives here only: module weights, AdamW, the sampling RNG and the iteration, all in the
 checkpoints (headstyle.stylize.checkpointing: safetensors + JSON, checksummed), so a resumed run
@@ -182,7 +183,7 @@ def diffusion_loss(
                            seed=reference_seed, differentiable=differentiable)  # fmt: skip
     sfa.set_content(batch.content)
     x_t = prior.add_noise(batch.x0, eps, t.expand(batch.x0.shape[0]))
-    _, eps_cond = sfa.predict_noise([Branch(x_t, t.reshape(1), prompt, batch.control)])[0]
+    eps_cond = sfa.predict_noise_cond([Branch(x_t, t.reshape(1), prompt, batch.control)])[0]
     return F.mse_loss(eps_cond.float(), eps.float())
 
 
