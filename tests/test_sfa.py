@@ -159,23 +159,69 @@ def test_dataset_reader_refuses_bad_files(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------- module and training
 
 
-@pytest.mark.parametrize("role", ["style", "shared"])
-def test_zero_steps_equals_untrained_sfa_bitwise(dataset, prior, tmp_path, role):
+def fused_eps(prior, batch, x: torch.Tensor, module: StyleAppearanceModule | None = None) -> tuple:
+    """(eps_uncond, eps_cond) of SFA on ``batch``'s banks at t = 500, with ``module`` (None: untrained SFA)."""
+    fused, content_unet, style_unet = (prior, None, None) if module is None else module.fusion(prior)
+    sfa = StyleFusionPrior(fused, batch.style, content_unet=content_unet, style_unet=style_unet, seed=3)
+    sfa.set_content(batch.content)
+    with torch.no_grad():
+        return sfa.predict_noise([Branch(x, torch.tensor([500]), prior.embed_prompts(""))])[0]
+
+
+@pytest.mark.parametrize(("role", "lora_rank"), [("style", 0), ("shared", 0), ("style", 2)])
+def test_zero_steps_equals_untrained_sfa_bitwise(dataset, prior, tmp_path, role, lora_rank):
     """A module trained for 0 iterations, saved and loaded, writes the very banks of the untrained SFA (the
-    prior's own UNet): eps is bitwise equal."""
-    cfg = config(dataset, tmp_path / "run", iterations=0, role=role)
+    prior's own UNet), and its LoRA (up-projections at zero) leaves the main UNet's output as it was: eps is
+    bitwise equal."""
+    cfg = config(dataset, tmp_path / "run", iterations=0, role=role, lora_rank=lora_rank)
     result = SFATrainer(cfg, prior, dataset).train(progress=False)
-    module = StyleAppearanceModule.load(result.module)
-    assert module.role == role
+    module = StyleAppearanceModule.load(result.module, prior.unet)
+    assert (module.role, module.lora_rank) == (role, lora_rank)
     batch = encode_batch(prior, dataset.load(0), torch.arange(4))
     x = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(0))
-    eps = []
-    for content_unet, style_unet in ((None, None), module.appearance_unets(prior.unet)):
-        sfa = StyleFusionPrior(prior, batch.style, content_unet=content_unet, style_unet=style_unet, seed=3)
-        sfa.set_content(batch.content)
-        with torch.no_grad():
-            eps.append(sfa.predict_noise([Branch(x, torch.tensor([500]), prior.embed_prompts(""))])[0])
-    assert torch.equal(eps[0][0], eps[1][0]) and torch.equal(eps[0][1], eps[1][1])
+    plain, trained = fused_eps(prior, batch, x), fused_eps(prior, batch, x, module)
+    assert torch.equal(plain[0], trained[0]) and torch.equal(plain[1], trained[1])
+
+
+def test_lora_trains_a_copy_of_the_main_unet_saves_in_diffusers_format_and_resumes_exactly(
+    dataset, prior, tiny_sd, tmp_path
+):
+    """train.lora_rank: LoRA on a copy of the main UNet trains with the module (its up-projections leave zero),
+    the prior's UNet neither moves nor gains an adapter; 2 + resumed 2 iterations equal 4 bitwise, AdamW state
+    included; the saved module (diffusers' pytorch_lora_weights.safetensors) loads back to the same eps."""
+    unet_before = {k: v.clone() for k, v in prior.unet.state_dict().items()}
+    straight = SFATrainer(config(dataset, tmp_path / "a", iterations=4, views=2, lora_rank=2), prior, dataset)
+    result = straight.train(progress=False)
+    first = SFATrainer(config(dataset, tmp_path / "b", iterations=2, views=2, lora_rank=2), prior, dataset)
+    first.train(progress=False)
+    second = SFATrainer(config(dataset, tmp_path / "b", iterations=4, views=2, lora_rank=2), prior, dataset)
+    second.train(resume=tmp_path / "b", progress=False)
+    lora = [n for n in straight.param_names if ".lora_" in n]
+    assert lora and all(n.startswith("main.") for n in lora) and len(straight.param_names) > len(lora)
+    params = dict(straight.module.named_parameters())
+    assert all(params[n].abs().max() > 0 for n in lora if ".lora_B." in n)
+    for (name, a), b in zip(straight.module.named_parameters(), second.module.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    a_state, b_state = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(a_state[k]["exp_avg_sq"], b_state[k]["exp_avg_sq"]) for k in a_state)
+    assert prior.unet.state_dict().keys() == unet_before.keys()  # no adapter injected into the prior's UNet
+    assert all(torch.equal(v, prior.unet.state_dict()[k]) for k, v in unet_before.items())
+    assert (result.module / "main_lora" / "pytorch_lora_weights.safetensors").is_file()
+    loaded = StyleAppearanceModule.load(result.module, prior.unet)
+    batch = encode_batch(prior, dataset.load(0), torch.arange(4))
+    x = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(0))
+    trained, back, plain = (fused_eps(prior, batch, x, m) for m in (straight.module.eval(), loaded, None))
+    torch.testing.assert_close(back[1], trained[1], rtol=0, atol=1e-6)
+    assert (back[1] - plain[1]).abs().max() > 1e-4
+    # the file is an SD pipeline's LoRA: diffusers' load_lora_weights gives the module's main UNet
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd.model, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(result.module / "main_lora"), weight_name="pytorch_lora_weights.safetensors")
+    text = prior.embed_prompts("a statue").cond
+    with torch.no_grad():
+        want, got = (unet(x[:1], torch.tensor([500]), text).sample for unet in (loaded.main, pipe.unet))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_training_lowers_the_held_out_diffusion_loss(dataset, prior, tmp_path):
@@ -222,7 +268,7 @@ def test_module_for_another_base_is_refused(dataset, prior, tmp_path):
     with pytest.raises(ModuleLoadError, match="cross_attention_dim"):
         module.check_fits(other, "module")
     with pytest.raises(ModuleLoadError, match="not a Style Appearance Module"):
-        StyleAppearanceModule.load(tmp_path)
+        StyleAppearanceModule.load(tmp_path, prior.unet)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -248,6 +294,9 @@ def test_cli_dataset_train_resume_and_style_views(tiny_sd, parity_dir, tmp_path)
     res = runner.invoke(app, ["sfa", "train", "--resume", str(run), "--iterations", "3", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "module" / "sfa_module.json").read_text())["iterations"] == 3
+    res = runner.invoke(app, [*train, "--out", str(tmp_path / "lora"), "--iterations", "2", "--lora-rank", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "lora" / "module" / "sfa_module.json").read_text())["lora_rank"] == 2
 
     style = tmp_path / "style.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(style)
@@ -256,12 +305,13 @@ def test_cli_dataset_train_resume_and_style_views(tiny_sd, parity_dir, tmp_path)
              "--strength", "0.5", "--raw-only"]  # fmt: skip
     pngs = {}
     for name, extra in (("plain", []), ("zero", ["--style-module", str(tmp_path / "zero" / "module")]),
-                        ("trained", ["--style-module", str(run / "module")])):  # fmt: skip
+                        ("trained", ["--style-module", str(run / "module")]),
+                        ("lora", ["--style-module", str(tmp_path / "lora" / "module")])):  # fmt: skip
         res = runner.invoke(app, [*views, *extra, "--out", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
         pngs[name] = np.asarray(Image.open(tmp_path / name / "seed0000_yaw+000_pitch+00.png"))
     np.testing.assert_array_equal(pngs["zero"], pngs["plain"])
-    assert (pngs["trained"] != pngs["plain"]).any()
+    assert (pngs["trained"] != pngs["plain"]).any() and (pngs["lora"] != pngs["trained"]).any()
     res = runner.invoke(app, [*views, "--style-module", str(data), "--out", str(tmp_path / "bad")])
     assert isinstance(res.exception, UserError) and "not a Style Appearance Module" in str(res.exception)
 
@@ -276,14 +326,15 @@ def test_app_loads_a_trained_module(dataset, prior, tmp_path):
     result = SFATrainer(config(dataset, tmp_path / "run", iterations=1), prior, dataset).train(progress=False)
     cfg = AppConfig()
     cfg.models.style_module = str(result.module)
-    content_unet, style_unet = Models(cfg).sfa_unets(prior)
-    trained = StyleAppearanceModule.load(result.module)
+    fused, content_unet, style_unet = Models(cfg).sfa_parts(prior)
+    trained = StyleAppearanceModule.load(result.module, prior.unet)
+    assert fused is prior  # no LoRA: the prior's own main UNet
     assert content_unet is prior.unet and style_unet is not prior.unet
     assert all(torch.equal(a, b) for a, b in zip(style_unet.parameters(), trained.unet.parameters(), strict=True))
     cfg.models.style_module = str(dataset.root)
     with pytest.raises(AppError, match="not a Style Appearance Module"):
-        Models(cfg).sfa_unets(prior)
-    assert Models(AppConfig()).sfa_unets(prior) == (None, None)
+        Models(cfg).sfa_parts(prior)
+    assert Models(AppConfig()).sfa_parts(prior) == (prior, None, None)
 
 
 def test_ablation_scores_know_the_input_and_the_truth():

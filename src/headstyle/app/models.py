@@ -58,23 +58,21 @@ def _stamp(path: str) -> float:
     return p.stat().st_mtime if p.exists() else 0.0
 
 
-def _appearance_unets(cache: _Cache, folder: str, prior) -> tuple[nn.Module | None, nn.Module | None]:
-    """(content, style) appearance UNets of a trained Style Appearance Module for ``prior`` ("" = none: the
-    prior's own UNet writes both banks)."""
+def _style_module(cache: _Cache, folder: str, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
+    """(prior, content UNet, style UNet) of a trained Style Appearance Module for ``prior``
+    (StyleAppearanceModule.fusion); "" = none: ``prior`` and its own UNet writes both banks."""
     if not folder:
-        return None, None
+        return prior, None, None
     from headstyle.sfa.module import ModuleLoadError, StyleAppearanceModule
 
     def load() -> StyleAppearanceModule:
         try:
-            module = StyleAppearanceModule.load(folder, prior.device, prior.dtype)
-            module.check_fits(prior.unet, folder)
+            return StyleAppearanceModule.load(folder, prior.unet)
         except ModuleLoadError as exc:
             raise AppError(str(exc)) from None
-        return module
 
     module = cache.get(("style_module", folder, _stamp(folder), id(prior)), load)
-    return module.appearance_unets(prior.unet)
+    return module.fusion(prior)
 
 
 class Models:
@@ -171,9 +169,10 @@ class Models:
 
         return self._cache.get(("sd", m.sd_model, m.vae, m.depth_controlnet), load)
 
-    def sfa_unets(self, prior) -> tuple[nn.Module | None, nn.Module | None]:
-        """The configured Style Appearance Module's (content, style) UNets for ``prior`` (None: its own UNet)."""
-        return _appearance_unets(self._cache, self.cfg.models.style_module, prior)
+    def sfa_parts(self, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
+        """The configured Style Appearance Module's (prior, content UNet, style UNet) for ``prior`` (None: its
+        own UNet)."""
+        return _style_module(self._cache, self.cfg.models.style_module, prior)
 
 
 class Lab:
@@ -250,7 +249,7 @@ class Lab:
         return self._cache.get(("sd",), lambda: DiffusersPrior.from_pretrained(
             SHIPPED, vae=None, controlnets=nets, device="cpu", dtype=torch.float32, latent_sample="mean"))
 
-    def sfa_unets(self, prior) -> tuple[nn.Module | None, nn.Module | None]:
-        """lab.style_module's (content, style) UNets for the learned lab prior (None: its own UNet)."""
-        return _appearance_unets(self._cache, self.settings.style_module, prior)
+    def sfa_parts(self, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
+        """lab.style_module's (prior, content UNet, style UNet) for the learned lab prior (None: its own UNet)."""
+        return _style_module(self._cache, self.settings.style_module, prior)
 

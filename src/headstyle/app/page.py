@@ -317,12 +317,12 @@ class Page:
                 return
 
             def work(job: Job) -> handlers.StyleResult:
-                base, prior = w.base(), w.sfa_prior()
-                unets = w.sfa_unets(prior)
+                prior, *unets = w.sfa_parts(w.sfa_prior())
+                base = w.base()
                 style_mask = handlers.mask_from_editor(mask_value, prior.image_size)
                 return run_in_folder(self._job_folder(world, "style-image"), lambda out: handlers.style_views(
                     base, prior, seed_list, float(psi), style_image, second, style_mask, float(t), float(a), float(s),
-                    int(n_steps or 1), w.render, out, job.report, unets))  # fmt: skip
+                    int(n_steps or 1), w.render, out, job.report, tuple(unets)))  # fmt: skip
 
             def finish(r: handlers.StyleResult) -> list[Any]:
                 return [_first(r.sheets), _first(r.turntable), _files(r.downloads)]

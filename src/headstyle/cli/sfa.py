@@ -167,6 +167,8 @@ def sfa_train(
     controlnet_depth: str | None = typer.Option(None, help="Depth ControlNet fed the views' depth ('' = none)."),
     role: str | None = typer.Option(None, help="style: a Style Appearance Module beside the frozen content module "
                                     "(the paper); shared: one fine-tuned module writes both banks."),
+    lora_rank: int | None = typer.Option(None, help="Also train LoRA of this rank on the main UNet's attention "
+                                         "(0 = off: the main UNet stays frozen, as the paper)."),
     iterations: int | None = typer.Option(None, help="Iterations (the paper: 800)."),
     lr: float | None = typer.Option(None, help="AdamW learning rate (the paper: 1e-5)."),
     views: int | None = typer.Option(None, help="Views per batch (the paper: 16)."),
@@ -189,6 +191,7 @@ def sfa_train(
     flags = {
         "data.path": data, "data.held_out_per_style": held_out, "run.out": out, "model.model": model,
         "model.vae": vae, "model.controlnet_depth": controlnet_depth, "model.device": device, "train.role": role,
+        "train.lora_rank": lora_rank,
         "train.iterations": iterations, "train.lr": lr, "train.views": views, "train.seed": seed,
     }  # fmt: skip
     given = [k for k, v in flags.items() if v is not None and k != "train.iterations"]

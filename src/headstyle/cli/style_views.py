@@ -148,7 +148,9 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     # latent_sample="mean": the VAE posterior mean, so a run is a function of its seeds
     nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
     prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean")
-    unets = load_style_module(m.style_module, prior) if m.style_module else (None, None)
+    content_unet = style_unet = None
+    if m.style_module:
+        prior, content_unet, style_unet = load_style_module(m.style_module, prior)
     try:
         size = prior.image_size
         style = torch.cat([load_image(path, size) for path in (s.image, s.image_back) if path])
@@ -167,18 +169,17 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
         style_mask = torch.stack([content_masks(view[None].to(prior.device)) for view in style])
     v = cfg.views
     latents = latents_from_seeds(G, list(v.seeds), v.truncation_psi, v.truncation_cutoff)
-    paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask, content_unet=unets[0],
-                          style_unet=unets[1], content_masks=content_masks)  # fmt: skip
+    paths = stylize_views(G, prior, latents, style, cfg, style_2, style_mask, content_unet=content_unet,
+                          style_unet=style_unet, content_masks=content_masks)  # fmt: skip
     typer.echo(f"wrote {len(paths)} files to {v.out}")
 
 
 def load_style_module(folder: str, prior) -> tuple:
-    """(content, style) appearance UNets of a trained module, checked against the prior's UNet."""
+    """(prior, content UNet, style UNet) of a trained module for ``prior`` (StyleAppearanceModule.fusion),
+    checked against the prior's UNet."""
     from headstyle.sfa.module import ModuleLoadError, StyleAppearanceModule
 
     try:
-        module = StyleAppearanceModule.load(folder, prior.device, prior.dtype)
-        module.check_fits(prior.unet, f"--style-module {folder}")
+        return StyleAppearanceModule.load(folder, prior.unet).fusion(prior)
     except ModuleLoadError as exc:
-        raise UserError(str(exc)) from None
-    return module.appearance_unets(prior.unet)
+        raise UserError(f"--style-module: {exc}") from None

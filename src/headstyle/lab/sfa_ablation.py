@@ -170,7 +170,7 @@ def train_module(
     run = out / "runs" / f"{role}-seed{seed}"
     module_dir = run / MODULE_DIR
     if (module_dir / "sfa_module.json").is_file() and read_manifest(module_dir)["iterations"] == s.iterations:
-        return StyleAppearanceModule.load(module_dir)
+        return StyleAppearanceModule.load(module_dir, prior.unet)
     cfg = SFATrainConfig()
     cfg.data.path, cfg.data.held_out_per_style = str(ds.root), s.held_out_per_style
     cfg.model.model = s.prior
@@ -361,8 +361,8 @@ def run_ablation(s: AblationSettings, out: Path, progress: bool = True) -> Ablat
             task = bar.add_task(f"sfa ablation seed {seed}", total=len(configs))
             for variant, tau in configs:
                 role = VARIANTS[variant][1]
-                unets = (None, None) if role is None else modules[role].appearance_unets(prior.unet)
-                pred = generate(prior, unets, refs, ev, tau, s, seed)
+                fused, *unets = (prior, None, None) if role is None else modules[role].fusion(prior)
+                pred = generate(fused, tuple(unets), refs, ev, tau, s, seed)
                 runs.append({"variant": variant, "tau": tau, "seed": seed, **scores(pred, ev, inside)})
                 if seed == s.seeds[0] and (variant != "sam" or math.isclose(tau, 1.0) or math.isclose(tau, s.key_tau)):
                     sheet.append(pred.image[0])

@@ -9,6 +9,7 @@ elsewhere), so one call serves e.g. a canny-controlled view and a depth-controll
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -289,6 +290,15 @@ class DiffusersPrior:
         )  # fmt: skip
 
     takes_content = False
+
+    def with_unet(self, unet: torch.nn.Module) -> DiffusersPrior:
+        """This prior with another UNet of the same architecture (e.g. one carrying a trained LoRA); the VAE,
+        text encoder, ControlNets, scheduler and prompt cache are shared, this prior is left as it is."""
+        if dict(unet.config) != dict(self.unet.config):
+            raise ValueError("with_unet needs a UNet of the same architecture (its config differs)")
+        other = copy.copy(self)
+        other.unet = unet
+        return other
 
     @property
     def control_names(self) -> frozenset[str]:

@@ -6,10 +6,14 @@ the content bank keeps identity and structure while the style bank learns to car
 
 role "style": the module writes the style bank, the frozen UNet the content bank (the paper's model).
 role "shared": one fine-tuned module writes both banks (Table 2's "+ fine-tuning" row, before the
-separate style module).
+separate style module). lora_rank > 0: the module also carries LoRA (peft) on the main UNet's attention
+projections, trained with it; the main UNet is then a copy of the prior's with the adapter, and the
+prior's own UNet stays the frozen content module.
 
-Saved folder: unet/ (a diffusers UNet2DConditionModel: config.json + safetensors weights) and
-sfa_module.json (format, role, what it was trained from and how). Loading reads safetensors only.
+Saved folder: unet/ (a diffusers UNet2DConditionModel: config.json + safetensors weights), with LoRA
+main_lora/pytorch_lora_weights.safetensors (diffusers' LoRA format: any SD 1.5 pipeline's load_lora_weights
+reads it), and sfa_module.json (format, role, lora_rank, what it was trained from and how). Loading reads
+safetensors only.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ FORMAT_VERSION = 1
 MANIFEST = "sfa_module.json"
 Role = Literal["style", "shared"]
 ROLES: tuple[str, ...] = ("style", "shared")
+LORA_DIR = "main_lora"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA weight name
+# The main UNet's attention projections (self- and cross-attention), as diffusers' LoRA training scripts target.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class ModuleLoadError(ValueError):
@@ -44,25 +52,54 @@ def unet_signature(unet: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
 
 
-class StyleAppearanceModule(nn.Module):
-    """A trainable appearance UNet and its role (see the module docstring)."""
+def with_lora(unet: nn.Module, rank: int, seed: int = 0) -> nn.Module:
+    """A frozen copy of ``unet`` with a fresh LoRA adapter of ``rank`` (alpha = rank) on LORA_TARGETS, the
+    adapter trainable and in float32; its up-projections start at zero, so the copy computes what ``unet``
+    does until it trains, and its down-projections are drawn from ``seed`` (a run is a function of its seed)."""
+    from peft import LoraConfig
 
-    def __init__(self, unet: nn.Module, role: Role = "style") -> None:
+    main = copy.deepcopy(unet).requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        main.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                    target_modules=list(LORA_TARGETS)))  # fmt: skip
+    for p in main.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return main
+
+
+class StyleAppearanceModule(nn.Module):
+    """A trainable appearance UNet, its role and optionally the main UNet with LoRA (see the module
+    docstring)."""
+
+    def __init__(self, unet: nn.Module, role: Role = "style", main: nn.Module | None = None) -> None:
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.unet = unet
         self.role = role
+        self.main = main
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, role: Role = "style") -> StyleAppearanceModule:
-        """A copy of ``unet`` (the frozen content appearance module), trainable, in float32."""
+    def from_unet(
+        cls, unet: nn.Module, role: Role = "style", lora_rank: int = 0, seed: int = 0
+    ) -> StyleAppearanceModule:
+        """A copy of ``unet`` (the frozen content appearance module), trainable, in float32; with lora_rank > 0
+        also a LoRA copy of it as the main UNet (with_lora, initialised from ``seed``)."""
         copied = copy.deepcopy(unet).float().requires_grad_(True)
-        return cls(copied, role)
+        return cls(copied, role, with_lora(unet, lora_rank, seed) if lora_rank > 0 else None)
 
-    def appearance_unets(self, content_unet: nn.Module) -> tuple[nn.Module, nn.Module]:
-        """(content, style) appearance UNets for StyleFusionPrior, given the frozen content one."""
-        return (self.unet if self.role == "shared" else content_unet), self.unet
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.main is None else int(self.main.peft_config["default"].r)
+
+    def fusion(self, prior: Any) -> tuple[Any, nn.Module, nn.Module]:
+        """(prior, content UNet, style UNet) for StyleFusionPrior given the base ``prior``: the prior whose UNet
+        reads the banks (``prior`` itself, or a view of it with the LoRA main UNet) and the appearance UNets
+        (the prior's own frozen UNet writes the content bank unless the role is "shared")."""
+        fused = prior if self.main is None else prior.with_unet(self.main)
+        return fused, (self.unet if self.role == "shared" else prior.unet), self.unet
 
     def check_fits(self, unet: nn.Module, where: str) -> None:
         """Refuse a module whose UNet has another architecture than the prior's ``unet``."""
@@ -80,7 +117,10 @@ class StyleAppearanceModule(nn.Module):
         tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "role": self.role, **meta}
+            if self.main is not None:
+                _save_lora(self.main, tmp / LORA_DIR)
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "role": self.role, "lora_rank": self.lora_rank,
+                        **meta}  # fmt: skip
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if folder.exists():
                 shutil.rmtree(folder)
@@ -90,20 +130,52 @@ class StyleAppearanceModule(nn.Module):
         return folder
 
     @classmethod
-    def load(
-        cls, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> StyleAppearanceModule:
-        """A saved module, frozen and in eval mode on ``device`` (safetensors weights only; nothing executes)."""
+    def load(cls, folder: str | os.PathLike, base_unet: nn.Module) -> StyleAppearanceModule:
+        """A saved module for the prior whose UNet is ``base_unet``, frozen and in eval mode on its device and
+        dtype (safetensors weights only; nothing executes). A module trained for another UNet is refused."""
         from diffusers import UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         manifest = read_manifest(folder)
+        device, dtype = next(base_unet.parameters()).device, next(base_unet.parameters()).dtype
         try:
             unet = UNet2DConditionModel.from_pretrained(Path(folder) / "unet", use_safetensors=True, torch_dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModuleLoadError(f"{folder}/unet: not a readable diffusers UNet ({type(exc).__name__})") from None
         unet.set_attn_processor(AttnProcessor2_0())
-        return cls(unet.to(device).eval().requires_grad_(False), manifest["role"])
+        module = cls(unet.to(device).eval().requires_grad_(False), manifest["role"])
+        module.check_fits(base_unet, str(folder))
+        if manifest["lora_rank"]:
+            module.main = _load_lora(Path(folder) / LORA_DIR, base_unet)
+        return module
+
+
+def _save_lora(main: nn.Module, folder: Path) -> None:
+    """The adapter of ``main`` as an SD pipeline's LoRA file (keys "unet.<module>.lora.down/up.weight", the
+    format diffusers' LoRA training scripts write), with its LoraConfig as metadata."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = main.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(main)),
+        weight_name=LORA_FILE, safe_serialization=True, unet_lora_adapter_metadata=config,
+    )  # fmt: skip
+
+
+def _load_lora(folder: Path, base_unet: nn.Module) -> nn.Module:
+    """A frozen copy of ``base_unet`` with the LoRA adapter saved in ``folder`` (safetensors only)."""
+    if not (folder / LORA_FILE).is_file():
+        raise ModuleLoadError(f"{folder}: no {LORA_FILE}, though the manifest names a LoRA; copy the whole module")
+    main = copy.deepcopy(base_unet).requires_grad_(False)
+    try:
+        main.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_FILE, use_safetensors=True,
+                               adapter_name="default")  # fmt: skip
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModuleLoadError(f"{folder}/{LORA_FILE}: not a LoRA for this UNet ({type(exc).__name__})") from None
+    return main.eval()
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -116,4 +188,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     manifest = read_format_manifest(path, FORMAT, ModuleLoadError, missing)
     if manifest.get("version") != FORMAT_VERSION or manifest.get("role") not in ROLES:
         raise ModuleLoadError(f"{path}: version {manifest.get('version')} / role {manifest.get('role')!r} unknown")
+    rank = manifest.setdefault("lora_rank", 0)  # modules saved before LoRA carry none
+    if not (isinstance(rank, int) and 0 <= rank <= 1024):
+        raise ModuleLoadError(f"{path}: lora_rank {rank!r} is not a rank in [0, 1024]")
     return manifest

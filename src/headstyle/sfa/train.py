@@ -9,8 +9,9 @@ exemplar) and ``views`` of its V cameras (the paper's batch: 16 views of one gen
   loss = || eps - eps_theta(x_t, t | Style Fusion Attention(content bank, style bank)) ||^2   (fp32)
 
 and one AdamW step on the module (the paper: lr 1e-5, 800 iterations). The main UNet, the VAE and
-the ControlNet stay frozen; LoRA on the main UNet's attention is not offered (peft is not a
-dependency). Role "shared" trains one module that writes both banks (Table 2's "+ fine-tuning").
+the ControlNet stay frozen, unless train.lora_rank > 0: then LoRA (peft) on the main UNet's attention
+projections trains with the module (the content appearance module stays the frozen prior UNet).
+Role "shared" trains one module that writes both banks (Table 2's "+ fine-tuning").
 The paper's CFG 3.0 is a sampling setting (style-views' default guidance); the loss is on eps_cond with the
 training prompt ("" by default: the style comes from the banks, not from text), so the UNet runs on the cond
 rows only (predict_noise_cond).
@@ -80,10 +81,12 @@ class ModelSection:
 @dataclass
 class TrainSection:
     """role: "style" (a Style Appearance Module beside the frozen content module) or "shared" (one
-    fine-tuned module for both banks). AdamW lr / weight_decay, iterations, views per batch (at most the
-    dataset's), the text prompt of the main UNet, the depth ControlNet's scale and the seed."""
+    fine-tuned module for both banks). lora_rank: LoRA on the main UNet's attention trained with the
+    module (0 = off, the main UNet stays frozen). AdamW lr / weight_decay, iterations, views per batch (at
+    most the dataset's), the text prompt of the main UNet, the depth ControlNet's scale and the seed."""
 
     role: Literal["style", "shared"] = "style"
+    lora_rank: int = 0
     iterations: int = 800
     lr: float = 1e-5
     weight_decay: float = 1e-2
@@ -93,6 +96,8 @@ class TrainSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.lora_rank <= 1024:
+            raise ValueError(f"lora_rank must lie in [0, 1024] (0 = no LoRA), got {self.lora_rank}")
         if self.iterations < 0 or self.views < 1:
             raise ValueError(f"iterations must be >= 0 and views >= 1, got {self.iterations} and {self.views}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -226,9 +231,11 @@ class SFATrainer:
                 f"({cfg.data.held_out_per_style} per style); write more samples or lower data.held_out_per_style"
             )
         self.views = min(cfg.train.views, dataset.settings.views)
-        self.module = StyleAppearanceModule.from_unet(prior.unet, cfg.train.role).to(prior.device).train()
-        self.param_names = [n for n, _ in self.module.named_parameters()]
-        self.params = [p for _, p in self.module.named_parameters()]
+        self.module = StyleAppearanceModule.from_unet(prior.unet, cfg.train.role, cfg.train.lora_rank, cfg.train.seed)
+        self.module.to(prior.device).train()
+        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in trainable]
+        self.params = [p for _, p in trainable]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.rng = torch.Generator().manual_seed(t.seed * 1_000_003 + self.rank)
@@ -239,8 +246,6 @@ class SFATrainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _unets(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return self.module.appearance_unets(self.prior.unet)
 
     def step(self) -> dict[str, float]:
         """One sample, ``views`` of its views, one t, one backward, one AdamW step; returns its metrics."""
@@ -251,8 +256,8 @@ class SFATrainer:
         t = torch.randint(0, len(self.prior.alphas_cumprod), (1,), generator=rng).to(self.prior.device)
         batch = encode_batch(self.prior, sample, views, self.cfg.train.control_scale)
         eps = torch.randn(batch.x0.shape, generator=rng).to(batch.x0.device)
-        content_unet, style_unet = self._unets()
-        loss = diffusion_loss(self.prior, batch, t, eps, self.cfg.fusion, self.prompt, content_unet, style_unet,
+        prior, content_unet, style_unet = self.module.fusion(self.prior)
+        loss = diffusion_loss(prior, batch, t, eps, self.cfg.fusion, self.prompt, content_unet, style_unet,
                               _seed_from(rng), differentiable=True)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,7 +284,8 @@ class SFATrainer:
     def validation_loss(self) -> float:
         """Mean diffusion loss over the held-out samples, each at fixed views, t and noise (the same at
         every call): comparable across iterations and runs."""
-        return held_out_loss(self.prior, self.dataset, self.val_ids, self.cfg, self._unets())
+        prior, content_unet, style_unet = self.module.fusion(self.prior)
+        return held_out_loss(prior, self.dataset, self.val_ids, self.cfg, (content_unet, style_unet))
 
     # -- state
 
