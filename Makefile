@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of this exact version is provisioned here; other specs pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar
+.PHONY: install demo test lint bench clean lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar \
+	lab-sfa-ablation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +53,20 @@ lab-matrix-optim: $(STAMP)
 lab-matrix-exemplar: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior exemplar --styles all --seeds 0,1,2 --objectives ld,sds \
 		--lr 0.002 --curve-every 10 --no-progress --resume --out runs/lab-matrix/exemplar-lr2e-3
+
+# DiffStyle360's Table 2 in the lab (issue 16) on the paper's data pipeline: LD-stylise lab generators of the seen
+# styles with the trainer, write the paired multi-view data from them, train the modules and score them on the
+# unseen gold. Every step continues where it stopped.
+SFA_LAB := runs/lab-sfa
+SFA_RUNS := $(SFA_LAB)/stylize/runs
+lab-sfa-ablation: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --styles statue,zombie,toon --objectives ld --seeds 0 \
+		--curve-every 0 --no-progress --resume --out $(SFA_LAB)/stylize
+	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle sfa dataset --base lab --samples 48 --views 16 --no-progress \
+		--stylized statue=$(SFA_RUNS)/statue-ld-adam-seed0,zombie=$(SFA_RUNS)/zombie-ld-adam-seed0,toon=$(SFA_RUNS)/toon-ld-adam-seed0 \
+		--out $(SFA_LAB)/data
+	$(VENV)/bin/headstyle lab sfa-ablation --data $(SFA_LAB)/data --iterations 400 --train-views 16 --lr 1e-4 \
+		--seeds 0,1 --threads 1 --no-progress --out $(SFA_LAB)/ablation
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
