@@ -14,6 +14,8 @@ import torch
 
 from headstyle.lab import learned
 from headstyle.lab.bench import (
+    RUN_FIGURES,
+    BenchResult,
     BenchResumeError,
     LabSettings,
     aggregate,
@@ -152,6 +154,28 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     ld, sds = aggregate(rows)
     assert (ld["runs"], ld["failed"], ld["x_mean"], ld["x_std"]) == (3, 1, 3.0, pytest.approx(math.sqrt(7)))
     assert (sds["runs"], sds["x_mean"], sds["x_std"]) == (1, 5.0, 0.0)
+
+
+def test_bench_markdown_pivots_each_key_metric_into_variant_by_style_with_failed_seeds():
+    """Known answer: stylisation 0.1 and 0.3 over two seeds is 0.200 ± 0.141; a style with one seed shows the mean
+    alone, a failed seed is counted in its cell, a style without the run is blank."""
+
+    def row(style: str, variant: str, seed: int, value: float | None, optimizer: str = "adam") -> dict:
+        base = {"style": style, "variant": variant, "optimizer": optimizer, "seed": seed}
+        if value is None:
+            return {**base, "error": "NonFiniteError: 10 iterations"}
+        return {**base, "stylisation": value, "rgb_error": 0.05, "id_accuracy_appearance": 1.0,
+                **dict.fromkeys(("depth_error", "silhouette_iou", "diversity_rgb", "mv_warp_error"), 0.0),
+                **dict.fromkeys(RUN_FIGURES, 0.0)}  # fmt: skip
+
+    rows = [row("statue", "ld", 0, 0.1), row("statue", "ld", 1, 0.3), row("gold", "ld", 0, 0.5),
+            row("gold", "ld", 1, None), row("statue", "ld", 0, -0.25, "sgd")]  # fmt: skip
+    text = BenchResult(prior="p", rows=rows).markdown()
+    table = text.split("stylisation, mean ± std over seeds:")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| variant | statue | gold |"
+    assert table[2] == "| ld | 0.200 ± 0.141 | 0.500 (1 failed) |"
+    assert table[3] == "| ld (sgd) | -0.250 |  |"
+    assert "id acc, mean ± std over seeds:" in text and "rgb err, mean ± std over seeds:" in text
 
 
 def test_step_range_of_sd_timesteps():

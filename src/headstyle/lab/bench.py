@@ -85,6 +85,8 @@ COLUMNS = (
     ("iterations_run", "iters", ".0f"),
     ("seconds", "s", ".1f"),
 )
+# Metrics of bench.md's variant x style tables.
+PIVOT_METRICS = ("stylisation", "rgb_error", "id_accuracy_appearance")
 # Figures of a run that are not evaluation metrics (a bench row's evaluate() keys are the rest).
 RUN_FIGURES = ("zero_grad_share", "nonfinite_grad_share", "iterations_run", "seconds")
 CURVE_METRICS = (("stylisation", "stylisation"), ("id_accuracy_appearance", "identity retrieval"),
@@ -309,6 +311,15 @@ def aggregate(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("style", "var
     return out
 
 
+def _cell(r: dict[str, Any], key: str, fmt: str, failed_seeds: bool = False) -> str:
+    """An aggregate row's metric as "mean ± std" (the mean alone for one run), optionally with its failed seeds."""
+    failed = f" ({r['failed']} failed)" if failed_seeds and r["failed"] else ""
+    if not r["runs"]:
+        return f"failed{failed}"
+    mean, std = r[f"{key}_mean"], r[f"{key}_std"]
+    return format(mean, fmt) + (f" ± {std:{fmt}}" if r["runs"] > 1 else "") + failed
+
+
 def _csv(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
@@ -330,20 +341,27 @@ class BenchResult:
         return aggregate(self.rows)
 
     def markdown(self) -> str:
-        """The mean +- std table over seeds (std left out for a single run)."""
+        """The mean +- std table over seeds (std left out for a single run), then one variant x style table per
+        PIVOT_METRICS entry (a cell's "(k failed)" counts the seeds that stopped on non-finite gradients)."""
+        summary = self.summary()
         head = "| style | variant | optimizer | runs | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
         lines = [f"prior: {self.prior}", "", head, "|" + "---|" * (len(COLUMNS) + 4)]
-        for r in self.summary():
+        for r in summary:
             name = f"| {r['style']} | {r['variant']} | {r['optimizer']} | {r['runs']} |"
             if not r["runs"]:
                 lines.append(f"{name} failed: {r['error'][:100]} |")
                 continue
-
-            def cell(k: str, f: str, r: dict = r) -> str:
-                mean, std = r[f"{k}_mean"], r[f"{k}_std"]
-                return format(mean, f) + (f" ± {std:{f}}" if r["runs"] > 1 else "")
-
-            lines.append(f"{name} " + " | ".join(cell(k, f) for k, _, f in COLUMNS) + " |")
+            lines.append(f"{name} " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |")
+        styles = list(dict.fromkeys(r["style"] for r in summary))
+        cells = {(r["style"], r["variant"], r["optimizer"]): r for r in summary}
+        for key, header, fmt in (c for c in COLUMNS if c[0] in PIVOT_METRICS):
+            lines += ["", f"{header}, mean ± std over seeds:", "", "| variant | " + " | ".join(styles) + " |",
+                      "|---|" + "---:|" * len(styles)]  # fmt: skip
+            for variant, optimizer in dict.fromkeys((r["variant"], r["optimizer"]) for r in summary):
+                name = variant if optimizer in ("adam", "-") else f"{variant} ({optimizer})"
+                row = ["" if (r := cells.get((s, variant, optimizer))) is None else _cell(r, key, fmt, True)
+                       for s in styles]  # fmt: skip
+                lines.append(f"| {name} | " + " | ".join(row) + " |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
