@@ -243,6 +243,34 @@ def test_a_resumed_bench_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_
                   seeds=(0,), resume=True)  # fmt: skip
 
 
+def test_resume_refuses_a_prior_retrained_into_the_same_folder(tmp_path, tiny_sd, monkeypatch):
+    """The bench records the prior's weights (sha256), not only its folder: after one weight changes in place,
+    --resume names the prior's weights before anything loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "prior"
+    (tmp_path / "links").mkdir()
+    shutil.copytree(sd_folder(tiny_sd, tmp_path / "links"), folder, symlinks=False)
+    settings = LabSettings(iterations=1, prior_identities=2, prior_views=2, eval_identities=2, eval_views=4)
+    out = tmp_path / "bench"
+    run_bench(("statue",), ("ld",), settings, out, progress=False, prior_spec=learned.resolve_prior(str(folder)))
+    unet = next((folder / "unet").glob("*.safetensors"))
+    weights = load_file(unet)
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, unet)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the prior loaded before the settings were checked")
+
+    monkeypatch.setattr(learned.LabPriorSpec, "load", no_load)
+    with pytest.raises(BenchResumeError, match=r"other settings \(prior_weights_sha256\)"):
+        run_bench(("statue",), ("ld",), settings, out, progress=False, prior_spec=learned.resolve_prior(str(folder)),
+                  resume=True)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- the prior choice
 
 

@@ -433,10 +433,10 @@ def run_bench(
             f"{', '.join(VARIANTS)}; optimizers: {', '.join(OPTIMIZERS)}"
         )
     spec = prior_spec or resolve_prior(settings.prior)
-    result = _resumed(out, spec.name, settings) if resume else BenchResult(prior=spec.name)
+    result = _resumed(out, spec, settings) if resume else BenchResult(prior=spec.name)
     prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
                                settings.prior_views, progress=progress)  # fmt: skip
-    atomic_write_text(out / "bench.json", json.dumps(_bench_record(spec.name, settings), indent=2) + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(_bench_record(spec, settings), indent=2) + "\n")
     done = {_run_key(r) for r in result.rows}
     like = new_generator(settings)
     for style in styles:
@@ -477,11 +477,12 @@ def _run_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
     return row["style"], row["variant"], row["optimizer"], int(row["seed"])
 
 
-def _bench_record(prior: str, settings: LabSettings) -> dict[str, Any]:
-    """What a resumed bench must share with the runs already in its folder (seeds, styles and variants may grow)."""
+def _bench_record(spec: LabPriorSpec, settings: LabSettings) -> dict[str, Any]:
+    """What a resumed bench must share with the runs already in its folder (seeds, styles and variants may grow):
+    the prior (its folder and weights) and the settings."""
     record = {k: v for k, v in settings.__dict__.items() if k != "seed"}
     record["t_range"] = list(settings.t_range) if settings.t_range is not None else None
-    return {"prior": prior, "settings": record}
+    return {"prior": spec.name, "prior_weights_sha256": spec.weights_sha256(), "settings": record}
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -495,23 +496,23 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             for r in rows]  # fmt: skip
 
 
-def _resumed(out: Path, prior: str, settings: LabSettings) -> BenchResult:
+def _resumed(out: Path, spec: LabPriorSpec, settings: LabSettings) -> BenchResult:
     """The finished runs (and their curves) of the bench in ``out``; failed runs are dropped so that they rerun."""
     record_path = out / "bench.json"
     if not record_path.is_file():
-        return BenchResult(prior=prior)
+        return BenchResult(prior=spec.name)
     record = json.loads(record_path.read_text())
-    want = _bench_record(prior, settings)
+    want = _bench_record(spec, settings)
     if record != want:
         changed = sorted(k for k in {**record["settings"], **want["settings"]}
                          if record["settings"].get(k) != want["settings"].get(k))  # fmt: skip
-        changed += ["prior"] * (record["prior"] != prior)
+        changed += [k for k in ("prior", "prior_weights_sha256") if record.get(k) != want[k]]
         raise BenchResumeError(f"{out} holds a bench with other settings ({', '.join(changed)}); use the same options "
                          "to resume it or another --out")  # fmt: skip
     rows = [r for r in _read_rows(out / "runs.csv") if "error" not in r]
     keys = {_run_key(r) for r in rows}
     curves = [c for c in _read_rows(out / "curves.csv") if _run_key(c) in keys]
-    return BenchResult(prior=prior, rows=rows, curves=curves)
+    return BenchResult(prior=spec.name, rows=rows, curves=curves)
 
 
 def _run_one(

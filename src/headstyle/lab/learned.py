@@ -13,6 +13,7 @@ size the recipe renders for and LD's gradient shaping for that prior's latents.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,16 @@ class LabPriorSpec:
     @property
     def name(self) -> str:
         return EXEMPLAR if self.folder is None else str(self.folder)
+
+    def weights_sha256(self) -> str:
+        """sha256 over the folder's weight files (names and bytes; "" for the exemplar prior): a prior retrained into
+        the same folder is another prior. The lab's priors are megabytes, so hashing them is cheap."""
+        if self.folder is None:
+            return ""
+        h = hashlib.sha256()
+        for f in sorted(self.folder.rglob("*.safetensors")):
+            h.update(f.relative_to(self.folder).as_posix().encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
 
     def profile(self, resolution: int, sr_factor: int) -> PriorProfile:
         """The recipe's constants for a lab generator of raw ``resolution`` and ``sr_factor`` (its single views are
