@@ -47,6 +47,15 @@ def sd_folder(tiny_sd, root: Path) -> Path:
     return folder
 
 
+def refuse_prior_load(monkeypatch) -> None:
+    """From here on, loading a lab prior fails the test (resume checks must come before the slow load)."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the prior loaded before the settings were checked")
+
+    monkeypatch.setattr(learned.LabPriorSpec, "load", no_load)
+
+
 # ---------------------------------------------------------------------------------------------- optimisers
 
 
@@ -234,10 +243,7 @@ def test_a_resumed_bench_keeps_finished_runs_and_runs_only_the_missing_ones(tmp_
     with open(out / "runs.csv") as f:
         assert [r["seed"] for r in csv.DictReader(f) if r["variant"] == "ld"] == ["0", "1"]
 
-    def no_load(*args, **kwargs):
-        raise AssertionError("the prior loaded before the settings were checked")
-
-    monkeypatch.setattr(learned.LabPriorSpec, "load", no_load)
+    refuse_prior_load(monkeypatch)
     with pytest.raises(BenchResumeError, match=r"other settings \(lr\)"):
         run_bench(("statue",), ("ld",), LabSettings(**{**settings.__dict__, "lr": 1e-4}), out, progress=False,
                   seeds=(0,), resume=True)  # fmt: skip
@@ -262,10 +268,7 @@ def test_resume_refuses_a_prior_retrained_into_the_same_folder(tmp_path, tiny_sd
     weights[name] = weights[name] + 1e-3
     save_file(weights, unet)
 
-    def no_load(*args, **kwargs):
-        raise AssertionError("the prior loaded before the settings were checked")
-
-    monkeypatch.setattr(learned.LabPriorSpec, "load", no_load)
+    refuse_prior_load(monkeypatch)
     with pytest.raises(BenchResumeError, match=r"other settings \(prior_weights_sha256\)"):
         run_bench(("statue",), ("ld",), settings, out, progress=False, prior_spec=learned.resolve_prior(str(folder)),
                   resume=True)  # fmt: skip

@@ -342,7 +342,7 @@ class BenchResult:
 
     def markdown(self) -> str:
         """The mean +- std table over seeds (std left out for a single run), then one variant x style table per
-        PIVOT_METRICS entry (a cell's "(k failed)" counts the seeds that stopped on non-finite gradients)."""
+        PIVOT_METRICS entry (a cell's "(k failed)" counts its seeds whose run failed)."""
         summary = self.summary()
         head = "| style | variant | optimizer | runs | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
         lines = [f"prior: {self.prior}", "", head, "|" + "---|" * (len(COLUMNS) + 4)]
@@ -433,10 +433,11 @@ def run_bench(
             f"{', '.join(VARIANTS)}; optimizers: {', '.join(OPTIMIZERS)}"
         )
     spec = prior_spec or resolve_prior(settings.prior)
-    result = _resumed(out, spec, settings) if resume else BenchResult(prior=spec.name)
+    record = _bench_record(spec, settings)
+    result = _resumed(out, spec.name, record) if resume else BenchResult(prior=spec.name)
     prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
                                settings.prior_views, progress=progress)  # fmt: skip
-    atomic_write_text(out / "bench.json", json.dumps(_bench_record(spec, settings), indent=2) + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(record, indent=2) + "\n")
     done = {_run_key(r) for r in result.rows}
     like = new_generator(settings)
     for style in styles:
@@ -496,13 +497,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             for r in rows]  # fmt: skip
 
 
-def _resumed(out: Path, spec: LabPriorSpec, settings: LabSettings) -> BenchResult:
-    """The finished runs (and their curves) of the bench in ``out``; failed runs are dropped so that they rerun."""
+def _resumed(out: Path, prior: str, want: dict[str, Any]) -> BenchResult:
+    """The finished runs (and their curves) of the bench in ``out`` if its record equals ``want`` (_bench_record);
+    failed runs are dropped so that they rerun."""
     record_path = out / "bench.json"
     if not record_path.is_file():
-        return BenchResult(prior=spec.name)
+        return BenchResult(prior=prior)
     record = json.loads(record_path.read_text())
-    want = _bench_record(spec, settings)
     if record != want:
         changed = sorted(k for k in {**record["settings"], **want["settings"]}
                          if record["settings"].get(k) != want["settings"].get(k))  # fmt: skip
@@ -512,7 +513,7 @@ def _resumed(out: Path, spec: LabPriorSpec, settings: LabSettings) -> BenchResul
     rows = [r for r in _read_rows(out / "runs.csv") if "error" not in r]
     keys = {_run_key(r) for r in rows}
     curves = [c for c in _read_rows(out / "curves.csv") if _run_key(c) in keys]
-    return BenchResult(prior=spec.name, rows=rows, curves=curves)
+    return BenchResult(prior=prior, rows=rows, curves=curves)
 
 
 def _run_one(
