@@ -4,10 +4,10 @@ Every figure is measured on ground-truth renders of the lab's held-out identitie
 never saw. HEADSTYLE_LAB_PRIOR points the tests at another folder (e.g. a snapshot of a run).
 
 The shipped prior does not reach every bar its issue sets (its card, learned_prior/README.md, has the
-figures): the diffusion classifier names 0.82 of single views (bar 0.98; unstyled heads are taken for
-zombies), guided samples land in their domain 0.65 of the time (bar 0.9), and img2img with the zombie
-prompt (and toon's from t = 481) does not move towards the truth. These tests hold it to what it does
-reach, well above chance, so a regression fails; where the issue's bar is met, they hold the bar.
+figures on 8 identities x 4 views): the diffusion classifier names 0.988 of single views (bar 0.98, met),
+but guided samples land in their domain 0.75 of the time (bar 0.9), and img2img with the toon prompt
+(and zombie's from t = 481) does not move towards the truth. These tests, on a smaller held-out set
+(4 identities x 2 views), hold it to what it does reach, well above chance, so a regression fails.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def held_out():
 
 def test_diffusion_classifier_names_the_domain_of_held_out_renders(prior, held_out) -> None:
     """At t <= 281 the prompt with the lowest eps error is the render's own domain: chance is 0.2, the shipped
-    prior reaches about 0.82 (the issue's bar: 0.98), single views."""
+    prior names 39 of these 40 single views (one zombie taken for unstyled; the card: 0.988, the issue's bar 0.98)."""
     accuracy, confusion = pc.classify(prior, held_out, grid=False)
-    assert accuracy >= 0.7, f"confusion (rows: true {[str(d) for d in DOMAINS]}):\n{confusion}"
+    assert accuracy >= 0.95, f"confusion (rows: true {[str(d) for d in DOMAINS]}):\n{confusion}"
 
 
 def test_not_a_memoriser(prior, held_out) -> None:
@@ -58,18 +58,19 @@ def test_not_a_memoriser(prior, held_out) -> None:
 
 def test_guided_samples_have_their_domains_colours(prior, held_out) -> None:
     """DDIM + CFG samples per prompt fall nearest their domain's ground-truth colour centroid: chance is 0.2,
-    the shipped prior about 0.65 (the issue's bar: 0.9)."""
+    the shipped prior 0.75 (the issue's bar: 0.9)."""
     accuracy, _ = pc.sample_accuracy(prior, held_out, n=4, steps=20)
-    assert accuracy >= 0.5
+    assert accuracy >= 0.65
 
 
 def test_img2img_with_a_style_prompt_moves_towards_the_true_style(prior, held_out) -> None:
     """From t = 281 and 481, DDIM with a style prompt ends closer to the identity's true stylised render than the
-    unstyled render was: for statue and gold at both t, and on average over every style and t (the issue asks it
-    of every style; zombie's prompt does not do it)."""
+    unstyled render was: for statue and gold at both t, zombie from t = 281, and on average over every style and t
+    (the issue asks it of every style; toon's prompt does not do it here, 1.15 and 1.37)."""
     ratios = pc.img2img_ratios(prior, held_out, steps=25)
     assert set(ratios) == {(s, t) for s in DOMAINS[1:] for t in pc.IMG2IMG_T}
     assert all(ratios[s, t] < 1 for s in ("statue", "gold") for t in pc.IMG2IMG_T), ratios
+    assert ratios["zombie", pc.IMG2IMG_T[0]] < 1, ratios
     assert sum(ratios.values()) / len(ratios) < 1, ratios
 
 

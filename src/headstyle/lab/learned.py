@@ -47,10 +47,10 @@ class PriorProfile:
 # The exemplar prior's latents are its images (3 channels, std 0.745); its historical /10 (raw LD gradient RMS
 # 6-22, max up to 290: the clamp cuts 5-18% of the entries, benchmarks/lab_shaping.py).
 EXEMPLAR_SHAPING = (10.0, (1.0, 0.75, 0.5))
-# The learned prior's VAE, measured by headstyle.lab.shaping_calibration (benchmarks/lab_shaping.py, the
-# /work/lab-prior-run-text candidate, 8 held-out identities x 4 styles): latent std 1.015 (SD's convention, 1),
-# so the script's divisor is 1000 * 1.015 ~ 1000; raw LD gradient RMS 0.23-0.68, max 4.3 (the clamp never cuts);
-# 4 latent channels whose score ranks hold 64-78% / 18-28% / 2-5% / 1-3% of the energy: the script's 4 weights.
+# The shipped learned prior, measured by headstyle.lab.shaping_calibration (benchmarks/lab_shaping.py, 8 held-out
+# identities x 4 styles): latent std 1.015 (SD's convention, 1), so the script's divisor is 1000 * 1.015 ~ 1000;
+# raw LD gradient RMS 0.86-1.61, max 11.4 (the clamp never cuts); 4 latent channels whose score ranks hold
+# 75-83% / 15-22% / 1-2% / about 1% of the energy: the script's 4 weights.
 LEARNED_SHAPING = (1000.0, (1.0, 0.75, 0.5, 0.25))
 
 

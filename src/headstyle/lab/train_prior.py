@@ -132,9 +132,9 @@ CONFIGS: dict[str, TrainPriorConfig] = {
     # The frozen random text encoder left "a zombie", "a golden sculpture of a head" and the unstyled prompt
     # nearly interchangeable for the UNet after 1800 steps: train it with the UNet, to the schedule's end.
     "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
-    # Tried against full-text's unstyled-for-zombie confusion (classifier 0.82 of single views, 4 draws), neither
-    # better: 2.5x the UNet steps (0.70 at step 2453 of 6000, stopped there) and the pooled prompt in the timestep
-    # embedding of every ResNet block (0.83 after 2400 steps, the same confusion).
+    # Against full-text's unstyled-for-zombie confusion (classifier 0.82 of single views, 4 draws): the pooled
+    # prompt in the timestep embedding of every ResNet block did not help (0.83 after 2400 steps, the same
+    # confusion); 2.5x the UNet steps did (0.70 at step 2453, 0.975 at 3800, 0.988 at 6000). The shipped prior.
     "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
     "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=2400),
     # Tests: a few steps of every stage on tiny models.
