@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of this exact version is provisioned here; other specs pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar \
+.PHONY: install demo test lint bench clean lab-prior lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar \
 	lab-sfa-ablation
 
 $(STAMP): pyproject.toml
@@ -36,6 +36,12 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
 
+# The shipped learned lab prior from scratch (seed 0, config full-long; about 3 h of one thread), then its card
+# (and a copy of the model) in runs/lab-prior/card; copy that folder to src/headstyle/lab/learned_prior to ship it.
+lab-prior: $(STAMP)
+	$(VENV)/bin/headstyle lab train-prior --out runs/lab-prior --config full-long --threads 1 --resume
+	$(VENV)/bin/headstyle lab prior-card --run runs/lab-prior --out runs/lab-prior/card
+
 # The lab's full re-measurement (issue 18): 4 styles x every objective/ablation x seeds 0,1,2 at the paper's lr 1e-4
 # and the lab's 2e-3 (Adam), LD and SDS with SGD and the stopping rule, and an exemplar-prior row. Each part is one
 # process on one thread: `make -j2 lab-matrix` runs two at once. LAB_PRIOR: '' = the shipped learned prior, or a folder.
@@ -48,8 +54,8 @@ lab-matrix-paper: $(STAMP)
 lab-matrix-fast: $(STAMP)
 	$(LAB_BENCH) --objectives all --lr 0.002 --out runs/lab-matrix/adam-lr2e-3
 lab-matrix-optim: $(STAMP)
-	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop,sgd-stop --lr 0.0001 --out runs/lab-matrix/optim-lr1e-4
-	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop,sgd-stop --lr 0.002 --out runs/lab-matrix/optim-lr2e-3
+	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop --lr 0.0001 --out runs/lab-matrix/optim-lr1e-4
+	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop --lr 0.002 --out runs/lab-matrix/optim-lr2e-3
 lab-matrix-exemplar: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior exemplar --styles all --seeds 0,1,2 --objectives ld,sds \
 		--lr 0.002 --curve-every 10 --no-progress --resume --out runs/lab-matrix/exemplar-lr2e-3

@@ -146,9 +146,10 @@ def lab_train_prior(
     resume: bool = typer.Option(False, help="Continue a run in --out from its checkpoints."),
     stage: str = typer.Option("all", help="Stage: data, vae, decoder, unet, controlnet or all (every unfinished one)."),
     config: str = typer.Option(
-        "full",
-        help="Sizes and steps: full, full-text (text encoder trained), full-long (full-text, a longer UNet "
-        "schedule), full-pooled (full-text + the pooled prompt in the timestep embedding) or tiny (tests).",
+        "full-long",
+        help="Sizes and steps: full-long (the shipped prior: text encoder trained, a long UNet schedule), full "
+        "(frozen text encoder), full-text (full-long's UNet schedule cut to 2400 steps), full-pooled (full-text + "
+        "the pooled prompt in the timestep embedding) or tiny (tests).",
     ),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
