@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of this exact version is provisioned here; other specs pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean lab-prior lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar \
+.PHONY: install demo test lint bench clean lab-prior lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-long lab-matrix-exemplar \
 	lab-sfa-ablation
 
 $(STAMP): pyproject.toml
@@ -48,7 +48,7 @@ lab-prior: $(STAMP)
 LAB_PRIOR ?=
 LAB_BENCH = OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior "$(LAB_PRIOR)" --styles all --seeds 0,1,2 \
 	--iterations 100 --curve-every 10 --no-progress --resume
-lab-matrix: lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-exemplar
+lab-matrix: lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-long lab-matrix-exemplar
 lab-matrix-paper: $(STAMP)
 	$(LAB_BENCH) --objectives all --lr 0.0001 --out runs/lab-matrix/adam-lr1e-4
 lab-matrix-fast: $(STAMP)
@@ -56,6 +56,10 @@ lab-matrix-fast: $(STAMP)
 lab-matrix-optim: $(STAMP)
 	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop --lr 0.0001 --out runs/lab-matrix/optim-lr1e-4
 	$(LAB_BENCH) --objectives ld,sds --optimizer sgd,adam-stop --lr 0.002 --out runs/lab-matrix/optim-lr2e-3
+# LD and SDS at the paper's lr for 1000 iterations (seed 0): does LD reach the style, and does it stay there?
+lab-matrix-long: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior "$(LAB_PRIOR)" --styles all --seeds 0 --objectives ld,sds \
+		--lr 0.0001 --iterations 1000 --curve-every 50 --no-progress --resume --out runs/lab-matrix/long-lr1e-4
 lab-matrix-exemplar: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/headstyle lab bench --prior exemplar --styles all --seeds 0,1,2 --objectives ld,sds \
 		--lr 0.002 --curve-every 10 --no-progress --resume --out runs/lab-matrix/exemplar-lr2e-3
