@@ -12,7 +12,9 @@ Figures (all on ground-truth renders of the lab's HELD-OUT identities unless sai
   nearest ground-truth colour-statistics centroid (per-channel mean and std, foreground mean).
 - guidance moves towards the truth: DDIM img2img of held-out UNSTYLED single views from t0 in
   IMG2IMG_T with each style prompt; ratio = rgb error(result, the identity's ground-truth stylised
-  render) / rgb error(unstyled render, the same). Below 1: the prompt pulls towards the truth.
+  render) / rgb error(unstyled render, the same). Below 1: the prompt pulls towards the truth. Its floor:
+  the same img2img started from the ground-truth stylised render itself, over the same denominator: how far
+  DDIM from t0 strays even from the truth. Where the floor is near 1, no prompt can bring the ratio under 1.
 """
 
 from __future__ import annotations
@@ -228,26 +230,29 @@ def centroid_classifier(renders: Renders):
     return predict
 
 
-def sample_accuracy(prior, renders: Renders, n: int, seed: int = 0, steps: int = 25) -> tuple[float, dict]:
-    """Share of DDIM + CFG samples classified into their prompt's domain; the samples per domain."""
+def sample_accuracy(prior, renders: Renders, n: int, seed: int = 0, steps: int = 25) -> tuple[dict[str, float], dict]:
+    """Per domain (by domain_name), the share of its prompt's DDIM + CFG samples classified into it; the samples."""
     predict = centroid_classifier(renders)
-    samples, correct = {}, 0
+    samples, accuracy = {}, {}
     for k, d in enumerate(DOMAINS):
         samples[d] = sample(prior, PHRASINGS[d][0], n, seed + k, steps)
-        correct += int((predict(samples[d]) == k).sum())
-    return correct / (n * len(DOMAINS)), samples
+        accuracy[domain_name(d)] = float((predict(samples[d]) == k).float().mean())
+    return accuracy, samples
 
 
-def img2img_ratios(prior, renders: Renders, seed: int = 0, steps: int = 25) -> dict[tuple[str, int], float]:
-    """(style, t0) -> mean rgb error(img2img of the unstyled render, GT style) / rgb error(unstyled, GT style)."""
+def img2img_ratios(
+    prior, renders: Renders, seed: int = 0, steps: int = 25, from_truth: bool = False
+) -> dict[tuple[str, int], float]:
+    """(style, t0) -> mean rgb error(img2img of the unstyled render, GT style) / rgb error(unstyled, GT style).
+    from_truth: img2img starts from the GT stylised render itself instead (same noise): the ratio's floor."""
     src = renders.single(None)
-    latents = encode(prior, src)
     out = {}
     for t0 in IMG2IMG_T:
-        eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t0))
-        x_t = prior.add_noise(latents, eps, torch.tensor([t0]))
         for style in DOMAINS[1:]:
             truth = renders.single(style)
+            latents = encode(prior, truth if from_truth else src)
+            eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t0))
+            x_t = prior.add_noise(latents, eps, torch.tensor([t0]))
             result = prior.decode(ddim(prior, x_t, PHRASINGS[style][0], t0, steps, GUIDANCE))
             before = (src - truth).square().flatten(1).mean(1)
             after = (result - truth).square().flatten(1).mean(1)
@@ -292,6 +297,7 @@ def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 8, views: int
     held_err, train_err = denoising_error(prior, held), denoising_error(prior, train)
     sample_acc, sheet = sample_accuracy(prior, held, samples)
     ratios = img2img_ratios(prior, held)
+    floors = img2img_ratios(prior, held, from_truth=True)
     iou = control_iou(prior, held)
     return {
         "held_out": {"identities": identities, "views": views, "samples_per_prompt": samples},
@@ -301,8 +307,10 @@ def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 8, views: int
         "eps_error_held_out": held_err,
         "eps_error_training": train_err,
         "eps_error_ratio": held_err / train_err,
-        "sample_accuracy": sample_acc,
+        "sample_accuracy": sum(sample_acc.values()) / len(sample_acc),
+        "sample_accuracy_per_prompt": sample_acc,
         "img2img_ratio": {f"{s}@{t}": r for (s, t), r in ratios.items()},
+        "img2img_floor": {f"{s}@{t}": r for (s, t), r in floors.items()},
         "grid_silhouette_iou": iou,
         "_sheet": sheet,
     }
@@ -387,18 +395,21 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         f"- Denoising error held-out / training identities: {f['eps_error_held_out']:.4f} / "
         f"{f['eps_error_training']:.4f} = {f['eps_error_ratio']:.3f}.",
         f"- DDIM (25 steps) + CFG {GUIDANCE} samples classified to their domain by colour statistics: "
-        f"{f['sample_accuracy']:.3f}. Sheet: samples.png (rows: "
-        + ", ".join(domain_name(d) for d in DOMAINS) + ").",
+        f"{f['sample_accuracy']:.3f} (per prompt: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in f["sample_accuracy_per_prompt"].items())
+        + "). Sheet: samples.png (rows: " + ", ".join(domain_name(d) for d in DOMAINS) + ").",
         f"- img2img (DDIM over the 25-step grid, CFG {GUIDANCE}) of unstyled renders with each style prompt, "
-        "rgb error to the ground-truth style "
-        "relative to the unstyled render's (below 1 = closer):",
+        "rgb error to the ground-truth style relative to the unstyled render's (below 1 = closer). Floor: the "
+        "same img2img started from the ground-truth style itself, over the same denominator (how far DDIM "
+        "from t0 strays even from the truth):",
         "",
-        "| style | " + " | ".join(f"t0 = {t}" for t in IMG2IMG_T) + " |",
-        "|---|" + "---:|" * len(IMG2IMG_T),
+        "| style | " + " | ".join(f"t0 = {t}" for t in IMG2IMG_T) + " | "
+        + " | ".join(f"floor at {t}" for t in IMG2IMG_T) + " |",
+        "|---|" + "---:|" * 2 * len(IMG2IMG_T),
     ]
     for style in DOMAINS[1:]:
-        ratios = (f["img2img_ratio"][f"{style}@{t}"] for t in IMG2IMG_T)
-        lines.append(f"| {style} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+        cells = [f[key][f"{style}@{t}"] for key in ("img2img_ratio", "img2img_floor") for t in IMG2IMG_T]
+        lines.append(f"| {style} | " + " | ".join(f"{r:.3f}" for r in cells) + " |")
     iou = f["grid_silhouette_iou"]
     lines += [
         "",
