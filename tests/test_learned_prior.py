@@ -6,8 +6,9 @@ never saw. HEADSTYLE_LAB_PRIOR points the tests at another folder (e.g. a snapsh
 The shipped prior does not reach every bar its issue sets (its card, learned_prior/README.md, has the
 figures on 8 identities x 4 views): the diffusion classifier names 0.988 of single views (bar 0.98, met),
 but guided samples land in their domain 0.75 of the time (bar 0.9; the unstyled prompt's never do), and
-img2img with the toon prompt (and zombie's from t = 481, whose floor is above 1) does not move towards the truth. These tests, on a smaller held-out set
-(4 identities x 2 views), hold it to what it does reach, well above chance, so a regression fails.
+img2img with the toon prompt (and zombie's from t = 481, whose floor is above 1) does not move towards the
+truth. These tests, on a smaller held-out set (4 identities x 2 views), hold it to what it does reach, well
+above chance, so a regression fails.
 """
 
 from __future__ import annotations
