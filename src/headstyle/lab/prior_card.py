@@ -246,13 +246,14 @@ def img2img_ratios(
     """(style, t0) -> mean rgb error(img2img of the unstyled render, GT style) / rgb error(unstyled, GT style).
     from_truth: img2img starts from the GT stylised render itself instead (same noise): the ratio's floor."""
     src = renders.single(None)
+    src_latents = encode(prior, src)
+    truths = {style: renders.single(style) for style in DOMAINS[1:]}
+    starts = {style: encode(prior, truth) if from_truth else src_latents for style, truth in truths.items()}
     out = {}
     for t0 in IMG2IMG_T:
-        for style in DOMAINS[1:]:
-            truth = renders.single(style)
-            latents = encode(prior, truth if from_truth else src)
-            eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + t0))
-            x_t = prior.add_noise(latents, eps, torch.tensor([t0]))
+        eps = torch.randn(src_latents.shape, generator=torch.Generator().manual_seed(seed + t0))
+        for style, truth in truths.items():
+            x_t = prior.add_noise(starts[style], eps, torch.tensor([t0]))
             result = prior.decode(ddim(prior, x_t, PHRASINGS[style][0], t0, steps, GUIDANCE))
             before = (src - truth).square().flatten(1).mean(1)
             after = (result - truth).square().flatten(1).mean(1)
