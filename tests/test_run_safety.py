@@ -150,14 +150,13 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
 import signal, sys, time, torch
 sys.path.insert(0, {str(REPO / 'src')!r})
 from headstyle.stylize import checkpointing
-from headstyle.stylize.trainer import _StopFlag
+from headstyle.training.signals import STOP
 run = {str(tmp_path / 'run')!r}
 opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
 checkpointing.save_checkpoint(run, 1, {{"w": torch.ones(2)}}, opt, checkpointing.capture_rng({{}}), {{}}, "")
-flag = _StopFlag()
-with flag.installed():
+with STOP.deferred():
     signal.raise_signal(signal.SIGINT)
-    print("requested", flag.requested, flush=True)
+    print("requested", STOP.requested, flush=True)
     signal.raise_signal(signal.SIGINT)  # during the "save"
     print("still alive", flush=True)
 """

@@ -7,7 +7,9 @@ stylised ones), the module and prior are the tiny real SD 1.5 models.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +261,32 @@ def test_resume_is_exact(dataset, prior, tmp_path):
     assert all(torch.equal(a_state[k]["exp_avg_sq"], b_state[k]["exp_avg_sq"]) for k in a_state)
     logs = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in logs] == [2, 4]
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_equals_the_straight_one(dataset, prior, tmp_path):
+    """sfa train interrupted in its second iteration: a checkpoint there and no module; resumed, it equals an
+    uninterrupted run bitwise."""
+    straight = SFATrainer(config(dataset, tmp_path / "a", iterations=4, views=2), prior, dataset)
+    straight.train(progress=False)
+    cut = SFATrainer(config(dataset, tmp_path / "b", iterations=4, views=2), prior, dataset)
+    step = cut.step
+
+    def step_then_sigterm():
+        metrics = step()
+        if cut.iteration == 1:  # the second iteration is running when the signal arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    cut.step = step_then_sigterm
+    first = cut.train(progress=False)
+    assert first.interrupted and first.iteration == 2 and first.module is None
+    assert first.checkpoint == tmp_path / "b" / "checkpoints" / "iter_0000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed = SFATrainer(config(dataset, tmp_path / "b", iterations=4, views=2), prior, dataset)
+    second = resumed.train(resume=tmp_path / "b", progress=False)
+    assert not second.interrupted and second.module is not None
+    for (name, a), b in zip(straight.module.named_parameters(), resumed.module.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_module_for_another_base_is_refused(dataset, prior, tmp_path):

@@ -31,9 +31,17 @@ def quiet_third_party() -> None:
 
 
 def main() -> None:
+    """The command line. SIGINT/SIGTERM end every command alike (headstyle.training.signals): a trainer checkpoints
+    first, the command says how to resume, and the exit status is 130/143."""
+    from headstyle.training.signals import STOP, Interrupted
+
     quiet_third_party()
     try:
-        app()
+        with STOP.installed():
+            app()
     except UserError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
+    except Interrupted as exc:
+        typer.secho(str(exc), err=True, fg=typer.colors.YELLOW)
+        raise SystemExit(exc.exit_code) from None

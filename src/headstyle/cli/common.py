@@ -4,6 +4,8 @@ before any slow work (seeds, views, device, output folder, generator, diffusers 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +33,15 @@ MAX_DEPTH_SAMPLES = 1024
 
 class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
+
+
+def rerun_hint(flag: str = "", *values: str) -> str:
+    """How to continue the command that runs: its own command line again, with ``flag`` (e.g. --resume) and its
+    ``values`` added unless it has that flag already."""
+    argv = ["headstyle", *sys.argv[1:]]
+    if flag and flag not in argv:
+        argv += [flag, *values]
+    return "continue it with: " + shlex.join(argv)
 
 
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:

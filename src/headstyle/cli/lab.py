@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds
+from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds, rerun_hint
+from headstyle.training.signals import resume_hint
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
               "the analytic exemplar prior, or PATH = any SD folder from `headstyle lab train-prior` (its model/).")
@@ -18,6 +19,21 @@ def _lab_prior(prior: str):
         return resolve_prior(prior)
     except LabPriorError as err:
         raise UserError(str(err)) from None
+
+
+# Bounds of the evaluation's size options: each identity and camera is rendered for every model compared.
+EVAL_IDENTITIES = (2, 32)
+EVAL_VIEWS = (2, 64)
+TURNTABLE_FRAMES = (2, 240)
+EVAL_IDENTITIES_HELP = (f"Held-out identities scored (and shown), {EVAL_IDENTITIES[0]}-{EVAL_IDENTITIES[1]}; identity "
+                        "retrieval needs at least 2.")
+EVAL_VIEWS_HELP = f"Evaluation cameras over 360 degrees per identity, {EVAL_VIEWS[0]}-{EVAL_VIEWS[1]}."
+
+
+def _check_range(option: str, value: int, bounds: tuple[int, int]) -> None:
+    if not bounds[0] <= value <= bounds[1]:
+        raise UserError(f"{option} {value}: give {bounds[0]}-{bounds[1]} (each one is rendered for every model "
+                        "compared)")  # fmt: skip
 
 
 def _threads(threads: int) -> None:
@@ -35,8 +51,14 @@ def demo(
     iterations: int = typer.Option(100, help="Training iterations for LD and (the same budget) for SDS."),
     seed: int = typer.Option(0, help="Seed of both runs."),
     prior: str = typer.Option("", help=PRIOR_HELP),
+    eval_identities: int = typer.Option(4, help=EVAL_IDENTITIES_HELP),
+    eval_views: int = typer.Option(8, help=EVAL_VIEWS_HELP),
+    turntable_frames: int = typer.Option(16, help=f"Frames of each turntable GIF, {TURNTABLE_FRAMES[0]}-"
+                                         f"{TURNTABLE_FRAMES[1]}."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default; 1 is fastest for the lab)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    resume: bool = typer.Option(False, help="Continue the demo in --out: each run from its newest checkpoint (a "
+                                "finished run is reused), then the comparison."),
 ) -> None:
     """Stylise the synthetic head lab with the paper's recipe and with SDS on a CPU, scored against ground truth."""
     from pathlib import Path
@@ -50,11 +72,15 @@ def demo(
         raise UserError(f"--style {style!r} is not a lab style; choose one of {', '.join(STYLES)}")
     if iterations < 1 or threads < 0:
         raise UserError("--iterations must be >= 1 and --threads >= 0")
+    _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
+    _check_range("--eval-views", eval_views, EVAL_VIEWS)
+    _check_range("--turntable-frames", turntable_frames, TURNTABLE_FRAMES)
     spec = _lab_prior(prior)
     _threads(threads)
+    settings = LabSettings(iterations=iterations, seed=seed, eval_identities=eval_identities, eval_views=eval_views)
     try:
-        metrics = run_demo(Path(out), style, LabSettings(iterations=iterations, seed=seed), progress=progress,
-                           prior_spec=spec)  # fmt: skip
+        with resume_hint(rerun_hint("--resume")):
+            metrics = run_demo(Path(out), style, settings, turntable_frames, progress, spec, resume)
     except LabPriorError as err:
         raise UserError(str(err)) from None
     r = metrics["results"]
@@ -97,6 +123,8 @@ def lab_bench(
                                 "recipe's DDIM steps 35-49 of 50."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance weight omega."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; figures are mean +- std over them."),
+    eval_identities: int = typer.Option(4, help=EVAL_IDENTITIES_HELP),
+    eval_views: int = typer.Option(8, help=EVAL_VIEWS_HELP),
     curve_every: int = typer.Option(10, help="Evaluate LD and SDS runs every so many iterations for curves.png "
                                     "(0 = off)."),
     threads: int = typer.Option(1, help="CPU threads for torch (0 = torch's default; 1 is fastest for the lab)."),
@@ -125,14 +153,18 @@ def lab_bench(
         raise UserError("--iterations must be >= 1, --threads >= 0, --curve-every >= 0 and --lr > 0")
     if not (math.isfinite(guidance) and 0 <= guidance <= 100):
         raise UserError(f"--guidance {guidance}: give a weight within [0, 100] (7.5 is SD's)")
+    _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
+    _check_range("--eval-views", eval_views, EVAL_VIEWS)
     spec = _lab_prior(prior)
     _threads(threads)
     settings = LabSettings(iterations=iterations, lr=lr, seed=seed_list[0], guidance=guidance, t_range=window,
-                           curve_every=curve_every)  # fmt: skip
+                           curve_every=curve_every, eval_identities=eval_identities,
+                           eval_views=eval_views)  # fmt: skip
     try:
-        result = run_bench(style_list, variant_list, settings, Path(out), progress=progress, seeds=seed_list,
-                           optimizers=optimizer_list, prior_spec=spec,
-                           on_run=lambda row: typer.echo(format_row(row)), resume=resume)  # fmt: skip
+        with resume_hint(rerun_hint("--resume")):
+            result = run_bench(style_list, variant_list, settings, Path(out), progress=progress, seeds=seed_list,
+                               optimizers=optimizer_list, prior_spec=spec,
+                               on_run=lambda row: typer.echo(format_row(row)), resume=resume)  # fmt: skip
     except (LabPriorError, BenchResumeError) as err:
         raise UserError(str(err)) from None
     typer.echo(result.markdown(), nl=False)

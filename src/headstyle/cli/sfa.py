@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds
+from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds, rerun_hint
 from headstyle.cli.lab import lab_app
+from headstyle.training.signals import STOP, resume_hint
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +122,8 @@ def sfa_dataset(
         held_out = torch.cat([z_from_seed(s, G.z_dim) for s in held_seeds]) if held_seeds else torch.empty(0, G.z_dim)
     sources = {"base": base, **dict(specs)}
     try:
-        ds = write_dataset(out, G, styled, cfg, held_out, sources, dev, progress=progress)
+        with resume_hint(rerun_hint()):
+            ds = write_dataset(out, G, styled, cfg, held_out, sources, dev, progress=progress)
     except DatasetError as exc:
         raise UserError(str(exc)) from None
     typer.echo(f"wrote {len(ds)} samples ({len(ds.styles)} styles x {cfg.samples}, {cfg.views} views each) to {out}")
@@ -264,6 +266,7 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
         result = trainer.train(resume=resume, progress=progress)
     except (checkpointing.ResumeError, DatasetError) as exc:
         raise UserError(str(exc)) from None
+    STOP.raise_if_requested(f"checkpoint {result.checkpoint}; {rerun_hint('--resume', cfg.run.out)}")
     if result.val_loss is not None:
         typer.echo(f"held-out diffusion loss: {result.val_loss:.5f} ({len(trainer.val_ids)} samples)")
     typer.echo(f"wrote {result.module} after {result.iteration} iterations; use it with "
@@ -333,6 +336,7 @@ def lab_sfa_ablation(
     check_out_dir(out)
     if threads:
         torch.set_num_threads(threads)
-    result = run_ablation(settings, Path(out), progress=progress)
+    with resume_hint(rerun_hint()):
+        result = run_ablation(settings, Path(out), progress=progress)
     typer.echo(result.markdown(), nl=False)
     typer.echo(f"wrote {out}/ablation.md, ablation.csv, tradeoff.png and views.png")

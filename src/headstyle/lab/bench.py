@@ -8,11 +8,12 @@ momentum, and the diffusion-classifier stopping rule). The trainer (headstyle.st
 runs unchanged on the lab generator and the prior, the learned lab prior by default.
 
 Per run the bench records, besides the lab's metrics on held-out identities: the share of iterations
-whose objective gradient is exactly zero at the rendered images (``GradientProbe``: the gradient
-that reaches the images through the prior's encoder, so neither the regulariser nor the Tweedie
-losses count) or non-finite (the objective's own count, from the run's log), and for LD and SDS the
-metrics every ``curve_every`` iterations (from the run's checkpoints). Over seeds it writes mean and
-std per metric (bench.md, bench.csv), every run (runs.csv), and the curves (curves.csv, curves.png).
+whose objective gradient is exactly zero at the rendered images (the trainer's logged
+objective_grad_zero: the gradient that reaches the images through the prior's encoder, so neither the
+regulariser nor the Tweedie losses count) or non-finite (the objective's own count, from the run's log),
+and for LD and SDS the metrics every ``curve_every`` iterations (from the run's checkpoints). Over seeds
+it writes mean and std per metric (bench.md, bench.csv), every run (runs.csv), and the curves (curves.csv,
+curves.png). A run that trained fewer iterations than the budget is marked in the tables.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -37,8 +39,10 @@ from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
-from headstyle.priors.base import Branch, PromptEmbeds, ScorePrior
-from headstyle.stylize.config import StylizeConfig, apply_overrides
+from headstyle.priors.base import ScorePrior
+from headstyle.stylize import checkpointing
+from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.training.signals import STOP
 
 # name -> overrides of the lab recipe. "ld" is the paper's recipe.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -156,6 +160,7 @@ def lab_config(
         f"run.sample_every={settings.iterations}",
         "run.turntable_identities=0",
         f"run.seed={settings.seed}",
+        "run.log_every=1",
         "run.device=cpu",
         f"run.out={out}",
     )
@@ -164,48 +169,6 @@ def lab_config(
 
 def new_generator(settings: LabSettings) -> LabGenerator:
     return LabGenerator(resolution=settings.resolution, sr_factor=settings.sr_factor, seed=settings.seed)
-
-
-class GradientProbe:
-    """A ScorePrior that passes every call to ``inner`` and records, per backward pass, the gradient that reaches
-    the images given to ``encode``: whether it is exactly zero everywhere.
-
-    The trainer encodes all renders of a step in ONE call, and only the objective's injected gradient flows
-    back through the encoder (the regulariser acts on tri-grids, the Tweedie losses on the renders
-    themselves), so ``zero[i]`` says whether the objective alone moved the renders at iteration i.
-    """
-
-    def __init__(self, inner: ScorePrior) -> None:
-        self.inner = inner
-        self.alphas_cumprod = inner.alphas_cumprod
-        self.latent_channels = inner.latent_channels
-        self.image_size = inner.image_size
-        self.control_names = inner.control_names
-        self.takes_content = inner.takes_content
-        self.zero: list[bool] = []
-
-    def _record(self, grad: Tensor) -> None:
-        self.zero.append(bool((grad == 0).all()))
-
-    def encode(self, images: Tensor) -> Tensor:
-        if images.requires_grad:
-            images.register_hook(self._record)
-        return self.inner.encode(images)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.inner.decode(latents)
-
-    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
-        return self.inner.inference_timesteps(num_inference_steps)
-
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        return self.inner.add_noise(x0, eps, t)
-
-    def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
-        return self.inner.embed_prompts(prompt, negative_prompt)
-
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
-        return self.inner.predict_noise(branches)
 
 
 def dead_share(zero: list[bool], nonfinite: list[int]) -> tuple[float, float]:
@@ -217,10 +180,12 @@ def dead_share(zero: list[bool], nonfinite: list[int]) -> tuple[float, float]:
     return sum(z or b for z, b in zip(zero, bad, strict=True)) / len(zero), sum(bad) / len(zero)
 
 
-def _nonfinite_per_iteration(run_dir: Path) -> list[int]:
-    """The objective's non-finite gradient entries per iteration, summed over branches (the run's log.jsonl)."""
+def _gradient_records(run_dir: Path) -> tuple[list[bool], list[int]]:
+    """Per iteration from the run's log.jsonl (one entry per iteration): whether the objective's gradient at the
+    renders was exactly zero, and its non-finite entries summed over branches."""
     entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
-    return [sum(int(v) for k, v in e.items() if k.endswith("_nonfinite")) for e in entries]
+    zero = [bool(e["objective_grad_zero"]) for e in entries]
+    return zero, [sum(int(v) for k, v in e.items() if k.endswith("_nonfinite")) for e in entries]
 
 
 @dataclass
@@ -242,9 +207,14 @@ def train_variant(
     out: Path,
     progress: bool = True,
     profile: PriorProfile | None = None,
+    resume: bool = False,
 ) -> RunOutcome:
-    """Stylise a fresh lab generator with one variant in ``out``; returns it, the wall time and the run figures."""
-    from headstyle.stylize.checkpointing import clear_run, list_checkpoints
+    """Stylise a fresh lab generator with one variant in ``out``; returns it, the wall time and the run figures.
+
+    With ``resume`` a run already in ``out`` with the same config continues from its newest checkpoint (a
+    finished one only reloads); otherwise, and without one, the run starts anew. A SIGINT/SIGTERM checkpoints the
+    run and raises Interrupted (headstyle.training.signals), so the caller's next run never starts.
+    """
     from headstyle.stylize.trainer import Stylizer
 
     if variant not in VARIANTS:
@@ -255,24 +225,46 @@ def train_variant(
     if settings.t_range is not None:
         steps = step_range(prior.inference_timesteps(StylizeConfig().objective.num_inference_steps), *settings.t_range)
     cfg = lab_config(style, settings, out, VARIANTS[variant], profile, steps)
-    probe = GradientProbe(prior)
+    checkpoint = _resumable(cfg) if resume else None
+    if checkpoint is None:
+        checkpointing.clear_run(cfg.run.out)
+    else:  # an earlier interruption's checkpoint is no curve point, and must not push one out of run.keep_last
+        for _, path in _checkpoints(out, cfg.run.checkpoint_every, cfg.run.iterations, on_cadence=False):
+            if path != checkpoint:
+                shutil.rmtree(path)
     start = time.perf_counter()
-    clear_run(cfg.run.out)  # every bench run starts from scratch in its own folder
-    result = Stylizer(cfg, G, probe).train(progress=progress)
+    result = Stylizer(cfg, G, prior).train(resume=checkpoint, progress=progress)
     seconds = time.perf_counter() - start
-    zero, nonfinite = dead_share(probe.zero, _nonfinite_per_iteration(out))
+    STOP.raise_if_requested()
+    zero, nonfinite = dead_share(*_gradient_records(out))
     figures = {"zero_grad_share": zero, "nonfinite_grad_share": nonfinite,
                "iterations_run": float(result.iteration), "seconds": seconds}  # fmt: skip
-    checkpoints = [(int(p.name.split("_")[-1]), p) for p in list_checkpoints(out)]
+    checkpoints = _checkpoints(out, cfg.run.checkpoint_every, result.iteration)
     return RunOutcome(G.eval(), seconds, figures, checkpoints)
+
+
+def _checkpoints(out: Path, every: int, last: int, on_cadence: bool = True) -> list[tuple[int, Path]]:
+    """The run's checkpoints (iteration, path) on its cadence (every ``every`` iterations, and the ``last``
+    iteration, where it ended), or with ``on_cadence`` False those off it (where a signal stopped the run)."""
+    found = [(int(p.name.split("_")[-1]), p) for p in checkpointing.list_checkpoints(out)]
+    return [(i, p) for i, p in found if (i % every == 0 or i == last) == on_cadence]
+
+
+def _resumable(cfg: StylizeConfig) -> Path | None:
+    """The newest verified checkpoint of the run in cfg.run.out when it was written with this config (up to what a
+    resume may change), else None: the run starts anew."""
+    try:
+        checkpoint = checkpointing.resolve_checkpoint(cfg.run.out)
+    except (FileNotFoundError, checkpointing.ResumeError):
+        return None
+    saved = load_config(checkpoint / "config.toml")
+    return None if resume_differences(saved, cfg) else checkpoint
 
 
 def _weights_at(checkpoint: Path, settings: LabSettings) -> LabGenerator:
     """A fresh lab generator with a checkpoint's trainable weights."""
-    from headstyle.stylize.checkpointing import load_checkpoint
-
     G = new_generator(settings)
-    trained = load_checkpoint(checkpoint).trainable
+    trained = checkpointing.load_checkpoint(checkpoint).trainable
     with torch.no_grad():
         for name, p in G.named_parameters():
             if name in trained:
@@ -329,13 +321,31 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# Marks a table row trained for fewer iterations than the bench's budget (a stopping rule ended it, or it was cut).
+SHORT_MARK = "†"
+
+
+def short_of_budget(row: dict[str, Any], budget: int) -> bool:
+    """Whether a run (or an aggregate row, by its mean) trained fewer than ``budget`` iterations; the untrained row
+    has no budget, and budget 0 marks nothing."""
+    ran = row.get("iterations_run_mean", row.get("iterations_run"))
+    return bool(budget) and row["variant"] != "untrained" and ran is not None and ran != budget
+
+
+def budget_note(budget: int) -> str:
+    return (f"{SHORT_MARK} trained fewer than the budget of {budget} iterations (a stopping rule ended it, or it was "
+            "cut short; iters says how many): compare it with the others with care.")
+
+
 @dataclass
 class BenchResult:
-    """Every run (one row per style, variant, optimiser and seed) and the curves of the curve variants."""
+    """Every run (one row per style, variant, optimiser and seed) and the curves of the curve variants;
+    ``iterations``: the budget every run was given (rows that ran fewer are marked)."""
 
     prior: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
+    iterations: int = 0
 
     def summary(self) -> list[dict[str, Any]]:
         return aggregate(self.rows)
@@ -344,10 +354,12 @@ class BenchResult:
         """The mean +- std table over seeds (std left out for a single run), then one variant x style table per
         PIVOT_METRICS entry (a cell's "(k failed)" counts its seeds whose run failed)."""
         summary = self.summary()
+        short = {id(r) for r in summary if r["runs"] and short_of_budget(r, self.iterations)}
         head = "| style | variant | optimizer | runs | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
         lines = [f"prior: {self.prior}", "", head, "|" + "---|" * (len(COLUMNS) + 4)]
         for r in summary:
-            name = f"| {r['style']} | {r['variant']} | {r['optimizer']} | {r['runs']} |"
+            mark = f" {SHORT_MARK}" if id(r) in short else ""
+            name = f"| {r['style']} | {r['variant']}{mark} | {r['optimizer']} | {r['runs']} |"
             if not r["runs"]:
                 lines.append(f"{name} failed: {r['error'][:100]} |")
                 continue
@@ -359,9 +371,12 @@ class BenchResult:
                       "|---|" + "---:|" * len(styles)]  # fmt: skip
             for variant, optimizer in dict.fromkeys((r["variant"], r["optimizer"]) for r in summary):
                 name = variant if optimizer in ("adam", "-") else f"{variant} ({optimizer})"
-                row = ["" if (r := cells.get((s, variant, optimizer))) is None else _cell(r, key, fmt, True)
+                row = ["" if (r := cells.get((s, variant, optimizer))) is None
+                       else _cell(r, key, fmt, True) + (f" {SHORT_MARK}" if id(r) in short else "")
                        for s in styles]  # fmt: skip
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
+        if short:
+            lines += ["", budget_note(self.iterations)]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -435,6 +450,7 @@ def run_bench(
     spec = prior_spec or resolve_prior(settings.prior)
     record = _bench_record(spec, settings)
     result = _resumed(out, spec.name, record) if resume else BenchResult(prior=spec.name)
+    result.iterations = settings.iterations
     prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
                                settings.prior_views, progress=progress)  # fmt: skip
     atomic_write_text(out / "bench.json", json.dumps(record, indent=2) + "\n")
@@ -452,7 +468,7 @@ def run_bench(
                     if (style, variant, optimizer, seed) in done:
                         continue
                     row = _run_one(style, variant, optimizer, seed, prior, profile, settings, out, ev, before, result,
-                                   progress)  # fmt: skip
+                                   progress, resume)  # fmt: skip
                     _write_tables(result, out)
                     if on_run is not None:
                         on_run(row)
@@ -519,15 +535,16 @@ def _resumed(out: Path, prior: str, want: dict[str, Any]) -> BenchResult:
 def _run_one(
     style: str, variant: str, optimizer: str, seed: int, prior: ScorePrior, profile: PriorProfile,
     settings: LabSettings, out: Path, ev: EvalSet, before: dict[str, float], result: BenchResult, progress: bool,
+    resume: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train and score one run, appending its row (and curve points) to ``result``."""
+    """Train (or with ``resume`` continue) and score one run, appending its row (and curve points) to ``result``."""
     follow = settings.curve_every > 0 and variant in CURVE_VARIANTS
     run_settings = LabSettings(**{**settings.__dict__, "seed": seed, "optimizer": optimizer,
                                   "curve_every": settings.curve_every if follow else 0})  # fmt: skip
     keys = {"style": style, "variant": variant, "optimizer": optimizer, "seed": seed}
     folder = out / "runs" / f"{style}-{variant}-{optimizer}-seed{seed}"
     try:
-        run = train_variant(style, variant, prior, run_settings, folder, progress, profile)
+        run = train_variant(style, variant, prior, run_settings, folder, progress, profile, resume)
     except (RuntimeError, ValueError) as exc:
         # One broken run must not lose the others' figures; the table says why it is missing.
         row = {**keys, "error": f"{type(exc).__name__}: {exc}"}

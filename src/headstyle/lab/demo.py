@@ -30,13 +30,24 @@ from headstyle import export
 from headstyle.cameras import cameras, turntable_cameras
 from headstyle.io import atomic_write_text
 from headstyle.lab import evaluate as lab_eval
-from headstyle.lab.bench import COLUMNS, RUN_FIGURES, LabSettings, new_generator, train_variant
+from headstyle.lab.bench import (
+    COLUMNS,
+    RUN_FIGURES,
+    SHORT_MARK,
+    LabSettings,
+    budget_note,
+    new_generator,
+    short_of_budget,
+    train_variant,
+)
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import LabPriorSpec, resolve_prior
 from headstyle.lab.world import STYLES
 
 SHEET_YAWS_DEGREES = (-90, -30, 0, 30, 90, 180)
 PANELS = ("before", "LD (paper recipe)", "SDS", "ground truth")
+# The demo's files that compare its runs.
+COMPARISONS = ("metrics.json", "summary.html", "summary.png")
 DEFINITIONS = {
     "rgb_error": "mean |pred - truth| / 2 over the union of masks, vs the ground-truth stylised head of the SAME "
     "identity (colour in [0, 1]; 0 is perfect)",
@@ -120,14 +131,19 @@ def run_demo(
     turntable_frames: int = 16,
     progress: bool = True,
     prior_spec: LabPriorSpec | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the demo (module docstring) on ``prior_spec`` (settings.prior resolved when None) and return the
-    metrics dict also written to metrics.json."""
+    metrics dict also written to metrics.json. With ``resume`` each run continues from its checkpoint in ``out``
+    (a finished one only reloads). A SIGINT/SIGTERM checkpoints the run in progress and raises Interrupted
+    before anything that compares the runs is written."""
     if style not in STYLES:
         raise ValueError(f"unknown lab style {style!r}; choose from {', '.join(STYLES)}")
     settings = settings or LabSettings()
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    for name in COMPARISONS:  # written again at the end; until then no page compares runs the folder may not hold
+        (out / name).unlink(missing_ok=True)
     spec = prior_spec or resolve_prior(settings.prior)
     prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
                                settings.prior_views, progress=progress)  # fmt: skip
@@ -137,7 +153,8 @@ def run_demo(
     trained: dict[str, LabGenerator] = {}
     results = {"untrained": {**lab_eval.evaluate(before, ev), **dict.fromkeys(RUN_FIGURES, 0.0)}}
     for variant in ("ld", "sds"):
-        run = train_variant(style, variant, prior, settings, out / "runs" / f"{style}-{variant}", progress, profile)
+        run = train_variant(style, variant, prior, settings, out / "runs" / f"{style}-{variant}", progress, profile,
+                            resume)
         trained[variant] = run.G
         results[variant] = {**lab_eval.evaluate(run.G, ev), **run.figures}
 
@@ -166,6 +183,9 @@ def run_demo(
         f"Closer to the ground truth: {best['rgb_error']}; more stylised: {best['stylisation']}; "
         f"less collapse: {best['diversity_rgb']}. Wall time {wall:.0f} s."
     )
+    short = [v for v in ("ld", "sds") if short_of_budget({"variant": v, **results[v]}, settings.iterations)]
+    if short:
+        note += " " + budget_note(settings.iterations)
     metrics = {
         "style": style,
         "prompt": STYLES[style].prompt,
@@ -180,7 +200,9 @@ def run_demo(
         "note": note,
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    rows = [("untrained", results["untrained"]), ("LD (paper recipe)", results["ld"]), ("SDS", results["sds"])]
+    rows = [("untrained", results["untrained"])]
+    rows += [(name + (f" {SHORT_MARK}" if v in short else ""), results[v])
+             for v, name in (("ld", "LD (paper recipe)"), ("sds", "SDS"))]  # fmt: skip
     _summary_html(rows, title, {"note": note, "identities": len(ev.z)}, out / "summary.html")
     row_labels = [f"{i}: {panel}" for i in range(len(ev.z)) for panel in PANELS]
     _summary_png(rows, sheet, row_labels, title, out / "summary.png")

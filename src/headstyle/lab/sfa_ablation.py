@@ -57,6 +57,7 @@ from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, wr
 from headstyle.sfa.module import StyleAppearanceModule, read_manifest
 from headstyle.sfa.train import MODULE_DIR, SFATrainConfig, SFATrainer
 from headstyle.stylize import checkpointing
+from headstyle.training.signals import STOP
 
 # The unseen style's exemplar identity: drawn apart from the evaluation (1000) and reference (3000) sets.
 EXEMPLAR_SEED = 5_000
@@ -183,6 +184,7 @@ def train_module(
         checkpointing.clear_run(run)
     trainer = SFATrainer(cfg, prior, ds)
     trainer.train(resume=resume, progress=progress)
+    STOP.raise_if_requested()  # checkpointed: the next call resumes it
     return trainer.module.eval().requires_grad_(False)
 
 

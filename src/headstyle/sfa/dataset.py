@@ -54,6 +54,7 @@ from headstyle.generator.base import Generator
 from headstyle.generator.latents import z_from_seed
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
+from headstyle.training.signals import STOP
 
 FORMAT = "headstyle-sfa-dataset"
 FORMAT_VERSION = 1
@@ -405,7 +406,8 @@ def write_dataset(
 
     held_out: the evaluation identities' z (E, z_dim), E may be 0; a sample whose content or style identity is one
     of them is refused before anything renders. sources: where "base" and each style's generator came
-    from (recorded in the manifest; a resume must name the same ones).
+    from (recorded in the manifest; a resume must name the same ones). A SIGINT/SIGTERM ends the sample being
+    written, then raises Interrupted (the same call continues the dataset).
     """
     root = Path(out)
     styles = list(stylized)
@@ -438,9 +440,11 @@ def write_dataset(
     _drop_torn_line(root)
     done = {(r.style, r.sample) for r in read_index(root)}
     todo = [(s, i) for s in styles for i in range(settings.samples) if (s, i) not in done]
-    with progress_bar(disable=not progress) as bar:
+    with STOP.deferred(), progress_bar(disable=not progress) as bar:
         task = bar.add_task("sfa dataset", total=len(styles) * settings.samples, completed=len(done))
         for style, i in todo:
+            if STOP.requested:  # the samples written so far are complete; a rerun continues after them
+                break
             record = Record(style, i, *settings.seeds(i))
             final = root / record.folder
             if final.exists():  # renamed into place, but its index line never made it
@@ -450,4 +454,5 @@ def write_dataset(
             tmp.rename(final)
             _append_index(root, record)
             bar.update(task, advance=1, info=f"{style} {i}")
+    STOP.raise_if_requested()
     return SFADataset(root)

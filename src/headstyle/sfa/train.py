@@ -47,6 +47,7 @@ from headstyle.sfa.dataset import Sample, SFADataset
 from headstyle.sfa.module import StyleAppearanceModule
 from headstyle.stylize import checkpointing
 from headstyle.stylize.outputs import MetricsLog
+from headstyle.training.signals import STOP
 
 MODULE_DIR = "module"
 # Validation noise is drawn from its own stream, so the validation loss of a sample is the same at every
@@ -197,12 +198,14 @@ def diffusion_loss(
 
 @dataclass
 class TrainResult:
-    """Where a run stopped, its last checkpoint, the module folder and the last held-out loss (None without)."""
+    """Where a run stopped, its last checkpoint, the module folder (None when a signal stopped it first) and the
+    last held-out loss (None without); ``interrupted``: a SIGINT/SIGTERM stopped it before train.iterations."""
 
     iteration: int
     checkpoint: Path | None
     module: Path | None
     val_loss: float | None = None
+    interrupted: bool = False
 
 
 def _seed_from(gen: torch.Generator) -> int:
@@ -338,7 +341,8 @@ class SFATrainer:
             atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
         log = MetricsLog(self.run_dir, self.iteration if last else None) if self.is_main else None
         val_loss = None
-        with progress_bar(disable=not (progress and self.is_main)) as bar:
+        interrupted = False
+        with STOP.deferred(), progress_bar(disable=not (progress and self.is_main)) as bar:
             task = bar.add_task("sfa train", total=cfg.train.iterations, completed=self.iteration)
             while self.iteration < cfg.train.iterations:
                 t0 = time.perf_counter()
@@ -351,13 +355,17 @@ class SFATrainer:
                 if log is not None and (self.iteration % cfg.run.log_every == 0 or end or "val_loss" in metrics):
                     log.write({"iteration": self.iteration, **metrics})
                 bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f}")
-                if self.iteration % cfg.run.checkpoint_every == 0 or end:
+                stopping = STOP.requested_on_any(self.world_size, self.accelerator.device)
+                if stopping or self.iteration % cfg.run.checkpoint_every == 0 or end:
                     last = self.save_checkpoint()
+                if stopping:
+                    interrupted = not end
+                    break
         if log is not None:
             log.close()
-        module = self.save_module() if self.is_main else None
+        module = self.save_module() if self.is_main and not interrupted else None
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.iteration, last, module, val_loss)
+        return TrainResult(self.iteration, last, module, val_loss, interrupted)
 
 
 @torch.no_grad()

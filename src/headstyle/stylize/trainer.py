@@ -24,9 +24,7 @@ import contextlib
 import copy
 import math
 import random
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from headstyle.stylize.branches import Identities, Rendered, StepContext, build_
 from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
 from headstyle.stylize.outputs import MetricsLog, Previews
 from headstyle.stylize.regularisers import LPIPS, relative_distance
+from headstyle.training.signals import STOP
 
 
 class NonFiniteError(RuntimeError):
@@ -113,39 +112,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (the global stream third-party code draws from)
     torch.manual_seed(seed)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, checkpoints and exits cleanly. A second
-    signal ends the process at once by that signal (a checkpoint being written stays a hidden temp folder,
-    the previous one intact)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signal = signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the host
-                pass
-        try:
-            yield
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
 
 
 class Stylizer:
@@ -212,6 +178,8 @@ class Stylizer:
         # Iteration at which the stopping rule fired (0: not yet).
         self.stop_triggered_at = 0
         self.prev_planes: tuple[Tensor, Tensor] | None = None
+        # Whether this step's objective gradient at the renders was exactly zero (the prior gave no direction).
+        self._objective_grad_zero = False
 
         self.prompt = prior.embed_prompts(cfg.prompt.prompt, cfg.prompt.negative_prompt)
         self.objective = get_objective(cfg.objective.name)
@@ -292,11 +260,20 @@ class Stylizer:
     def _encode(self, rendered: list[Rendered]) -> None:
         """ONE encode of every image the prior sees (trainable renders, then DDS/IDS sources)."""
         sources = [r.source for r in rendered if r.source is not None]
-        latents = self.prior.encode(torch.cat([r.images for r in rendered] + sources)).float()
+        images = torch.cat([r.images for r in rendered] + sources)
+        self._objective_grad_zero = True  # until a gradient reaches the renders in this step's backward
+        if images.requires_grad:
+            images.register_hook(self._note_objective_grad)
+        latents = self.prior.encode(images).float()
         chunks = latents.split([len(r.images) for r in rendered] + [len(x) for x in sources])
         for i, r in enumerate(rendered):
             r.latents = chunks[i]
             r.source_latents = chunks[len(rendered) + i] if sources else None
+
+    def _note_objective_grad(self, grad: Tensor) -> None:
+        """The gradient reaching the renders through the prior's encoder is the objective's alone (the regulariser
+        acts on tri-grids, the Tweedie losses on the renders themselves): is it exactly zero this step?"""
+        self._objective_grad_zero = bool((grad == 0).all())
 
     @torch.no_grad()
     def _first_previous_identity(self, n: int) -> tuple[Tensor, Tensor]:
@@ -363,6 +340,7 @@ class Stylizer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        metrics["objective_grad_zero"] = int(self._objective_grad_zero)
         metrics.update(self._reduce_and_step())
         return metrics
 
@@ -547,13 +525,6 @@ class Stylizer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _any_rank(self, flag: bool) -> bool:
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
-
     def _gather_scalar(self, value: float) -> list[float]:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return self.accelerator.gather(t).cpu().tolist() if self.world_size > 1 else [value]
@@ -575,10 +546,9 @@ class Stylizer:
         log = MetricsLog(self.run_dir, self.iteration if resumed else None) if self.is_main else None
         if self.is_main and self.iteration == 0:
             self.write_samples()
-        stop = _StopFlag()
         last_ckpt: Path | None = resumed
         interrupted = False
-        with stop.installed(), progress_bar(disable=not (progress and self.is_main)) as bar:
+        with STOP.deferred(), progress_bar(disable=not (progress and self.is_main)) as bar:
             task = bar.add_task("stylize", total=cfg.run.iterations, completed=self.iteration)
             while self.iteration < cfg.run.iterations and not self._stopped_by_rule:
                 t0 = time.perf_counter()
@@ -602,7 +572,7 @@ class Stylizer:
                 )
                 if self.is_main and self.iteration % cfg.run.sample_every == 0:
                     self.write_samples()
-                stopping = self._any_rank(stop.requested)
+                stopping = STOP.requested_on_any(self.world_size, self.device)
                 done = self.iteration == cfg.run.iterations or self._stopped_by_rule
                 if stopping or self.iteration % cfg.run.checkpoint_every == 0 or done:
                     last_ckpt = self.save_checkpoint()
@@ -619,4 +589,4 @@ class Stylizer:
             if cfg.run.turntable_identities > 0:
                 self.write_turntables()
         self._barrier()
-        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped, stop.signal)
+        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped, STOP.signal)

@@ -1,0 +1,1 @@
+"""What every trainer shares, below the trainers themselves: signals (a clean stop of the whole command)."""
