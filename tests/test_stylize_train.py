@@ -161,6 +161,36 @@ def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_contr
         assert changed == {f"backbone.synthesis.{k}" for k in ("trigrid", "fc0.weight", "fc1.weight")}
 
 
+def test_a_finished_run_continued_and_stopped_is_not_shown_as_finished(tmp_path, prior_no_controls):
+    """A run that reached 2 iterations (generator written), resumed to 4 and stopped at 3: its folder holds no
+    generator file, so the app shows it as stopped and offers no style from it; finishing writes it again."""
+    from headstyle.app.models import trained_styles
+    from headstyle.app.training import read_run
+
+    run = tmp_path / "styles" / "run"
+    cfg = apply_overrides(StylizeConfig(), [*FAST_RUN, f"run.out={run}", "run.iterations=2"])
+    Stylizer(cfg, lab_generator(), prior_no_controls).train(progress=False)
+    assert (run / "generator.safetensors").is_file() and read_run(run).generator is not None
+
+    longer = apply_overrides(cfg, ["run.iterations=4"])
+    cut = Stylizer(longer, lab_generator(), prior_no_controls)
+    step = cut.step
+
+    def step_then_sigint():
+        metrics = step()
+        if cut.iteration == 2:  # the third iteration is running
+            signal.raise_signal(signal.SIGINT)
+        return metrics
+
+    cut.step = step_then_sigint
+    assert cut.train(resume=run, progress=False).interrupted
+    status = read_run(run)
+    assert status.generator is None and status.summary.endswith("stopped at 3, resumable")
+    assert trained_styles(tmp_path / "styles") == {}
+    Stylizer(longer, lab_generator(), prior_no_controls).train(resume=run, progress=False)
+    assert read_run(run).generator == run / "generator.safetensors"
+
+
 @pytest.mark.parametrize(
     ("overrides", "unet_calls", "unet_batch"),
     [

@@ -38,7 +38,7 @@ from headstyle.distill import noise, shaping
 from headstyle.distill.objectives import DistillResult, DistillTarget, get_objective
 from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.base import Generator
-from headstyle.generator.checkpoint import save_generator
+from headstyle.generator.checkpoint import save_generator, sidecar_path
 from headstyle.io import atomic_write_text
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior
@@ -517,11 +517,15 @@ class Stylizer:
     def write_turntables(self) -> list[Path]:
         return self.previews.write_turntables()
 
+    @property
+    def generator_path(self) -> Path:
+        return self.run_dir / "generator.safetensors"
+
     def save_generator(self) -> Path:
-        """The stylised generator as a loadable checkpoint (``headstyle render --generator`` takes it)."""
-        path = self.run_dir / "generator.safetensors"
-        save_generator(self.G, path)
-        return path
+        """The stylised generator as a loadable checkpoint (``headstyle render --generator`` takes it), written when
+        the run reaches run.iterations: its presence says the run finished."""
+        save_generator(self.G, self.generator_path)
+        return self.generator_path
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -541,6 +545,10 @@ class Stylizer:
             checkpointing.check_fresh_run_dir(self.run_dir)
         resumed = self.load_checkpoint(resume) if resume is not None else None
         if self.is_main:
+            if self.iteration < cfg.run.iterations:
+                # A run continued past an earlier end: its generator file is that end's, not this run's result.
+                for path in (self.generator_path, sidecar_path(self.generator_path)):
+                    path.unlink(missing_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
         log = MetricsLog(self.run_dir, self.iteration if resumed else None) if self.is_main else None
