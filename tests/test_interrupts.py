@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -148,3 +149,57 @@ def test_a_bench_row_that_ran_fewer_iterations_than_the_budget_is_marked(tmp_pat
     assert marked[0].startswith(f"| statue | sds {SHORT_MARK} |") and "| 7 |" in marked[0]
     assert all("| ld " not in line for line in marked)
     assert marked[-1].startswith(f"{SHORT_MARK} trained fewer than the budget of {ITERATIONS} iterations")
+
+
+# ---------------------------------------------------------------------------------------------- one writer a folder
+
+
+def test_a_folder_another_live_process_writes_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
+    from headstyle.training.lock import LOCK_NAME, FolderLockedError, folder_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom headstyle.training.lock import folder_lock\n"
+        f"with folder_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FolderLockedError, match=rf"is being written by pid {holder.pid} on "):
+            folder_lock(tmp_path).__enter__()
+    finally:
+        holder.kill()  # no clean release: its lock file keeps its name
+        holder.wait()
+    with folder_lock(tmp_path), folder_lock(tmp_path):  # the same process may take it again
+        assert f"from pid {holder.pid} on " in capsys.readouterr().err  # the stale lock, taken over with a note
+        assert str(os.getpid()) in (tmp_path / LOCK_NAME).read_text()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released
+
+
+def test_a_second_writer_on_a_live_bench_exits_2_naming_it_and_the_folder_keeps_one_run(tmp_path):
+    out = tmp_path / "bench"
+    bench = ("lab", "bench", "--styles", "statue", "--objectives", "ld", "--iterations", "100000", "--curve-every", "0",
+             *SMALL_EVAL, "--no-progress", "--out", str(out))  # fmt: skip
+    live = subprocess.Popen(headstyle(*bench), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = out / "runs" / "statue-ld-adam-seed0"
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text()):
+            assert live.poll() is None and time.monotonic() < deadline, live.communicate()
+            time.sleep(0.05)
+        others = [
+            headstyle(*bench),
+            headstyle(*bench, "--resume"),
+            headstyle("demo", "--out", str(out)),
+            # --overwrite on the live run's own folder: refused before it clears anything or loads a model
+            headstyle("stylize", "--prompt", "x", "--generator", "G.pkl", "--overwrite", "--out", str(run)),
+        ]
+        for command in others:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, (command, proc.stderr)
+            (line,) = proc.stderr.strip().splitlines()
+            assert f"is being written by pid {live.pid} on " in line and "lab bench" in line, line
+        assert (run / "config.toml").is_file() and live.poll() is None  # the first writer goes on, untouched
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.communicate(timeout=300)
+    assert live.returncode == 143
+    assert [p.name for p in (out / "runs").iterdir()] == ["statue-ld-adam-seed0"]

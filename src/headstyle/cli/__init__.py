@@ -33,13 +33,14 @@ def quiet_third_party() -> None:
 def main() -> None:
     """The command line. SIGINT/SIGTERM end every command alike (headstyle.training.signals): a trainer checkpoints
     first, the command says how to resume, and the exit status is 130/143."""
+    from headstyle.training.lock import FolderLockedError
     from headstyle.training.signals import STOP, Interrupted
 
     quiet_third_party()
     try:
         with STOP.installed():
             app()
-    except UserError as exc:
+    except (UserError, FolderLockedError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
     except Interrupted as exc:

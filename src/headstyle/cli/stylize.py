@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import typer
 
 from headstyle.cli.common import UserError, app
+from headstyle.training.lock import folder_lock, launched_main
 
 
 @app.command()
@@ -67,35 +70,38 @@ def stylize(
     if cfg.run.device:
         pick_device(cfg.run.device)
     check_out_dir(cfg.run.out)
-    if checkpoint is None:
-        if overwrite:
-            checkpointing.clear_run(cfg.run.out)
-        else:
-            try:
-                checkpointing.check_fresh_run_dir(cfg.run.out)
-            except checkpointing.RunExistsError as exc:
-                raise UserError(str(exc)) from None
-    for path, problem in skipped:
-        typer.secho(f"note: checkpoint {path} is corrupt ({problem}); resuming from {checkpoint}", err=True,
-                    fg=typer.colors.YELLOW)
+    # The one writer of the run folder from here on, --overwrite and --resume included (checked before any model
+    # loads); under accelerate the main process holds it.
+    with folder_lock(cfg.run.out) if launched_main() else contextlib.nullcontext():
+        if checkpoint is None:
+            if overwrite:
+                checkpointing.clear_run(cfg.run.out)
+            else:
+                try:
+                    checkpointing.check_fresh_run_dir(cfg.run.out)
+                except checkpointing.RunExistsError as exc:
+                    raise UserError(str(exc)) from None
+        for path, problem in skipped:
+            typer.secho(f"note: checkpoint {path} is corrupt ({problem}); resuming from {checkpoint}", err=True,
+                        fg=typer.colors.YELLOW)
 
-    from headstyle.generator.checkpoint import CheckpointError
-    from headstyle.priors.diffusers_prior import PriorLoadError
-    from headstyle.stylize.factory import run_stylize
-    from headstyle.stylize.trainer import NonFiniteError
+        from headstyle.generator.checkpoint import CheckpointError
+        from headstyle.priors.diffusers_prior import PriorLoadError
+        from headstyle.stylize.factory import run_stylize
+        from headstyle.stylize.trainer import NonFiniteError
 
-    try:
-        result = run_stylize(cfg, resume=checkpoint, progress=progress)
-    except (CheckpointError, PriorLoadError, checkpointing.ResumeError, ConfigError) as exc:
-        raise UserError(str(exc)) from None
-    except NonFiniteError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise SystemExit(1) from None
-    if result.interrupted:
-        typer.echo(f"interrupted at iteration {result.iteration}; checkpoint: {result.checkpoint}\n"
-                   f"resume with: headstyle stylize --resume {cfg.run.out}")
-        # 128 + the signal, as shells report a job a signal ended: `stylize ... && render ...` stops here.
-        raise SystemExit(128 + (result.signal or 0))
-    if result.generator_path is not None:
-        typer.echo(f"done: {result.iteration} iterations ({result.skipped_steps} skipped); stylised generator: "
-                   f"{result.generator_path} (headstyle render --generator {result.generator_path})")
+        try:
+            result = run_stylize(cfg, resume=checkpoint, progress=progress)
+        except (CheckpointError, PriorLoadError, checkpointing.ResumeError, ConfigError) as exc:
+            raise UserError(str(exc)) from None
+        except NonFiniteError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise SystemExit(1) from None
+        if result.interrupted:
+            typer.echo(f"interrupted at iteration {result.iteration}; checkpoint: {result.checkpoint}\n"
+                       f"resume with: headstyle stylize --resume {cfg.run.out}")
+            # 128 + the signal, as shells report a job a signal ended: `stylize ... && render ...` stops here.
+            raise SystemExit(128 + (result.signal or 0))
+        if result.generator_path is not None:
+            typer.echo(f"done: {result.iteration} iterations ({result.skipped_steps} skipped); stylised generator: "
+                       f"{result.generator_path} (headstyle render --generator {result.generator_path})")

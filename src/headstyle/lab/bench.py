@@ -42,6 +42,7 @@ from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
 from headstyle.stylize import checkpointing
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
 # name -> overrides of the lab recipe. "ld" is the paper's recipe.
@@ -449,33 +450,34 @@ def run_bench(
         )
     spec = prior_spec or resolve_prior(settings.prior)
     record = _bench_record(spec, settings)
-    result = _resumed(out, spec.name, record) if resume else BenchResult(prior=spec.name)
-    result.iterations = settings.iterations
-    prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
-                               settings.prior_views, progress=progress)  # fmt: skip
-    atomic_write_text(out / "bench.json", json.dumps(record, indent=2) + "\n")
-    done = {_run_key(r) for r in result.rows}
-    like = new_generator(settings)
-    for style in styles:
-        ev: EvalSet = make_eval_set(style, like, settings.eval_identities, settings.eval_views)
-        before = _floats(evaluate(like, ev))
-        untrained = {"style": style, "variant": "untrained", "optimizer": "-", "seed": settings.seed}
-        if _run_key(untrained) not in done:
-            result.rows.append({**untrained, **before, **dict.fromkeys(RUN_FIGURES, 0.0)})
-        for variant in variants:
-            for optimizer in optimizers:
-                for seed in seeds if seeds is not None else (settings.seed,):
-                    if (style, variant, optimizer, seed) in done:
-                        continue
-                    row = _run_one(style, variant, optimizer, seed, prior, profile, settings, out, ev, before, result,
-                                   progress, resume)  # fmt: skip
-                    _write_tables(result, out)
-                    if on_run is not None:
-                        on_run(row)
-    _write_tables(result, out)
-    if result.curves:
-        plot_curves(result.curves, out / "curves.png")
-    return result
+    with folder_lock(out):  # one bench per folder: a second is refused before it reads or writes anything
+        result = _resumed(out, spec.name, record) if resume else BenchResult(prior=spec.name)
+        result.iterations = settings.iterations
+        prior, profile = spec.load(settings.resolution, settings.sr_factor, settings.prior_identities,
+                                   settings.prior_views, progress=progress)  # fmt: skip
+        atomic_write_text(out / "bench.json", json.dumps(record, indent=2) + "\n")
+        done = {_run_key(r) for r in result.rows}
+        like = new_generator(settings)
+        seed_list = seeds if seeds is not None else (settings.seed,)
+        runs = [(v, o, seed) for v in variants for o in optimizers for seed in seed_list]
+        for style in styles:
+            ev: EvalSet = make_eval_set(style, like, settings.eval_identities, settings.eval_views)
+            before = _floats(evaluate(like, ev))
+            untrained = {"style": style, "variant": "untrained", "optimizer": "-", "seed": settings.seed}
+            if _run_key(untrained) not in done:
+                result.rows.append({**untrained, **before, **dict.fromkeys(RUN_FIGURES, 0.0)})
+            for variant, optimizer, seed in runs:
+                if (style, variant, optimizer, seed) in done:
+                    continue
+                row = _run_one(style, variant, optimizer, seed, prior, profile, settings, out, ev, before, result,
+                               progress, resume)  # fmt: skip
+                _write_tables(result, out)
+                if on_run is not None:
+                    on_run(row)
+        _write_tables(result, out)
+        if result.curves:
+            plot_curves(result.curves, out / "curves.png")
+        return result
 
 
 def _write_tables(result: BenchResult, out: Path) -> None:

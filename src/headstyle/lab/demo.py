@@ -43,6 +43,7 @@ from headstyle.lab.bench import (
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import LabPriorSpec, resolve_prior
 from headstyle.lab.world import STYLES
+from headstyle.training.lock import folder_lock
 
 SHEET_YAWS_DEGREES = (-90, -30, 0, 30, 90, 180)
 PANELS = ("before", "LD (paper recipe)", "SDS", "ground truth")
@@ -140,8 +141,15 @@ def run_demo(
     if style not in STYLES:
         raise ValueError(f"unknown lab style {style!r}; choose from {', '.join(STYLES)}")
     settings = settings or LabSettings()
+    with folder_lock(out):  # one demo per folder: a second is refused before it writes anything
+        return _run_demo(out, style, settings, turntable_frames, progress, prior_spec, resume)
+
+
+def _run_demo(
+    out: Path, style: str, settings: LabSettings, turntable_frames: int, progress: bool,
+    prior_spec: LabPriorSpec | None, resume: bool,
+) -> dict:  # fmt: skip
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     for name in COMPARISONS:  # written again at the end; until then no page compares runs the folder may not hold
         (out / name).unlink(missing_ok=True)
     spec = prior_spec or resolve_prior(settings.prior)

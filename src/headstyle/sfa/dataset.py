@@ -54,6 +54,7 @@ from headstyle.generator.base import Generator
 from headstyle.generator.latents import z_from_seed
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
+from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
 FORMAT = "headstyle-sfa-dataset"
@@ -431,28 +432,32 @@ def write_dataset(
             manifest["settings"]["samples"] = old["settings"]["samples"]
         if not torch.equal(load_file(str(root / HELD_OUT))["z"], held_out):
             raise DatasetError(f"{root} was written with other held-out identities; use the same ones")
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("samples/*/.tmp-*"):
-        shutil.rmtree(stale)
-    with atomic_path(root / HELD_OUT) as tmp:
-        save_file({"z": held_out}, str(tmp))
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
-    _drop_torn_line(root)
-    done = {(r.style, r.sample) for r in read_index(root)}
-    todo = [(s, i) for s in styles for i in range(settings.samples) if (s, i) not in done]
-    with STOP.deferred(), progress_bar(disable=not progress) as bar:
-        task = bar.add_task("sfa dataset", total=len(styles) * settings.samples, completed=len(done))
-        for style, i in todo:
-            if STOP.requested:  # the samples written so far are complete; a rerun continues after them
-                break
-            record = Record(style, i, *settings.seeds(i))
-            final = root / record.folder
-            if final.exists():  # renamed into place, but its index line never made it
-                shutil.rmtree(final)
-            tmp = final.with_name(f".tmp-{final.name}")
-            write_sample(tmp, base, stylized[style], settings, i, z_dim, torch.device(device))
-            tmp.rename(final)
-            _append_index(root, record)
-            bar.update(task, advance=1, info=f"{style} {i}")
-    STOP.raise_if_requested()
-    return SFADataset(root)
+    with folder_lock(root):  # one writer: a second process is refused before it writes anything
+        for stale in root.glob("samples/*/.tmp-*"):
+            shutil.rmtree(stale)
+        with atomic_path(root / HELD_OUT) as tmp:
+            save_file({"z": held_out}, str(tmp))
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+        _drop_torn_line(root)
+        done = {(r.style, r.sample) for r in read_index(root)}
+        todo = [(s, i) for s in styles for i in range(settings.samples) if (s, i) not in done]
+        with STOP.deferred(), progress_bar(disable=not progress) as bar:
+            task = bar.add_task("sfa dataset", total=len(styles) * settings.samples, completed=len(done))
+            for style, i in todo:
+                if STOP.requested:  # the samples written so far are complete; a rerun continues after them
+                    break
+                record = Record(style, i, *settings.seeds(i))
+                final = root / record.folder
+                if final.exists():  # renamed into place, but its index line never made it
+                    shutil.rmtree(final)
+                tmp = final.with_name(f".tmp-{final.name}")
+                try:
+                    write_sample(tmp, base, stylized[style], settings, i, z_dim, torch.device(device))
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                tmp.rename(final)
+                _append_index(root, record)
+                bar.update(task, advance=1, info=f"{style} {i}")
+        STOP.raise_if_requested()
+        return SFADataset(root)

@@ -24,6 +24,7 @@ gradients with one all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from headstyle.sfa.dataset import Sample, SFADataset
 from headstyle.sfa.module import StyleAppearanceModule
 from headstyle.stylize import checkpointing
 from headstyle.stylize.outputs import MetricsLog
+from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
 MODULE_DIR = "module"
@@ -331,7 +333,12 @@ class SFATrainer:
     # -- the loop
 
     def train(self, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
-        """Run until train.iterations (from ``resume``, a run folder or checkpoint, if given); write the module."""
+        """Run until train.iterations (from ``resume``, a run folder or checkpoint, if given) holding the run folder's
+        lock; write the module. SIGINT/SIGTERM checkpoint and stop (no module)."""
+        with folder_lock(self.run_dir) if self.is_main else contextlib.nullcontext():
+            return self._train(resume, progress)
+
+    def _train(self, resume: str | Path | None, progress: bool) -> TrainResult:
         cfg = self.cfg
         if resume is None and self.is_main:
             checkpointing.check_fresh_run_dir(self.run_dir)

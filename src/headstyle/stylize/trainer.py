@@ -49,6 +49,7 @@ from headstyle.stylize.branches import Identities, Rendered, StepContext, build_
 from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
 from headstyle.stylize.outputs import MetricsLog, Previews
 from headstyle.stylize.regularisers import LPIPS, relative_distance
+from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
 
@@ -539,7 +540,12 @@ class Stylizer:
             return float(sum(p.double().sum() for p in self.params))
 
     def train(self, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
-        """Run until cfg.run.iterations (resuming from ``resume`` if given); SIGINT/SIGTERM checkpoint and stop."""
+        """Run until cfg.run.iterations (resuming from ``resume`` if given) holding the run folder's lock (another live
+        writer there: FolderLockedError); SIGINT/SIGTERM checkpoint and stop."""
+        with folder_lock(self.run_dir) if self.is_main else contextlib.nullcontext():
+            return self._train(resume, progress)
+
+    def _train(self, resume: str | Path | None, progress: bool) -> TrainResult:
         cfg = self.cfg
         if resume is None and self.is_main:
             checkpointing.check_fresh_run_dir(self.run_dir)

@@ -1,0 +1,81 @@
+"""One writer per run folder: an exclusive lock file that every command writing a run or dataset folder takes.
+
+The lock is the operating system's (flock on ``.headstyle.lock``), so it is released whenever its process ends,
+however it ends; the file keeps the owner's pid, host and command for the refusal message. A lock file whose
+owner is gone (its flock is free) is taken over with a note. A process may take the same folder's lock again
+while it holds it (a command and the trainer it runs), which only counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_NAME = ".headstyle.lock"
+
+# Locks this process holds: folder -> (file descriptor, depth).
+_held: dict[Path, tuple[int, int]] = {}
+
+
+class FolderLockedError(RuntimeError):
+    """Another live process writes into the folder."""
+
+
+def launched_main() -> bool:
+    """Whether this is the main process of its launch: RANK 0 under torch.distributed's launchers and accelerate
+    (which set RANK before the command runs), or a process launched alone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _owner() -> str:
+    command = shlex.join(["headstyle", *sys.argv[1:]])
+    return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder``'s lock (created with the folder) for the block; FolderLockedError naming the owner when
+    another live process holds it. Taking over a stale lock prints a note on stderr."""
+    folder = Path(folder).resolve()
+    if folder in _held:
+        fd, depth = _held[folder]
+        _held[folder] = (fd, depth + 1)
+        try:
+            yield folder
+        finally:
+            _held[folder] = (fd, _held[folder][1] - 1)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FolderLockedError(f"{folder} is being written by {owner}; wait for it to finish or stop it, or choose "
+                                "another folder") from None  # fmt: skip
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:
+        print(f"note: took over the lock of {folder} from {previous} (no longer running)", file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_owner() + "\n").encode(), 0)
+    _held[folder] = (fd, 1)
+    try:
+        yield folder
+    finally:
+        depth = _held[folder][1] - 1
+        if depth:
+            _held[folder] = (fd, depth)
+        else:
+            del _held[folder]
+            # Emptied, not removed: a removed file would let a later writer lock a new file beside a live one.
+            os.ftruncate(fd, 0)
+            os.close(fd)
