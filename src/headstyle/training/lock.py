@@ -1,9 +1,9 @@
 """One writer per run folder: an exclusive lock file that every command writing a run or dataset folder takes.
 
 The lock is the operating system's (flock on ``.headstyle.lock``), so it is released whenever its process ends,
-however it ends; the file keeps the owner's pid, host and command for the refusal message. A lock file whose
-owner is gone (its flock is free) is taken over with a note. A process may take the same folder's lock again
-while it holds it (a command and the trainer it runs), which only counts.
+however it ends; the file keeps the owner's pid, host and command for the refusal message and is removed on
+release. A lock file whose owner is gone (its flock is free) is taken over with a note. A process may take the
+same folder's lock again while it holds it (a command and the trainer it runs), which only counts.
 """
 
 from __future__ import annotations
@@ -54,14 +54,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise FolderLockedError(f"{folder} is being written by {owner}; wait for it to finish or stop it, or choose "
-                                "another folder") from None  # fmt: skip
+    fd = _lock(path)
     previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     if previous:
         print(f"note: took over the lock of {folder} from {previous} (no longer running)", file=sys.stderr)
@@ -76,6 +69,24 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
             _held[folder] = (fd, depth)
         else:
             del _held[folder]
-            # Emptied, not removed: a removed file would let a later writer lock a new file beside a live one.
-            os.ftruncate(fd, 0)
+            path.unlink(missing_ok=True)  # still locked: a writer that opened it meanwhile sees it gone (_lock)
             os.close(fd)
+
+
+def _lock(path: Path) -> int:
+    """The locked file descriptor of ``path``, created if missing; FolderLockedError naming the live owner."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderLockedError(f"{path.parent} is being written by {owner}; wait for it to finish or stop it, "
+                                    "or choose another folder") from None  # fmt: skip
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its owner removed it between our open and lock: lock the file now there
