@@ -174,7 +174,8 @@ def new_generator(settings: LabSettings) -> LabGenerator:
 
 def dead_share(zero: list[bool], nonfinite: list[int]) -> tuple[float, float]:
     """(share of iterations whose objective gradient was exactly zero or non-finite, share non-finite alone);
-    ``zero`` per iteration from GradientProbe, ``nonfinite`` the objective's non-finite entries per iteration."""
+    ``zero`` per iteration (the trainer's objective_grad_zero), ``nonfinite`` the objective's non-finite entries
+    per iteration."""
     if len(zero) != len(nonfinite) or not zero:
         raise ValueError(f"need one record per iteration, got {len(zero)} zero flags and {len(nonfinite)} counts")
     bad = [n > 0 for n in nonfinite]
