@@ -3,7 +3,7 @@
 The lock is the operating system's (flock on ``.headstyle.lock``), so it is released whenever its process ends,
 however it ends; the file keeps the owner's pid, host and command for the refusal message and is removed on
 release. A lock file whose owner is gone (its flock is free) is taken over with a note. A process may take the
-same folder's lock again while it holds it (a command and the trainer it runs), which only counts.
+same folder's lock again inside the block that holds it (a command and the trainer it runs).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 LOCK_NAME = ".headstyle.lock"
 
-# Locks this process holds: folder -> (file descriptor, depth).
-_held: dict[Path, tuple[int, int]] = {}
+# Locks this process holds: folder -> file descriptor.
+_held: dict[Path, int] = {}
 
 
 class FolderLockedError(RuntimeError):
@@ -44,13 +44,8 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold ``folder``'s lock (created with the folder) for the block; FolderLockedError naming the owner when
     another live process holds it. Taking over a stale lock prints a note on stderr."""
     folder = Path(folder).resolve()
-    if folder in _held:
-        fd, depth = _held[folder]
-        _held[folder] = (fd, depth + 1)
-        try:
-            yield folder
-        finally:
-            _held[folder] = (fd, _held[folder][1] - 1)
+    if folder in _held:  # held by an enclosing block of this process, which releases it
+        yield folder
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
@@ -60,17 +55,13 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
         print(f"note: took over the lock of {folder} from {previous} (no longer running)", file=sys.stderr)
     os.ftruncate(fd, 0)
     os.pwrite(fd, (_owner() + "\n").encode(), 0)
-    _held[folder] = (fd, 1)
+    _held[folder] = fd
     try:
         yield folder
     finally:
-        depth = _held[folder][1] - 1
-        if depth:
-            _held[folder] = (fd, depth)
-        else:
-            del _held[folder]
-            path.unlink(missing_ok=True)  # still locked: a writer that opened it meanwhile sees it gone (_lock)
-            os.close(fd)
+        del _held[folder]
+        path.unlink(missing_ok=True)  # still locked: a writer that opened it meanwhile sees it gone (_lock)
+        os.close(fd)
 
 
 def _lock(path: Path) -> int:
