@@ -5,6 +5,7 @@ headstyle.stylize.trainer)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -30,8 +31,10 @@ from headstyle.lab.evaluate import oracle
 from headstyle.lab.prior import build_lab_prior
 from headstyle.lab.world import UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.analytic import ExemplarPrior
+from headstyle.stylize import stopping
 from headstyle.stylize.config import OptimConfig, load_config
-from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_sgd, margin
+from headstyle.stylize.stopping import margin
+from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_sgd
 
 RES = 16  # raw renders; x2 single views
 
@@ -99,6 +102,18 @@ def test_classifier_margin_closed_form():
     assert margin(torch.ones(2), torch.full((2,), 3.0)) == pytest.approx(-0.5)
 
 
+def test_the_rule_stops_a_constructed_curve_within_one_check_of_its_peak():
+    """A margin that rises through 0 at iteration 1230 (where a constructed stylisation peaks) with the probes' small
+    wiggle, checked every 10 iterations: the rule stops at the first check past the crossing, never before it."""
+    peak, every = 1230, 10
+    records = [{"iteration": i, "loss": 0.1} if i % every else
+               {"iteration": i, stopping.MARGIN: 0.02 * math.tanh((i - peak) / 300) + 1e-4 * math.sin(i)}
+               for i in range(1, 4001)]  # fmt: skip
+    stopped = stopping.stop_iteration(records, 0.0)
+    assert peak <= stopped <= peak + every
+    assert stopping.stop_iteration(records, 0.05) == 0  # a margin it never reaches: no stop
+
+
 def _stop_run(tmp_path: Path, style_is_render: bool, action: str) -> tuple[Stylizer, int]:
     """A lab run with the stopping rule, on an exemplar prior whose style prompt holds exactly the probe views'
     current renders (style_is_render) or the gold truth of them, the unstyled prompt the other."""
@@ -124,6 +139,11 @@ def test_stopping_rule_fires_when_the_diffusion_classifier_names_the_style(tmp_p
     stylizer, reached = _stop_run(tmp_path, style_is_render=True, action="stop")
     assert (reached, stylizer.stop_triggered_at) == (2, 2)
     assert stylizer.classifier_margin() > 0.5
+    # The decision is the same pure function of the logged margins, and signals.csv names where it fired.
+    records = [json.loads(line) for line in (stylizer.run_dir / "log.jsonl").read_text().splitlines()]
+    assert stopping.stop_iteration(records, stylizer.cfg.optim.stop_margin) == 2
+    rows = list(csv.DictReader((stylizer.run_dir / "signals.csv").open()))
+    assert [(r["iteration"], r["rule_fired"]) for r in rows] == [("2", "1")]
     stylizer, reached = _stop_run(tmp_path, style_is_render=False, action="stop")
     assert (reached, stylizer.stop_triggered_at) == (4, 0)
     assert stylizer.classifier_margin() < 0
@@ -214,6 +234,11 @@ def test_bench_through_an_sd_folder_writes_mean_std_runs_and_curves(tmp_path, ti
     assert float(ld["stylisation_std"]) == pytest.approx(statistics.stdev(values), rel=1e-9)
     assert {int(float(c["iteration"])) for c in result.curves} == {0, 1, 2}
     assert len(result.curves) == 2 * 3  # seeds x (start + 2 checkpoints)
+    # Each checkpoint's point carries the margin the trainer logged there (label-free); the start has none.
+    for c in result.curves:
+        run = tmp_path / "bench" / "runs" / f"statue-ld-adam-seed{c['seed']}"
+        signals = dict(line.split(",")[:2] for line in (run / "signals.csv").read_text().splitlines()[1:])
+        assert c.get(stopping.MARGIN) == (float(signals[str(int(c["iteration"]))]) if c["iteration"] else None)
     assert (tmp_path / "bench" / "curves.png").stat().st_size > 0
     assert "± " in (tmp_path / "bench" / "bench.md").read_text()
     cfg = load_config(tmp_path / "bench" / "runs" / "statue-ld-adam-seed1" / "config.toml")

@@ -145,6 +145,9 @@ def test_exact_resume_after_sigint_matches_straight_run(tmp_path, prior_no_contr
         assert torch.equal(p, resumed.trainable_state()[name]), name
     assert straight.optimizer.state_dict()["param_groups"] == resumed.optimizer.state_dict()["param_groups"]
     assert straight.stop_triggered_at == resumed.stop_triggered_at == (2 if optim else 0)
+    # Every checkpoint's margin (iterations 4 and 6, where it ended) comes out the same after the resume.
+    signals = [(tmp_path / run / "signals.csv").read_text() for run in ("a", "b")]
+    assert signals[0] == signals[1] and [r.split(",")[0] for r in signals[0].splitlines()[1:]] == ["4", "6"]
     # The logs agree line by line too (losses, timesteps, gradient norms), wall time aside.
     logs = []
     for run in ("a", "b"):

@@ -113,9 +113,10 @@ def lab_bench(
     styles: str = typer.Option("statue", help="Comma-separated lab styles (statue, zombie, toon, gold) or all."),
     objectives: str = typer.Option("ld,sds", help="Comma-separated objectives/ablations: ld, sds, ids, dds, nfsd, "
                                    "ld-no-mirror, ld-no-grid, ld-no-rank, ld-no-reg, ld-mvnrs, or 'all'."),
-    optimizer: str = typer.Option("adam", help="Comma-separated optimisers: adam (the paper's), sgd (momentum 0.9, "
-                                  "step proportional to the gradient, steady step as long as Adam's), adam-stop, "
-                                  "sgd-stop (with the diffusion-classifier stopping rule), or 'all'."),
+    optimizer: str = typer.Option("adam", help="Comma-separated optimisers: adam (the paper's, to the budget), sgd "
+                                  "(momentum 0.9, step proportional to the gradient, steady step as long as Adam's), "
+                                  "adam-stop, sgd-stop (ended by the diffusion-classifier stopping rule, the product's "
+                                  "default), adam-decay (lr / 10 there), or 'all'."),
     prior: str = typer.Option("", help=PRIOR_HELP),
     iterations: int = typer.Option(100, help="Training iterations of every run (same budget)."),
     lr: float = typer.Option(0.002, help="Learning rate (Adam's; SGD's first step moves the weights as far)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import typer
 
@@ -39,7 +40,7 @@ def stylize(
 ) -> None:
     """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
     from headstyle.cli.common import check_image, check_out_dir, pick_device
-    from headstyle.stylize import checkpointing
+    from headstyle.stylize import checkpointing, stopping
     from headstyle.stylize.config import ConfigError, dumps
     from headstyle.stylize.presets import resolve_config
 
@@ -105,3 +106,6 @@ def stylize(
         if result.generator_path is not None:
             typer.echo(f"done: {result.iteration} iterations ({result.skipped_steps} skipped); stylised generator: "
                        f"{result.generator_path} (headstyle render --generator {result.generator_path})")
+            if cfg.optim.stop_rule != "none":
+                typer.echo(stopping.describe(result.rule_fired_at, cfg.optim.stop_action, cfg.optim.stop_margin,
+                                             str(Path(cfg.run.out) / "signals.csv")))

@@ -40,7 +40,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
-from headstyle.stylize import checkpointing
+from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
@@ -63,19 +63,23 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 OBJECTIVE_VARIANTS = ("ld", "sds", "ids", "dds", "nfsd")
 ABLATIONS = ("ld-no-mirror", "ld-no-grid", "ld-no-rank", "ld-no-reg", "ld-mvnrs")
 # Variants whose metrics are followed over iterations (curves.csv, curves.png).
-CURVE_VARIANTS = ("ld", "sds")
+CURVE_VARIANTS = ("ld", "sds", "ids", "dds", "ld-no-reg")
 
 
 def _optimizer(name: str, lr: float) -> tuple[str, ...]:
     sgd = ("optim.name=sgd", "optim.momentum=0.9", f"optim.sgd_step={lr}")
-    stop = ("optim.stop_rule=classifier",)
-    return {"adam": (), "sgd": sgd, "adam-stop": stop, "sgd-stop": (*sgd, *stop)}[name]
+    stop, none = ("optim.stop_rule=classifier",), ("optim.stop_rule=none",)
+    decay = (*stop, "optim.stop_action=decay", "optim.stop_decay=0.1")
+    return {"adam": none, "sgd": (*sgd, *none), "adam-stop": stop, "adam-decay": decay,
+            "sgd-stop": (*sgd, *stop)}[name]  # fmt: skip
 
 
-# The paper's Adam; SGD with momentum 0.9 whose step is proportional to the gradient (its learning rate set at
-# the first step so that a constant gradient would reach steady steps as long, in RMS, as Adam's: --lr); either
-# with the diffusion-classifier stopping rule (optim.stop_rule, headstyle.stylize.trainer).
-OPTIMIZERS = ("adam", "sgd", "adam-stop", "sgd-stop")
+# The paper's Adam, run to the budget as its script does; SGD with momentum 0.9 whose step is proportional to the
+# gradient (its learning rate set at the first step so that a constant gradient would reach steady steps as long, in
+# RMS, as Adam's: --lr); either with the diffusion-classifier stopping rule (optim.stop_rule,
+# headstyle.stylize.stopping: the product's default), which ends the run (-stop) or divides Adam's learning rate by
+# 10 (-decay) where the margin passes 0.
+OPTIMIZERS = ("adam", "sgd", "adam-stop", "adam-decay", "sgd-stop")
 
 # Columns of the bench table: (metric key, header, format).
 COLUMNS = (
@@ -95,7 +99,7 @@ PIVOT_METRICS = ("stylisation", "rgb_error", "id_accuracy_appearance")
 # Figures of a run that are not evaluation metrics (a bench row's evaluate() keys are the rest).
 RUN_FIGURES = ("zero_grad_share", "nonfinite_grad_share", "iterations_run", "seconds")
 CURVE_METRICS = (("stylisation", "stylisation"), ("id_accuracy_appearance", "identity retrieval"),
-                 ("rgb_error", "rgb error vs truth"))  # fmt: skip
+                 ("rgb_error", "rgb error vs truth"), (stopping.MARGIN, "classifier margin (label-free)"))  # fmt: skip
 
 
 @dataclass
@@ -182,23 +186,23 @@ def dead_share(zero: list[bool], nonfinite: list[int]) -> tuple[float, float]:
     return sum(z or b for z, b in zip(zero, bad, strict=True)) / len(zero), sum(bad) / len(zero)
 
 
-def _gradient_records(run_dir: Path) -> tuple[list[bool], list[int]]:
-    """Per iteration from the run's log.jsonl (one entry per iteration): whether the objective's gradient at the
+def _gradient_records(entries: list[dict[str, Any]]) -> tuple[list[bool], list[int]]:
+    """Per iteration from the run's log.jsonl entries (one per iteration): whether the objective's gradient at the
     renders was exactly zero, and its non-finite entries summed over branches."""
-    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
     zero = [bool(e["objective_grad_zero"]) for e in entries]
     return zero, [sum(int(v) for k, v in e.items() if k.endswith("_nonfinite")) for e in entries]
 
 
 @dataclass
 class RunOutcome:
-    """One trained variant: the generator, its wall time, run figures and (for curve variants) its checkpoints'
-    iterations and paths."""
+    """One trained variant: the generator, its wall time, run figures, (for curve variants) its checkpoints'
+    iterations and paths, and the classifier margin the trainer logged at each checkpoint (label-free)."""
 
     G: LabGenerator
     seconds: float
     figures: dict[str, float]
     checkpoints: list[tuple[int, Path]]
+    margins: dict[int, float]
 
 
 def train_variant(
@@ -238,11 +242,13 @@ def train_variant(
     result = Stylizer(cfg, G, prior).train(resume=checkpoint, progress=progress)
     seconds = time.perf_counter() - start
     STOP.raise_if_requested()
-    zero, nonfinite = dead_share(*_gradient_records(out))
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
+    zero, nonfinite = dead_share(*_gradient_records(entries))
     figures = {"zero_grad_share": zero, "nonfinite_grad_share": nonfinite,
                "iterations_run": float(result.iteration), "seconds": seconds}  # fmt: skip
     checkpoints = _checkpoints(out, cfg.run.checkpoint_every, result.iteration)
-    return RunOutcome(G.eval(), seconds, figures, checkpoints)
+    margins = dict(stopping.checkpoint_signals(entries, cfg.run.checkpoint_every, result.iteration))
+    return RunOutcome(G.eval(), seconds, figures, checkpoints, margins)
 
 
 def _checkpoints(out: Path, every: int, last: int, on_cadence: bool = True) -> list[tuple[int, Path]]:
@@ -275,11 +281,14 @@ def _weights_at(checkpoint: Path, settings: LabSettings) -> LabGenerator:
 
 
 def curve(outcome: RunOutcome, settings: LabSettings, ev: EvalSet, before: dict[str, float]) -> list[dict[str, float]]:
-    """The curve metrics at iteration 0 (``before``) and at every checkpoint of the run."""
-    points = [{"iteration": 0.0, **{k: before[k] for k, _ in CURVE_METRICS}}]
+    """The curve metrics at iteration 0 (``before``) and at every checkpoint of the run, with the trainer's classifier
+    margin where it logged one (at the checkpoints, not before training)."""
+    points = [{"iteration": 0.0, **{k: before[k] for k, _ in CURVE_METRICS if k in before}}]
     for iteration, path in outcome.checkpoints:
         m = evaluate(_weights_at(path, settings), ev)
-        points.append({"iteration": float(iteration), **{k: m[k] for k, _ in CURVE_METRICS}})
+        if iteration in outcome.margins:
+            m[stopping.MARGIN] = outcome.margins[iteration]
+        points.append({"iteration": float(iteration), **{k: m[k] for k, _ in CURVE_METRICS if k in m}})
     return points
 
 
@@ -405,8 +414,10 @@ def plot_curves(curves: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], CURVE_METRICS, strict=True):
         for label, by_iteration in series.items():
-            its = sorted(by_iteration)
-            values = [[p[key] for p in by_iteration[i]] for i in its]
+            # A metric a point lacks (the margin before training) is left out of its line.
+            measured = {i: [p[key] for p in by_iteration[i] if key in p] for i in sorted(by_iteration)}
+            kept = {i: v for i, v in measured.items() if v}
+            its, values = list(kept), list(kept.values())
             mean = [statistics.fmean(v) for v in values]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             (line,) = ax.plot(its, mean, marker=".", label=label)

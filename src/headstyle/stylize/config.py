@@ -145,10 +145,12 @@ class OptimConfig:
     non-zero gradient g1 so that the steady step of a constant g1, lr * g1 / (1 - momentum), has RMS
     sgd_step over the weights (Adam's steady step is about lr per weight); the lr then stays
     (checkpointed in the optimizer's param group).
-    stop_rule "classifier": every stop_every iterations the diffusion classifier margin of the current
-    renders (stylize/trainer.py, Stylizer.classifier_margin: eps error under the source prompt vs the
-    style prompt on stop_probes fixed single views at low noise) is measured; once it exceeds
+    stop_rule "classifier" (the default; stylize/stopping.py): every stop_every iterations the diffusion
+    classifier margin of the current renders (Stylizer.classifier_margin: eps error under the source
+    prompt vs the style prompt on stop_probes fixed single views) is measured; once it exceeds
     stop_margin the run ends ("stop") or its learning rate is multiplied by stop_decay once ("decay").
+    In the lab LD peaks where the margin crosses 0 and runs away after it (README); "none" trains
+    run.iterations as the paper's script does. Every run logs the margin at its checkpoints (signals.csv).
     """
 
     lr: float = 1e-4
@@ -159,7 +161,7 @@ class OptimConfig:
     name: str = "adam"
     momentum: float = 0.9
     sgd_step: float = 0.0
-    stop_rule: str = "none"
+    stop_rule: str = "classifier"
     stop_margin: float = 0.0
     stop_every: int = 10
     stop_action: str = "stop"

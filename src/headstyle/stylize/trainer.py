@@ -12,8 +12,9 @@ One iteration (LD script defaults, ../shared/reference/likelihood-distillation.m
      relative-distance regulariser between this and the previous identity's tri-grids;
   7. ONE backward; gradients averaged over processes (one all-reduce, as DDP); non-finite steps
      skipped and counted; Adam (the paper's) or SGD with momentum on the trainable parameters.
-An optional stopping rule (optim.stop_rule) checks the diffusion classifier margin of the current
-renders every few iterations and stops the run, or decays its learning rate, once they are in style.
+The stopping rule (optim.stop_rule, on by default; stylize/stopping.py) checks the diffusion classifier
+margin of the current renders every few iterations and stops the run, or decays its learning rate, once
+they are in style; every checkpoint's margin goes to signals.csv.
 The trainer holds a Generator and a ScorePrior (any implementation of the seams) and the optional
 LPIPS and depth estimator; stylize/factory.py builds them from a config.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 import time
@@ -44,7 +46,7 @@ from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior
 from headstyle.progress import progress_bar
 from headstyle.settings import ConfigError
-from headstyle.stylize import checkpointing
+from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.branches import Identities, Rendered, StepContext, build_branches
 from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
 from headstyle.stylize.outputs import MetricsLog, Previews
@@ -59,7 +61,8 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """How a run ended; ``signal``: the signal number that interrupted it (SIGINT, SIGTERM), else None."""
+    """How a run ended; ``signal``: the signal number that interrupted it (SIGINT, SIGTERM), else None;
+    ``rule_fired_at``: the iteration at which the stopping rule fired (0: it did not)."""
 
     iteration: int
     interrupted: bool
@@ -67,6 +70,7 @@ class TrainResult:
     generator_path: Path | None
     skipped_steps: int
     signal: int | None = None
+    rule_fired_at: int = 0
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -99,13 +103,6 @@ def calibrate_sgd(optimizer: torch.optim.Optimizer, grad_rms: float, step: float
     group["lr"] = step * (1 - group["momentum"]) / grad_rms
     group["calibrated"] = True
     return True
-
-
-def margin(err_source: Tensor, err_style: Tensor) -> float:
-    """The diffusion classifier margin (E_src - E_sty) / (E_src + E_sty) of mean squared eps errors, in [-1, 1]:
-    positive when the style prompt explains the images better than the source prompt (Li et al. 2023)."""
-    e_src, e_sty = float(err_source.double().mean()), float(err_style.double().mean())
-    return (e_src - e_sty) / (e_src + e_sty) if e_src + e_sty > 0 else 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -211,7 +208,8 @@ class Stylizer:
             depth_estimator=depth_estimator,
         )
         self.branches = build_branches(self.ctx)
-        self.probes = self._classifier_probes() if cfg.optim.stop_rule == "classifier" else None
+        # Every run measures the margin at its checkpoints (signals.csv), the rule or not.
+        self.probes = self._classifier_probes()
         self.previews = Previews(cfg, self.G, self.frozen, self.device, render_kwargs)
 
     @property
@@ -423,25 +421,38 @@ class Stylizer:
         prompts = PromptEmbeds(uncond=source, cond=self.prompt.cond).repeat(k * n)
         x_t = self.prior.add_noise(x0, eps, t_all)
         ((eps_src, eps_sty),) = self.prior.predict_noise([Branch(x_t, t_all, prompts)])
-        return margin((eps_src - eps).square(), (eps_sty - eps).square())
+        return stopping.margin((eps_src - eps).square(), (eps_sty - eps).square())
 
     @property
     def _stopped_by_rule(self) -> bool:
         return self.stop_triggered_at > 0 and self.cfg.optim.stop_action == "stop"
 
-    def _stop_check(self) -> dict[str, Any]:
-        """Every optim.stop_every iterations (until the rule fires): the classifier margin; once it exceeds
-        optim.stop_margin the run stops or its learning rate is multiplied by optim.stop_decay."""
+    def _signals(self) -> dict[str, Any]:
+        """The classifier margin at every checkpoint and, with optim.stop_rule "classifier", every optim.stop_every
+        iterations until the rule fires (stopping.fires): then the run stops or its learning rate is multiplied by
+        optim.stop_decay."""
         o = self.cfg.optim
-        if self.probes is None or self.stop_triggered_at or self.iteration % o.stop_every:
+        checking = o.stop_rule == "classifier" and not self.stop_triggered_at and self.iteration % o.stop_every == 0
+        at_checkpoint = self.iteration % self.cfg.run.checkpoint_every == 0 or self.iteration == self.cfg.run.iterations
+        if not (checking or at_checkpoint):
             return {}
         value = self.classifier_margin()
-        if value > o.stop_margin:
+        if checking and stopping.fires(value, o.stop_margin):
             self.stop_triggered_at = self.iteration
             if o.stop_action == "decay":
                 for group in self.optimizer.param_groups:
                     group["lr"] *= o.stop_decay
-        return {"classifier_margin": value, "stop_triggered_at": self.stop_triggered_at}
+        return {stopping.MARGIN: value, "stop_triggered_at": self.stop_triggered_at}
+
+    def write_signals(self) -> Path:
+        """signals.csv from the run's log: the margin of every checkpoint, so a user can pick one (resume from it with
+        --set run.iterations=N, or rerun the config to N), and where the rule fired."""
+        log = self.run_dir / "log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        rows = stopping.checkpoint_signals(records, self.cfg.run.checkpoint_every, self.iteration)
+        path = self.run_dir / "signals.csv"
+        atomic_write_text(path, stopping.signals_csv(rows, self.stop_triggered_at))
+        return path
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -568,16 +579,15 @@ class Stylizer:
                 t0 = time.perf_counter()
                 metrics = self.step()
                 self.iteration += 1
-                metrics.update(self._stop_check())
+                metrics.update(self._signals())
                 metrics["seconds"] = time.perf_counter() - t0
                 metrics["effective_batch"] = cfg.run.batch_size * self.world_size
                 if self.world_size > 1:
                     metrics["loss_per_rank"] = self._gather_scalar(metrics["loss"])
                     metrics["grad_norm_local_per_rank"] = self._gather_scalar(metrics["grad_norm_local"])
                     metrics["weights_digest_per_rank"] = self._gather_scalar(self._weights_digest())
-                if log is not None and (
-                    self.iteration % cfg.run.log_every == 0 or self.iteration == cfg.run.iterations
-                ):
+                if log is not None and (self.iteration % cfg.run.log_every == 0 or self.iteration == cfg.run.iterations
+                                        or stopping.MARGIN in metrics):  # fmt: skip
                     log.write({"iteration": self.iteration, **metrics})
                 bar.update(
                     task,
@@ -586,15 +596,16 @@ class Stylizer:
                 )
                 if self.is_main and self.iteration % cfg.run.sample_every == 0:
                     self.write_samples()
-                stopping = STOP.requested_on_any(self.world_size, self.device)
+                signalled = STOP.requested_on_any(self.world_size, self.device)
                 done = self.iteration == cfg.run.iterations or self._stopped_by_rule
-                if stopping or self.iteration % cfg.run.checkpoint_every == 0 or done:
+                if signalled or self.iteration % cfg.run.checkpoint_every == 0 or done:
                     last_ckpt = self.save_checkpoint()
-                if stopping:
+                if signalled:
                     interrupted = self.iteration < cfg.run.iterations
                     break
         if log is not None:
             log.close()
+            self.write_signals()
         generator_path = None
         if not interrupted and self.is_main:
             generator_path = self.save_generator()
@@ -603,4 +614,5 @@ class Stylizer:
             if cfg.run.turntable_identities > 0:
                 self.write_turntables()
         self._barrier()
-        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped, STOP.signal)
+        return TrainResult(self.iteration, interrupted, last_ckpt, generator_path, self.skipped, STOP.signal,
+                           self.stop_triggered_at)
