@@ -181,6 +181,8 @@ def test_a_second_writer_on_a_live_bench_exits_2_naming_it_and_the_folder_keeps_
             headstyle(*bench),
             headstyle(*bench, "--resume"),
             headstyle("demo", "--out", str(out)),
+            # --resume of the live run: refused before its checkpoints are read
+            headstyle("stylize", "--resume", str(run)),
             # --overwrite on the live run's own folder: refused before it clears anything or loads a model
             headstyle("stylize", "--prompt", "x", "--generator", "G.pkl", "--overwrite", "--out", str(run)),
         ]

@@ -287,6 +287,10 @@ def test_cli_end_to_end_panohead(tmp_path, tiny_sd, tiny_panohead):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "stylised generator" in result.output
+    # The default stopping rule checks every 10 iterations: here it had no check, and says where the margins are.
+    assert f"the stopping rule did not fire (every checkpoint's classifier margin: {out / 'signals.csv'})" in \
+        result.output
+    assert [r.split(",")[0] for r in (out / "signals.csv").read_text().splitlines()] == ["iteration", "1", "2"]
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in log] == [1, 2] and all(x["skipped"] == 0 for x in log)
     assert {"grid_t", "grid_grad_norm", "relative_distance", "grad_norm"} <= set(log[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,7 @@ import typer
 
 from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds, rerun_hint
 from headstyle.cli.lab import lab_app
+from headstyle.training.lock import folder_lock, launched_main
 from headstyle.training.signals import STOP, resume_hint
 
 if TYPE_CHECKING:
@@ -244,33 +246,35 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
         raise UserError(f"--data {cfg.data.path}: all {len(dataset)} samples are held out for validation; write more "
                         "samples or lower --held-out")  # fmt: skip
     check_out_dir(cfg.run.out)
-    if resume is None and checkpointing.run_exists(cfg.run.out):
-        raise UserError(f"--out {cfg.run.out} already holds a run: continue it with --resume {cfg.run.out} or choose "
-                        "another --out")  # fmt: skip
-    if resume is not None:
+    # The one writer of --out from here on (a live run there is refused before any model loads).
+    with folder_lock(cfg.run.out) if launched_main() else contextlib.nullcontext():
+        if resume is None and checkpointing.run_exists(cfg.run.out):
+            raise UserError(f"--out {cfg.run.out} already holds a run: continue it with --resume {cfg.run.out} or "
+                            "choose another --out")  # fmt: skip
+        if resume is not None:
+            try:
+                checkpointing.resolve_checkpoint(resume)
+            except (FileNotFoundError, checkpointing.ResumeError) as exc:
+                raise UserError(f"--resume: {exc}") from None
+        if not math.isfinite(cfg.train.control_scale):
+            raise UserError("train.control_scale must be finite")
+        dev = pick_device(cfg.model.device)
+        if threads:
+            torch.set_num_threads(threads)
+        m = cfg.model
+        nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
+        # latent_sample="mean": the VAE posterior mean, so a run is a function of its seed
+        prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean", dtype=torch.float32)
         try:
-            checkpointing.resolve_checkpoint(resume)
-        except (FileNotFoundError, checkpointing.ResumeError) as exc:
-            raise UserError(f"--resume: {exc}") from None
-    if not math.isfinite(cfg.train.control_scale):
-        raise UserError("train.control_scale must be finite")
-    dev = pick_device(cfg.model.device)
-    if threads:
-        torch.set_num_threads(threads)
-    m = cfg.model
-    nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
-    # latent_sample="mean": the VAE posterior mean, so a run is a function of its seed
-    prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean", dtype=torch.float32)
-    try:
-        trainer = SFATrainer(cfg, prior, dataset)
-        result = trainer.train(resume=resume, progress=progress)
-    except (checkpointing.ResumeError, DatasetError) as exc:
-        raise UserError(str(exc)) from None
-    STOP.raise_if_requested(f"checkpoint {result.checkpoint}; {rerun_hint('--resume', cfg.run.out)}")
-    if result.val_loss is not None:
-        typer.echo(f"held-out diffusion loss: {result.val_loss:.5f} ({len(trainer.val_ids)} samples)")
-    typer.echo(f"wrote {result.module} after {result.iteration} iterations; use it with "
-               f"headstyle style-views --style-module {result.module}")  # fmt: skip
+            trainer = SFATrainer(cfg, prior, dataset)
+            result = trainer.train(resume=resume, progress=progress)
+        except (checkpointing.ResumeError, DatasetError) as exc:
+            raise UserError(str(exc)) from None
+        STOP.raise_if_requested(f"checkpoint {result.checkpoint}; {rerun_hint('--resume', cfg.run.out)}")
+        if result.val_loss is not None:
+            typer.echo(f"held-out diffusion loss: {result.val_loss:.5f} ({len(trainer.val_ids)} samples)")
+        typer.echo(f"wrote {result.module} after {result.iteration} iterations; use it with "
+                   f"headstyle style-views --style-module {result.module}")  # fmt: skip
 
 
 @lab_app.command("sfa-ablation")

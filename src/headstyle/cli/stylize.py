@@ -39,10 +39,7 @@ def stylize(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
-    from headstyle.cli.common import check_image, check_out_dir, pick_device
-    from headstyle.stylize import checkpointing, stopping
-    from headstyle.stylize.config import ConfigError, dumps
-    from headstyle.stylize.presets import resolve_config
+    from headstyle.stylize.checkpointing import run_folder
 
     if resume is not None and overwrite:
         raise UserError("--resume continues a run and --overwrite clears one: give one of them")
@@ -51,6 +48,20 @@ def stylize(
              "run.out": out, "run.iterations": iterations, "run.seed": seed, "run.device": device,
              "run.mixed_precision": mixed_precision, "style.image": style_image}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_)
+    with contextlib.ExitStack() as held:
+        if resume is not None and not print_config and Path(resume).is_dir() and launched_main():
+            # A live run in the folder --resume names is refused before its checkpoints are read.
+            held.enter_context(folder_lock(run_folder(resume)))
+        _stylize(resume, overwrite, preset, config, overrides, print_config, progress)
+
+
+def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: str | None, overrides: list[str],
+             print_config: bool, progress: bool) -> None:
+    from headstyle.cli.common import check_image, check_out_dir, pick_device
+    from headstyle.stylize import checkpointing, stopping
+    from headstyle.stylize.config import ConfigError, dumps
+    from headstyle.stylize.presets import resolve_config
+
     skipped: list = []
     try:
         checkpoint = checkpointing.resolve_checkpoint(resume, skipped) if resume is not None else None

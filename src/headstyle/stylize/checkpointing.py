@@ -171,6 +171,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a checkpoint folder (RUN/checkpoints/iter_N), or ``path`` itself when it is a run folder."""
+    path = Path(path)
+    return path.parent.parent if (path / "state.json").is_file() else path
+
+
 def resolve_checkpoint(path: str | Path, skipped: list[tuple[Path, str]] | None = None) -> Path:
     """A checkpoint folder (verified), or a run folder: its newest checkpoint that verifies; the corrupt newer
     ones are appended to ``skipped`` as (path, problem). Raises FileNotFoundError or ResumeError with the fix."""

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from headstyle.stylize.checkpointing import resolve_checkpoint
+from headstyle.stylize.checkpointing import resolve_checkpoint, run_folder
 from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config, resume_differences
 
 PROMPTS: dict[str, str] = {
@@ -58,7 +58,7 @@ def resolve_config(
     if resume is not None:
         ckpt_dir = resolve_checkpoint(resume)
         saved = load_config(ckpt_dir / "config.toml")
-        cfg = dataclasses.replace(saved, run=dataclasses.replace(saved.run, out=str(ckpt_dir.parent.parent)))
+        cfg = dataclasses.replace(saved, run=dataclasses.replace(saved.run, out=str(run_folder(ckpt_dir))))
     if preset_name:
         try:
             cfg = preset(preset_name, cfg)
