@@ -1,4 +1,4 @@
-"""Weight files read within a budget: torch files (zip or legacy pickle) and safetensors.
+"""Weight files read within a budget: torch files (zip or legacy pickle), safetensors, config + weights folders.
 
 A weights file is untrusted input, and a few kilobytes can describe gigabytes: a deflated zip member that
 inflates a thousandfold, a tensor that views one float with stride 0 and is then copied into a full one, a
@@ -11,10 +11,13 @@ return the problem, or None.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +34,8 @@ RECORD_ROOM = 16 * MiB
 # torch.save stores its members uncompressed, and trained weights deflate by a few percent: a member that
 # inflates more than this (above MiB) is a decompression bomb, whatever the budget.
 MAX_DEFLATE_RATIO = 16
+# The largest config.json a config + weights folder may have (released ones are a few KB).
+MAX_CONFIG_BYTES = MiB
 
 ErrorType = type[ValueError]
 
@@ -120,6 +125,40 @@ def state_problems(
     if shapes:
         parts.append(f"shape mismatch ({label}): {first(shapes, 3)}")
     return parts
+
+
+def coverage_problem(expected: Iterable[Sequence[int]], stored: Iterable[Sequence[int]]) -> str | None:
+    """Whether the tensors a config asks for (their shapes) are all among those a folder stores, names aside:
+    names may be mapped on loading, shapes are not. Extra stored tensors cost nothing and are allowed."""
+    want, have = Counter(tuple(s) for s in expected), Counter(tuple(s) for s in stored)
+    lacking = want - have
+    if not lacking:
+        return None
+    values = sum(math.prod(s) * n for s, n in want.items())
+    shapes = [f"{n} x {s}" for s, n in sorted(lacking.items(), key=lambda kv: -math.prod(kv[0]))]
+    return (f"its config asks for {sum(want.values())} tensors ({values} values) but the weights lack "
+            f"{sum(lacking.values())} of them: {first(shapes, 3)}")  # fmt: skip
+
+
+def config_size_problem(config: Any, tensors: int, where: str = "config") -> str | None:
+    """A layer count (an integer setting named ``*layers``) or a list in a model config that exceeds the number
+    of tensors in its weights: every layer and listed block holds at least one, and building the model even on
+    the meta device takes time in their number."""
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            name = f"{where}.{key}"
+            count = isinstance(value, int) and not isinstance(value, bool) and str(key).endswith("layers")
+            if count and value > tensors:
+                return f"{name} is {value}, but the weights hold only {tensors} tensors"
+            if problem := config_size_problem(value, tensors, name):
+                return problem
+    elif isinstance(config, list):
+        if len(config) > tensors:
+            return f"{where} lists {len(config)} entries, but the weights hold only {tensors} tensors"
+        for i, value in enumerate(config):
+            if problem := config_size_problem(value, tensors, f"{where}[{i}]"):
+                return problem
+    return None
 
 
 def weights_only_reason(exc: BaseException) -> str:
@@ -219,3 +258,98 @@ def read_state_dict(
             return state
         obj = next((obj[k] for k in nests if isinstance(obj.get(k), Mapping)), None)
     raise error(f"{path}: not a state dict (a mapping of names to tensors; found a {found}); {hint}")
+
+
+def read_config_json(path: Path, error: ErrorType, hint: str) -> dict[str, Any]:
+    """A model folder's config.json (or index): at most MAX_CONFIG_BYTES of JSON holding an object."""
+    if not path.is_file():
+        raise error(f"{path.parent}: no {path.name}; {hint}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise error(f"{path}: {path.stat().st_size} bytes, more than a model config has ({MAX_CONFIG_BYTES}); {hint}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise error(f"{path}: not valid JSON; {hint}") from None
+    if not isinstance(config, dict):
+        raise error(f"{path}: not a JSON object; {hint}")
+    return config
+
+
+def folder_safetensors(folder: Path, stem: str, error: ErrorType, hint: str) -> list[Path]:
+    """The safetensors files a from_pretrained folder loads: ``stem``.safetensors, or the shards its
+    ``stem``.safetensors.index.json names (inside the folder)."""
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise error(f"{folder}: no {single.name} (nor a sharded {index.name}); {hint}")
+    weight_map = read_config_json(index, error, hint).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise error(f"{index}: no weight_map of tensor names to shard files; {hint}")
+    shards = sorted({folder / v for v in weight_map.values()})
+    outside = [str(s) for s in shards if s.parent != folder or not s.is_file()]
+    if outside:
+        raise error(f"{index}: names shards that are not files in the folder ({first(outside, 2)}); {hint}")
+    return shards
+
+
+def folder_shapes(files: Sequence[Path], error: ErrorType, hint: str) -> dict[str, tuple]:
+    """name -> shape over every file's header; a name stored twice is refused."""
+    shapes: dict[str, tuple] = {}
+    for file in files:
+        part, _ = safetensors_header(file, error, hint)
+        twice = sorted(part.keys() & shapes.keys())
+        if twice:
+            raise error(f"{file}: tensors stored in two shards ({first(twice, 3)}); {hint}")
+        shapes.update(part)
+    return shapes
+
+
+def expected_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of the tensors a (meta-device) module loads: its parameters, tied ones once, and its persistent
+    buffers."""
+    persistent = module.state_dict().keys()
+    return [tuple(p.shape) for _, p in module.named_parameters()] + [
+        tuple(b.shape) for name, b in module.named_buffers() if name in persistent
+    ]
+
+
+def load_transformers(auto_class: Any, folder: str | os.PathLike, error: ErrorType, hint: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(folder)`` (a transformers Auto class, local safetensors only) once its config is
+    known to ask for no more than the weights hold.
+
+    First the config's layer counts and lists are checked against the number of stored tensors
+    (config_size_problem), then the model is built on the meta device and every tensor it would load must be
+    among the stored ones by shape (coverage_problem): nothing is allocated for weights the folder lacks.
+    After loading, a missing, unexpected or mis-shaped weight (by transformers' own account) is refused too,
+    rather than initialised at random; buffers the model computes itself may be stored or not.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    config_dict = read_config_json(folder / "config.json", error, hint)
+    files = folder_safetensors(folder, "model", error, hint)
+    shapes = folder_shapes(files, error, hint)
+    if problem := config_size_problem(config_dict, len(shapes)):
+        raise error(f"{folder}/config.json: {problem}; {hint}")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            meta = auto_class.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise error(f"{folder}: not a loadable model config ({type(exc).__name__}: {str(exc)[:200]}); {hint}") from None
+    if problem := coverage_problem(expected_shapes(meta), shapes.values()):
+        raise error(f"{folder}: {problem}; {hint}")
+    computed = {name for name, _ in meta.named_buffers()} - meta.state_dict().keys()
+    try:
+        model, info = auto_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                 output_loading_info=True, **kwargs)  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise error(f"{folder}: not a loadable model ({type(exc).__name__}: {str(exc)[:200]}); {hint}") from None
+    # A mis-shaped weight already failed from_pretrained (it raises unless told to ignore sizes).
+    wrong = [f"{label}: {first(sorted(map(str, keys)), 3)}" for label, keys in (
+        ("missing weights", set(info["missing_keys"])), ("unexpected weights", set(info["unexpected_keys"]) - computed),
+    ) if keys]  # fmt: skip
+    if wrong:
+        raise error(f"{folder}: {'; '.join(wrong)}; {hint}")
+    return model
