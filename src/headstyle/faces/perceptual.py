@@ -282,17 +282,17 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
             _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
 
 
-def read_torchscript_tensors(path: str | os.PathLike, numel: int = TORCHSCRIPT_NUMEL) -> dict[str, Tensor]:
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor attribute of a TorchScript module archive, by dotted name ('layers.conv1.weight').
 
-    The archive's directory must fit a network of ``numel`` values before any member is inflated, and the
+    The archive's directory must fit vgg16.pt's TORCHSCRIPT_NUMEL values before any member is inflated, and the
     tensors, views of its storage records, must each hold their own data (headstyle.weight_files)."""
     path = Path(path)
     hint = "give NVIDIA's vgg16.pt (StyleGAN2-ADA's / PanoHead's)"
     out: dict[str, Tensor] = {}
     try:
         with zipfile.ZipFile(path) as archive:
-            if problem := weight_files.zip_problem(archive.infolist(), weight_files.weights_budget(numel)):
+            if problem := weight_files.zip_problem(archive.infolist(), weight_files.weights_budget(TORCHSCRIPT_NUMEL)):
                 raise WeightsError(f"{path}: {problem}; {hint}")
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
