@@ -3,8 +3,9 @@
 Each hostile file is a few hundred bytes to 2 MB that used to cost gigabytes before its one-line refusal:
 a torch zip whose deflated storage inflates to 2 GiB (generator, face parser, ArcFace, FID Inception), a
 TorchScript vgg16.pt whose stride-0 tensor was cloned (plain and deflated), CLIP / Depth Anything folders
-whose config asks for weights the 68-byte model.safetensors lacks, and Style Appearance Modules whose LoRA
-metadata asks for rank 131072 or a backtracking target pattern. Each is given to the real command line,
+whose config asks for weights the 68-byte model.safetensors lacks, an SD model folder whose UNet config asks
+for wider layers than its weights hold, and Style Appearance Modules whose LoRA metadata asks for rank 131072
+or a backtracking target pattern. Each is given to the real command line,
 which must exit 2 with one line on stderr naming the file, no traceback, and a peak resident memory under
 1.5 GiB.
 
@@ -122,6 +123,15 @@ def hostile(tmp_path_factory, tiny_sd, clip_dir, depth_dir, parity_dir) -> dict[
     wide = {"hidden_size": 4096, "intermediate_size": 16384}  # the stored tensors' count, not their shapes
     clip_wide = _with_config(clip_dir, root / "clip_wide", {"text_config": wide, "vision_config": wide})
     depth_big = _with_config(depth_dir, root / "depth_big", {"backbone_config": big, "weights": {}})
+    sd_wide = root / "sd_wide"  # the tiny SD model whose UNet config asks for 1280 channels
+    shutil.copytree(tiny_sd.model, sd_wide)
+    config = json.loads((sd_wide / "unet" / "config.json").read_text())
+    config.update(block_out_channels=[640, 1280, 1280], norm_num_groups=32, attention_head_dim=8)
+    (sd_wide / "unet" / "config.json").write_text(json.dumps(config))
+    sd_missing = root / "sd_missing"  # one weight short: diffusers would initialise it at random, and go on
+    shutil.copytree(tiny_sd.model, sd_missing)
+    weights = sd_missing / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "conv_out.bias"}, str(weights))
     unet = UNet2DConditionModel.from_pretrained(tiny_sd.model / "unet")
     module = StyleAppearanceModule.from_unet(unet, lora_rank=2).save(root / "module", {})
     rank = _with_lora_metadata(module, root / "module_rank", r=131072)
@@ -144,6 +154,9 @@ def hostile(tmp_path_factory, tiny_sd, clip_dir, depth_dir, parity_dir) -> dict[
         "clip layers": ([*evaluate, "--clip", str(clip_big)], clip_big),
         "clip shapes": ([*evaluate, "--clip", str(clip_wide)], clip_wide),
         "depth anything": ([*evaluate, "--depth-anything", str(depth_big)], depth_big),
+        "sd model": ([*views, "--model", str(sd_wide), "--vae", "", "--controlnet-depth", ""], sd_wide / "unet"),
+        "sd missing weight": ([*views, "--model", str(sd_missing), "--vae", "", "--controlnet-depth", ""],
+                              sd_missing / "unet"),
         "lora rank": ([*views, *prior, "--style-module", str(rank)], rank),
         "lora pattern": ([*views, *prior, "--style-module", str(pattern)], pattern),
     }
@@ -159,8 +172,10 @@ def _assert_refused(name: str, path: Path, code: int, stderr: str, peak: int) ->
 def test_hostile_weight_files_are_refused_in_one_line_within_the_memory_bound(hostile):
     """Measured, each command in its own process (MiB of peak RSS, imports included; in brackets before these
     checks): generator .pth and .pkl 313 (2361), mask parser 326 (2425), ArcFace and Inception 258 (2303, 2389),
-    vgg16 stride 0 237 (2286) and deflated 236 (4347), CLIP 405 and 409 (2718), Depth Anything 398 (1648), LoRA
-    rank 474 (1939, and 115 lines of stderr), LoRA pattern 474 (still matching when killed after 90 s)."""
+    vgg16 stride 0 237 (2286) and deflated 236 (4347), CLIP 405 and 409 (2718), Depth Anything 398 (1648), the
+    wide SD UNet 463 (466, refused by diffusers once built on the meta device), the SD UNet one weight short
+    (initialised at random before, and used), LoRA rank 474 (1939, and 115 lines of stderr), LoRA pattern 474
+    (still matching when killed after 90 s)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cases = {name: argv for name, (argv, _) in hostile.items()}
     proc = subprocess.run([sys.executable, "-c", BATCH, json.dumps(cases)], capture_output=True, text=True, env=env,

@@ -141,13 +141,13 @@ def coverage_problem(expected: Iterable[Sequence[int]], stored: Iterable[Sequenc
 
 
 def config_size_problem(config: Any, tensors: int, where: str = "config") -> str | None:
-    """A layer count (an integer setting named ``*layers``) or a list in a model config that exceeds the number
+    """A layer count (an integer setting named ``*layers*``) or a list in a model config that exceeds the number
     of tensors in its weights: every layer and listed block holds at least one, and building the model even on
     the meta device takes time in their number."""
     if isinstance(config, Mapping):
         for key, value in config.items():
             name = f"{where}.{key}"
-            count = isinstance(value, int) and not isinstance(value, bool) and str(key).endswith("layers")
+            count = isinstance(value, int) and not isinstance(value, bool) and "layers" in str(key)
             if count and value > tensors:
                 return f"{name} is {value}, but the weights hold only {tensors} tensors"
             if problem := config_size_problem(value, tensors, name):
@@ -314,42 +314,68 @@ def expected_shapes(module: nn.Module) -> list[tuple[int, ...]]:
     ]
 
 
-def load_transformers(auto_class: Any, folder: str | os.PathLike, error: ErrorType, hint: str, **kwargs: Any) -> Any:
-    """``auto_class.from_pretrained(folder)`` (a transformers Auto class, local safetensors only) once its config is
-    known to ask for no more than the weights hold.
+def load_checked(
+    folder: Path,
+    stem: str,
+    build: Callable[[], nn.Module],
+    load: Callable[[], tuple[Any, Mapping[str, Any]]],
+    error: ErrorType,
+    hint: str,
+) -> Any:
+    """A from_pretrained model of a config + safetensors folder, loaded (``load``: the model and its loading info)
+    only once the config is known to ask for no more than the weights hold.
 
     First the config's layer counts and lists are checked against the number of stored tensors
-    (config_size_problem), then the model is built on the meta device and every tensor it would load must be
-    among the stored ones by shape (coverage_problem): nothing is allocated for weights the folder lacks.
-    After loading, a missing, unexpected or mis-shaped weight (by transformers' own account) is refused too,
-    rather than initialised at random; buffers the model computes itself may be stored or not.
+    (config_size_problem), then the model is built on the meta device (``build``) and every tensor it would
+    load must be among the stored ones (``stem``.safetensors or its shards) by shape (coverage_problem):
+    nothing is allocated for weights the folder lacks. After loading, a weight the library reports missing
+    or unexpected is refused too, rather than initialised at random; buffers the model computes itself may
+    be stored or not. (A mis-shaped weight already fails the library's load.)
     """
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    config_dict = read_config_json(folder / "config.json", error, hint)
-    files = folder_safetensors(folder, "model", error, hint)
-    shapes = folder_shapes(files, error, hint)
-    if problem := config_size_problem(config_dict, len(shapes)):
+    config = read_config_json(folder / "config.json", error, hint)
+    shapes = folder_shapes(folder_safetensors(folder, stem, error, hint), error, hint)
+    if problem := config_size_problem(config, len(shapes)):
         raise error(f"{folder}/config.json: {problem}; {hint}")
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
         with torch.device("meta"):
-            meta = auto_class.from_config(config)
+            meta = build()
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise error(f"{folder}: not a loadable model config ({type(exc).__name__}: {str(exc)[:200]}); {hint}") from None
     if problem := coverage_problem(expected_shapes(meta), shapes.values()):
         raise error(f"{folder}: {problem}; {hint}")
     computed = {name for name, _ in meta.named_buffers()} - meta.state_dict().keys()
     try:
-        model, info = auto_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                 output_loading_info=True, **kwargs)  # fmt: skip
+        model, info = load()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise error(f"{folder}: not a loadable model ({type(exc).__name__}: {str(exc)[:200]}); {hint}") from None
-    # A mis-shaped weight already failed from_pretrained (it raises unless told to ignore sizes).
     wrong = [f"{label}: {first(sorted(map(str, keys)), 3)}" for label, keys in (
         ("missing weights", set(info["missing_keys"])), ("unexpected weights", set(info["unexpected_keys"]) - computed),
     ) if keys]  # fmt: skip
     if wrong:
         raise error(f"{folder}: {'; '.join(wrong)}; {hint}")
     return model
+
+
+def load_transformers(auto_class: Any, folder: str | os.PathLike, error: ErrorType, hint: str, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(folder, **kwargs)`` (a transformers Auto class; local model.safetensors only)
+    through load_checked."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    return load_checked(
+        folder, "model", lambda: auto_class.from_config(AutoConfig.from_pretrained(folder, local_files_only=True)),
+        lambda: auto_class.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                           output_loading_info=True, **kwargs),
+        error, hint,
+    )  # fmt: skip
+
+
+def load_diffusers(model_class: Any, folder: str | os.PathLike, error: ErrorType, hint: str, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(folder, **kwargs)`` (a diffusers model: UNet, VAE, ControlNet; a local
+    diffusion_pytorch_model.safetensors only) through load_checked."""
+    folder = Path(folder)
+    return load_checked(
+        folder, "diffusion_pytorch_model", lambda: model_class.from_config(model_class.load_config(folder)),
+        lambda: model_class.from_pretrained(folder, use_safetensors=True, output_loading_info=True, **kwargs),
+        error, hint,
+    )  # fmt: skip
