@@ -90,6 +90,7 @@ def craft(folder: Path) -> list[tuple[str, str, Path]]:
         shapes = {k: tuple(v.shape) for k, v in TriPlaneGenerator(**released_config().init_kwargs).state_dict().items()}
     torch.save(crafted.stride0_state_dict(shapes), folder / "stride0.pth")
     cases.append(("stride0.pth", "ckpt", folder / "stride0.pth"))
+    add("deflate_2GiB.pth", crafted.deflate_bomb_pth(1 << 31))  # a 2 MB zip whose storage record inflates to 2 GiB
     add("declared_28GB.npz", crafted.npz_declaring((10**6, 14, 512), data=b"\0" * 64), kind="npz")
     add("declared_2.7GB.npz", crafted.npz_declaring((10**5, 14, 512), data=b"\0" * 64), kind="npz")
     return cases

@@ -44,3 +44,39 @@ def parity_dir() -> Path:
     if not PARITY.is_dir():
         raise FileNotFoundError(f"{PARITY} is missing: CI and developers keep ../shared beside the checkout")
     return PARITY
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel folder (save_pretrained: config, model.safetensors, tokenizer, image processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from headstyle.priors.sd_folder import write_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    vocab = write_clip_tokenizer(folder, ["portrait", "of", "a", "face", "statue"])
+    torch.manual_seed(0)
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def depth_dir(tmp_path_factory):
+    """A tiny random Depth Anything folder (save_pretrained: config, model.safetensors, image processor)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    folder = tmp_path_factory.mktemp("depth-anything")
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            image_size=28, patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
+                                 fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    torch.manual_seed(0)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(folder)  # fmt: skip
+    return folder

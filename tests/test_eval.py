@@ -274,25 +274,7 @@ def test_arcface_five_points_land_on_the_template(photos):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP and Depth Anything (tiny random models saved and loaded through from_pretrained)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from headstyle.priors.sd_folder import write_clip_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = write_clip_tokenizer(folder, ["portrait", "of", "a", "face", "statue"])
-    torch.manual_seed(0)
-    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)  # fmt: skip
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+# CLIP and Depth Anything (tiny random models saved and loaded through from_pretrained: conftest.py)
 
 
 def test_clip_similarities_are_clip_models_own_cosines(clip_dir, photos):
@@ -314,22 +296,6 @@ def test_clip_similarities_are_clip_models_own_cosines(clip_dir, photos):
     noisy = scorer.image_embeds((images + 0.05 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0)))
                                 .clamp(-1, 1))  # fmt: skip
     assert paired_cosine(emb, noisy).mean() > paired_cosine(emb, noisy[[1, 2, 0]]).mean()
-
-
-@pytest.fixture(scope="module")
-def depth_dir(tmp_path_factory):
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    folder = tmp_path_factory.mktemp("depth-anything")
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=28, patch_size=14, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], reassemble_hidden_size=32,
-                                 fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
-    torch.manual_seed(0)
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                      do_pad=False).save_pretrained(folder)  # fmt: skip
-    return folder
 
 
 def test_delta_d_closed_forms_and_depth_anything(depth_dir, photos):

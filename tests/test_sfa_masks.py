@@ -265,9 +265,9 @@ def test_parser_refuses_wrong_files_in_one_line(tmp_path):
     state = _random_parser().state_dict()
     cases = {}
     torch.save({k: v for k, v in state.items() if k != "ffm.conv1.weight"}, tmp_path / "missing.pth")
-    cases["missing.pth"] = "missing: ffm.conv1.weight"
+    cases["missing.pth"] = "missing keys: ffm.conv1.weight"
     torch.save({**state, "conv_out.conv_out.weight": torch.zeros(18, 256, 1, 1)}, tmp_path / "classes.pth")
-    cases["classes.pth"] = "wrong shape: conv_out.conv_out.weight"
+    cases["classes.pth"] = "shape mismatch (file vs model): conv_out.conv_out.weight"
     torch.save({"model": state}, tmp_path / "nested.pth")
     cases["nested.pth"] = "not a state dict"
     (tmp_path / "text.pth").write_text("not weights")
@@ -282,7 +282,7 @@ def test_parser_refuses_wrong_files_in_one_line(tmp_path):
     cases["code.pth"] = "exec was not an allowed global by default); nothing of it was executed"
     cases["absent.pth"] = "no such file"
     (tmp_path / "text.safetensors").write_text("not weights")
-    cases["text.safetensors"] = "not a readable weights file (SafetensorError"
+    cases["text.safetensors"] = "not a readable safetensors file"
     for name, message in cases.items():
         with pytest.raises(WeightsError) as err:
             BiSeNet.from_file(tmp_path / name)

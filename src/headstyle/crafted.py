@@ -14,6 +14,7 @@ import json
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,3 +133,92 @@ def npz_declaring(shape: tuple[int, ...], descr: str = "<f4", data: bytes = b"",
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr(f"{name}.npy", npy.getvalue() + data)
     return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch zip archives written record by record: state dicts and TorchScript modules whose tensors or
+# members declare more than they hold.
+
+_REBUILD_TENSOR = b"ctorch._utils\n_rebuild_tensor_v2\n"  # GLOBAL
+_ZIP_CHUNK = 1 << 24
+
+
+def tensor_ops(key: str, storage_numel: int, size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0,
+               storage: str = "FloatStorage") -> bytes:
+    """_rebuild_tensor_v2(<storage record data/KEY of storage_numel values>, offset, size, stride, False, {}), as
+    torch.save writes a tensor into data.pkl."""
+    pid = b"(" + ops("storage") + f"ctorch\n{storage}\n".encode() + ops(key) + ops("cpu") + ops(storage_numel)
+    hooks = b"ccollections\nOrderedDict\n)R"
+    args = pid + b"tQ" + ops(offset) + ops(tuple(size)) + ops(tuple(stride)) + b"\x89" + hooks  # BINPERSID, NEWFALSE
+    return _REBUILD_TENSOR + b"(" + args + b"tR"  # MARK ... TUPLE REDUCE
+
+
+def state_dict_pickle(tensors: Mapping[str, bytes]) -> bytes:
+    """data.pkl of a torch.save'd dict {name: tensor}; values are tensor_ops."""
+    return b"\x80\x02" + dict_ops(tensors) + b"."
+
+
+def script_module_pickle(attributes: Mapping[str, bytes], class_name: str = "VGG16") -> bytes:
+    """data.pkl of a TorchScript module: a __torch__ object whose attributes (opcodes, e.g. tensor_ops) are set
+    by BUILD."""
+    return b"\x80\x02" + f"c__torch__\n{class_name}\n".encode() + b")\x81" + dict_ops(attributes) + b"b."
+
+
+def deflated_zeros(n: int) -> tuple[bytes, int]:
+    """(raw deflate stream, crc32) of ``n`` zero bytes (a multiple of 16 MiB), in about n / 1000 bytes: one
+    fully-flushed block repeated, so the stream is built without compressing ``n`` bytes."""
+    if n % _ZIP_CHUNK:
+        raise ValueError(f"deflated_zeros takes a multiple of {_ZIP_CHUNK} bytes, got {n}")
+    zeros = bytes(_ZIP_CHUNK)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(n // _ZIP_CHUNK):
+        crc = zlib.crc32(zeros, crc)
+    return block * (n // _ZIP_CHUNK) + zlib.compressobj(9, zlib.DEFLATED, -15).flush(), crc
+
+
+def zip_archive(members: Mapping[str, bytes | int]) -> bytes:
+    """A zip of stored members (bytes) and deflated ones (an int n: n zero bytes, see deflated_zeros), with the
+    local headers, central directory and end record torch's reader and Python's zipfile read (below 4 GiB)."""
+    local, central = io.BytesIO(), io.BytesIO()
+    for name, content in members.items():
+        if isinstance(content, int):
+            data, crc, size, method = *deflated_zeros(content), content, zipfile.ZIP_DEFLATED
+        else:
+            data, crc, size, method = content, zlib.crc32(content), len(content), zipfile.ZIP_STORED
+        raw, offset = name.encode(), local.tell()
+        fields = struct.pack("<HHHHHIIIH", 20, 0, method, 0, 0x21, crc, len(data), size, len(raw))
+        local.write(b"PK\x03\x04" + fields + struct.pack("<H", 0) + raw + data)
+        central.write(b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHHII", 0, 0, 0, 0, 0, offset)
+                      + raw)  # fmt: skip
+    directory = central.getvalue()
+    end = struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(directory), local.tell(), 0)
+    return local.getvalue() + directory + b"PK\x05\x06" + end
+
+
+def torch_zip(data_pkl: bytes, storages: Mapping[str, bytes | int], prefix: str = "archive",
+              script: bool = False) -> bytes:
+    """A torch.save (or, ``script``, a TorchScript) archive: PREFIX/data.pkl, its storage records data/KEY (bytes
+    stored, or an int: that many zero bytes deflated), byteorder and version."""
+    members: dict[str, bytes | int] = {f"{prefix}/data.pkl": data_pkl, f"{prefix}/byteorder": b"little"}
+    if script:
+        members[f"{prefix}/code/__torch__.py"] = b""
+    members.update({f"{prefix}/data/{key}": content for key, content in storages.items()})
+    members[f"{prefix}/version"] = b"3\n"
+    return zip_archive(members)
+
+
+def deflate_bomb_pth(inflated: int = 1 << 31, name: str = "w") -> bytes:
+    """A torch zip state dict {name: float32 tensor of inflated / 4 values} whose storage is ``inflated`` zero bytes
+    deflated: about inflated / 1000 bytes on disk."""
+    numel = inflated // 4
+    return torch_zip(state_dict_pickle({name: tensor_ops("0", numel, (numel,), (1,))}), {"0": inflated})
+
+
+def stride0_script(numel: int = 1 << 29, name: str = "lpips0", deflated: int = 0) -> bytes:
+    """A TorchScript archive whose attribute ``name`` views one float with stride 0 as ``numel`` values (a few
+    hundred bytes; 4 * numel once copied); with ``deflated`` its storage record is that many zero bytes, deflated."""
+    storage_numel = max(deflated // 4, 1)
+    pkl = script_module_pickle({name: tensor_ops("0", storage_numel, (numel,), (0,))})
+    return torch_zip(pkl, {"0": deflated or bytes(4)}, prefix="vgg16", script=True)

@@ -101,10 +101,11 @@ def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: st
         from headstyle.priors.diffusers_prior import PriorLoadError
         from headstyle.stylize.factory import run_stylize
         from headstyle.stylize.trainer import NonFiniteError
+        from headstyle.weight_files import WeightsError
 
         try:
             result = run_stylize(cfg, resume=checkpoint, progress=progress)
-        except (CheckpointError, PriorLoadError, checkpointing.ResumeError, ConfigError) as exc:
+        except (CheckpointError, PriorLoadError, checkpointing.ResumeError, ConfigError, WeightsError) as exc:
             raise UserError(str(exc)) from None
         except NonFiniteError as exc:
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)

@@ -21,16 +21,13 @@ Attention needs to drop style tokens) or soft (the summed class probabilities).
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from headstyle.faces.perceptual import WeightsError
 from headstyle.metrics.fid import load_strict
+from headstyle.weight_files import WeightsError, meta_numel, read_state_dict, weights_budget
 
 CLASSES = (
     "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
@@ -197,38 +194,17 @@ class BiSeNet(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BiSeNet:
         """face-parsing.PyTorch's checkpoint (e.g. 79999_iter.pth) or the same tensors as .safetensors."""
+        state = read_weights(path)  # before the network is built: a file that cannot be it costs nothing
         net = cls()
-        load_strict(net, read_weights(path), path, "face-parsing.PyTorch's BiSeNet (79999_iter.pth, 19 classes)")
+        load_strict(net, state, path, "face-parsing.PyTorch's BiSeNet (79999_iter.pth, 19 classes)")
         return net.requires_grad_(False).eval()
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A plain state dict: .safetensors, or a torch file read with weights_only=True (nothing in it runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file; give face-parsing.PyTorch's 79999_iter.pth")
-    try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
-            path, map_location="cpu", weights_only=True
-        )
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(f"{path}: refused by the weights-only reader ({_unpickler_reason(exc)}); nothing of it "
-                           "was executed; give a plain state dict such as 79999_iter.pth") from None  # fmt: skip
-    except Exception as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise WeightsError(f"{path}: not a readable weights file ({type(exc).__name__}: {reason})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
-
-
-def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
-    """The cause in torch's weights-only refusal (an unsupported global or opcode), without its advice."""
-    _, _, detail = str(exc).partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    # its first sentence; the rest advises allow-listing the global
-    reason = lines[0].split(". ")[0] if lines else "not a torch weights file"
-    return reason if len(reason) <= 160 else reason[:157] + "..."
+    """A plain state dict: .safetensors, or a torch file read with weights_only=True (nothing in it runs), within
+    the budget of a BiSeNet's values (headstyle.weight_files)."""
+    hint = "give face-parsing.PyTorch's 79999_iter.pth (a plain state dict)"
+    return read_state_dict(path, weights_budget(meta_numel(BiSeNet)), WeightsError, hint)
 
 
 @torch.no_grad()

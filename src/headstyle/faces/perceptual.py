@@ -19,6 +19,7 @@ Bojanowski et al. 2018, "Optimizing the latent space of generative networks"), a
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import zipfile
@@ -27,16 +28,32 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from headstyle import weight_files
+from headstyle.weight_files import WeightsError
 
 # VGG16's convolutions (output channels); "M" a 2x2 max-pool. LPIPS taps the ReLU before each pool.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 # torchvision's index of each convolution in vgg16().features.
 _TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+# torchvision's vgg16().classifier (512 x 7 x 7 -> 4096 -> 4096 -> 1000), in its state dicts beside the features.
+_TORCHVISION_CLASSIFIER = ((512 * 7 * 7, 4096), (4096, 4096), (4096, 1000))
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _conv_numel() -> int:
+    """Values in VGG16's 13 convolutions (3 x 3 kernels and biases)."""
+    channels = [3, *(c for c in _VGG16 if c != "M")]
+    return sum(cout * cin * 9 + cout for cin, cout in itertools.pairwise(channels))
+
+
+# What each weights file holds at most (its budget, headstyle.weight_files.weights_budget, follows from these).
+TORCHSCRIPT_NUMEL = _conv_numel() + sum(_LPIPS_CHANNELS)  # NVIDIA's vgg16.pt: convolutions and LPIPS weights
+TORCHVISION_NUMEL = _conv_numel() + sum(i * o + o for i, o in _TORCHVISION_CLASSIFIER)  # 138,357,544
+LPIPS_LIN_NUMEL = sum(_LPIPS_CHANNELS)
 
 
 class PerceptualDistance(Protocol):
@@ -47,10 +64,6 @@ class PerceptualDistance(Protocol):
     def embed(self, images: Tensor) -> Tensor: ...
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor: ...
-
-
-class WeightsError(ValueError):
-    """A perceptual-network weights file that cannot be used; the message names the file and the fix."""
 
 
 class LPIPSVGG16(nn.Module):
@@ -85,7 +98,8 @@ class LPIPSVGG16(nn.Module):
     @classmethod
     def from_torchvision(cls, vgg: str | os.PathLike, lins: str | os.PathLike) -> LPIPSVGG16:
         """A torchvision VGG16 state dict and the lpips package's vgg.pth linear layers."""
-        v, lin = read_state_dict(vgg), read_state_dict(lins)
+        v = read_state_dict(vgg, TORCHVISION_NUMEL, "give torchvision's VGG16 state dict (vgg16-397923af.pth)")
+        lin = read_state_dict(lins, LPIPS_LIN_NUMEL, "give the lpips package's weights/v0.1/vgg.pth")
         try:
             convs = [(v[f"features.{i}.weight"], v[f"features.{i}.bias"]) for i in _TORCHVISION_CONVS]
             lin_list = [lin[f"lin{i}.model.1.weight"] for i in range(len(_LPIPS_CHANNELS))]
@@ -190,21 +204,11 @@ def load_perceptual(vgg16: str | os.PathLike | None = None, lpips_lin: str | os.
                        "(the lpips package's weights/v0.1/vgg.pth)")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict from .safetensors or a .pth read with torch.load(weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: not a readable state dict ({type(exc).__name__}: {exc})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors")
-    return state
+def read_state_dict(path: str | os.PathLike, numel: int, hint: str) -> dict[str, Tensor]:
+    """The state dict (.safetensors, or a .pth read weights-only, possibly under "state_dict") of a network of
+    ``numel`` values: a file that declares more than such a network needs is refused before it is read, as is one
+    whose tensors repeat their data (headstyle.weight_files)."""
+    return weight_files.read_state_dict(path, weight_files.weights_budget(numel), WeightsError, hint, ("state_dict",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +237,10 @@ _STORAGE_DTYPES = {
 
 
 def _rebuild_tensor(storage: Tensor, offset: int, size: Any, stride: Any, *_ignored: Any) -> Tensor:
+    """A view of the storage (not a copy: the extents are checked once every tensor is known)."""
     if not isinstance(storage, Tensor):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    return storage.as_strided(tuple(size), tuple(stride), int(offset)).clone()
+    return storage.as_strided(tuple(size), tuple(stride), int(offset))
 
 
 class _ScriptUnpickler(pickle.Unpickler):
@@ -245,6 +250,7 @@ class _ScriptUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.source = archive, prefix, source
         self._classes: dict[str, type] = {}
+        self._storages: dict[str, Tensor] = {}  # each record read once, however many tensors view it
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
@@ -261,8 +267,11 @@ class _ScriptUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        raw = self.archive.read(f"{self.prefix}data/{pid[2]}")
-        return torch.frombuffer(bytearray(raw), dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
+        key = str(pid[2])
+        if key not in self._storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            self._storages[key] = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return self._storages[key].view(pid[1])
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
@@ -274,17 +283,25 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
 
 
 def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Every tensor attribute of a TorchScript module archive, by dotted name ('layers.conv1.weight')."""
+    """Every tensor attribute of a TorchScript module archive, by dotted name ('layers.conv1.weight').
+
+    The archive's directory must fit vgg16.pt's TORCHSCRIPT_NUMEL values before any member is inflated, and the
+    tensors, views of its storage records, must each hold their own data (headstyle.weight_files)."""
     path = Path(path)
+    hint = "give NVIDIA's vgg16.pt (StyleGAN2-ADA's / PanoHead's)"
+    out: dict[str, Tensor] = {}
     try:
         with zipfile.ZipFile(path) as archive:
+            if problem := weight_files.zip_problem(archive.infolist(), weight_files.weights_budget(TORCHSCRIPT_NUMEL)):
+                raise WeightsError(f"{path}: {problem}; {hint}")
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise WeightsError(f"{path}: not a TorchScript archive (no top-level data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
-            root = _ScriptUnpickler(archive.read(pickles[0]), archive, prefix, path).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError) as exc:
-        raise WeightsError(f"{path}: unreadable TorchScript archive ({type(exc).__name__}: {exc})") from None
-    out: dict[str, Tensor] = {}
-    _flatten(root, "", out)
+            _flatten(_ScriptUnpickler(archive.read(pickles[0]), archive, prefix, path).load(), "", out)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError, RuntimeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise WeightsError(f"{path}: unreadable TorchScript archive ({type(exc).__name__}: {reason})") from None
+    if problem := weight_files.extent_problem(out):
+        raise WeightsError(f"{path}: {problem}; {hint}")
     return out

@@ -23,12 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from headstyle.generator.schema import SchemaError, check_generator_config, plain_data
 from headstyle.io import atomic_path
+from headstyle.weight_files import (
+    extent_problem,
+    first,
+    meta_numel,
+    read_state_dict,
+    state_problems,
+    torch_size_problem,
+    weights_budget,
+    weights_only_reason,
+)
 
 FORMAT_NAME = "headstyle.generator"
 FORMAT_VERSION = 1
@@ -253,12 +262,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         """torch.storage._load_from_bytes, but through torch's weights-only unpickler."""
         if not isinstance(data, bytes | bytearray):
             raise pickle.UnpicklingError("storage payload is not bytes")
+        # The payload is inside the file, so it may declare no more bytes than it has.
+        if problem := torch_size_problem(io.BytesIO(data), len(data)):
+            raise CheckpointError(f"{self.source}: a tensor storage payload is refused: {problem}")
         try:
             storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafePickleError(
                 f"{self.source}: a tensor storage was refused by torch's weights-only loader; nothing of it was "
-                f"executed ({_weights_only_reason(exc)})"
+                f"executed ({weights_only_reason(exc)})"
             ) from exc
         if not isinstance(storage, torch.TypedStorage | torch.UntypedStorage):
             raise pickle.UnpicklingError(f"storage payload decoded to {type(storage).__name__}, not a storage")
@@ -281,15 +293,6 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(f"{self.source}: persistent id {pid!r} in a pickle that should have none")
-
-
-def _weights_only_reason(exc: BaseException) -> str:
-    """The specific cause in torch's weights-only refusal, without its advice to retry with weights_only=False."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    # torch wraps the cause between a paragraph recommending weights_only=False and a documentation link.
-    detail = [line for line in lines if "weights_only" not in line]
-    reason = detail[0] if detail else "it holds objects other than tensors and plain containers"
-    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 def _plain(obj: Any, where: str, source: Path) -> Any:
@@ -378,7 +381,7 @@ def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> Generat
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict snapshot with G_ema, found {type(data).__name__}")
     if key not in data:
-        raise CheckpointError(f"{path}: no {key!r} in the snapshot (keys: {_first([str(k)[:40] for k in data])})")
+        raise CheckpointError(f"{path}: no {key!r} in the snapshot (keys: {first([str(k)[:40] for k in data])})")
     record = data[key]
     if not isinstance(record, PersistentRecord):
         raise CheckpointError(f"{path}: {key} is a {type(record).__name__}, not a persistent PanoHead module")
@@ -397,32 +400,20 @@ def read_panohead_pickle(path: str | os.PathLike, key: str = "G_ema") -> Generat
 # .pth state dicts, our .safetensors + JSON, the parity fixture folder
 
 
-def _as_state_dict(obj: Any, path: Path) -> OrderedDict[str, Tensor]:
-    """The dict of tensors itself, or one found under G_ema / state_dict / generator / G (up to 3 levels)."""
-    for _ in range(4):
-        if not isinstance(obj, Mapping):
-            break
-        if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-            return OrderedDict(obj)
-        obj = next((obj[k] for k in ("G_ema", "state_dict", "generator", "G") if isinstance(obj.get(k), Mapping)), None)
-    raise CheckpointError(
-        f"{path}: expected a PanoHead generator state_dict (a dict of name -> tensor), got {type(obj).__name__}"
-    )
+PTH_HINT = "load a plain state dict (torch.save(G.state_dict(), ...)) or a .safetensors save"
+# Where a .pth may hold the generator's state dict (a training snapshot's entries), level by level.
+PTH_NESTS = ("G_ema", "state_dict", "generator", "G")
 
 
-def read_state_dict_pth(path: str | os.PathLike) -> OrderedDict[str, Tensor]:
-    """A plain torch state_dict (.pth/.pt), read with torch.load(weights_only=True)."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafePickleError(
-            f"{path}: refused: it holds more than tensors and plain containers ({_weights_only_reason(exc)}); nothing "
-            "of it was executed. Load a plain state dict (torch.save(G.state_dict(), ...)) or a .safetensors save"
-        ) from exc
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
-    return _as_state_dict(obj, path)
+def config_budget(config: GeneratorConfig, source: Path | str) -> int:
+    """The most bytes a weights file for ``config`` may declare (weights_budget of the meta-built network)."""
+    return weights_budget(meta_numel(lambda: _construct(config, source, "meta")))
+
+
+def read_state_dict_pth(path: str | os.PathLike, max_bytes: int) -> OrderedDict[str, Tensor]:
+    """A plain torch state_dict (.pth/.pt), or one under G_ema / state_dict / generator / G, read with
+    torch.load(weights_only=True) once its declared sizes fit ``max_bytes`` (headstyle.weight_files)."""
+    return OrderedDict(read_state_dict(path, max_bytes, CheckpointError, PTH_HINT, PTH_NESTS, UnsafePickleError))
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -478,11 +469,9 @@ def read_safetensors(path: str | os.PathLike, config_path: str | os.PathLike | N
     path = Path(path)
     cfg_path = Path(config_path) if config_path is not None else sidecar_path(path)
     config = config_from_json(_read_json(cfg_path), cfg_path)
-    try:
-        state = OrderedDict(load_file(str(path), device="cpu"))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    return GeneratorCheckpoint(config, state, path)
+    hint = f"give the weights saved with {cfg_path.name} (headstyle.generator.save_generator writes both)"
+    state = read_state_dict(path, config_budget(config, cfg_path), CheckpointError, hint)
+    return GeneratorCheckpoint(config, OrderedDict(state), path)
 
 
 def read_config(path: str | os.PathLike) -> GeneratorConfig:
@@ -521,8 +510,9 @@ def read_checkpoint(
         return read_safetensors(path)
     if suffix in (".pth", ".pt") or head.startswith(b"PK\x03\x04"):
         base = config if isinstance(config, GeneratorConfig) else read_config(config) if config else released_config()
-        validate_config(base, f"the base config for {path}")
-        return GeneratorCheckpoint(base, read_state_dict_pth(path), path)
+        source = f"the base config for {path}"
+        validate_config(base, source)
+        return GeneratorCheckpoint(base, read_state_dict_pth(path, config_budget(base, source)), path)
     if suffix == ".pkl" or head[:1] == b"\x80":
         return read_panohead_pickle(path)
     raise CheckpointError(
@@ -532,10 +522,6 @@ def read_checkpoint(
 
 # ---------------------------------------------------------------------------------------------
 # Building, loading and saving generators
-
-
-def _first(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _dtype_fits(stored: torch.dtype, expected: torch.dtype) -> bool:
@@ -552,39 +538,16 @@ def check_state_dict(module: nn.Module, state: Mapping[str, Tensor], source: Pat
     storage could otherwise claim the shapes of a large network).
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [str(k) for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    dtypes = [
-        f"{k} {state[k].dtype} vs {v.dtype}"
-        for k, v in expected.items()
-        if k in state and not _dtype_fits(state[k].dtype, v.dtype)
-    ]
-    not_dense = [str(k) for k, t in state.items() if t.layout != torch.strided or t.device.type != "cpu"]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch (checkpoint vs config): {_first(shapes, 3)}")
+    problems = state_problems({k: v.shape for k, v in expected.items()}, {k: t.shape for k, t in state.items()},
+                              "checkpoint vs config")  # fmt: skip
+    dtypes = [f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items()
+              if k in state and not _dtype_fits(state[k].dtype, v.dtype)]  # fmt: skip
     if dtypes:
-        problems.append(f"dtype mismatch (checkpoint vs config): {_first(dtypes, 3)}")
-    if not_dense:
-        problems.append(f"not dense CPU tensors: {_first(not_dense)}")
+        problems.append(f"dtype mismatch (checkpoint vs config): {first(dtypes, 3)}")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the configured generator; " + "; ".join(problems))
-    claimed = sum(t.numel() * t.element_size() for t in state.values())
-    held = sum({s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in state.values())}.values())
-    if claimed > held:
-        raise CheckpointError(
-            f"{source}: its tensors claim {claimed} bytes but hold only {held} (views that repeat or share data); "
-            "a genuine checkpoint stores every tensor's own values"
-        )
+    if problem := extent_problem(state):
+        raise CheckpointError(f"{source}: {problem}")
 
 
 def validate_config(config: GeneratorConfig, source: Path | str) -> None:

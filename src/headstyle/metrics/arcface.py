@@ -18,6 +18,7 @@ get no embedding and are counted by the caller.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import cv2
@@ -28,8 +29,9 @@ from torch import Tensor, nn
 
 from headstyle.faces.align import ffhq_quad, quad_to_crop
 from headstyle.faces.detect import Face
-from headstyle.faces.perceptual import WeightsError, read_state_dict
+from headstyle.faces.perceptual import read_state_dict
 from headstyle.metrics.fid import load_strict
+from headstyle.weight_files import WeightsError, meta_numel
 
 EMBEDDING_DIM = 512
 ARCFACE_SIZE = 112
@@ -181,6 +183,14 @@ def architecture(state: dict[str, Tensor]) -> tuple[str, int]:
     )
 
 
+@functools.cache
+def largest_numel() -> int:
+    """Values in the largest backbone this reads (counted on the meta device): a file's budget, before its names
+    tell the family and depth."""
+    builds = [functools.partial(IRSE, d) for d in IR_UNITS] + [functools.partial(IResNet, d) for d in IRESNET_UNITS]
+    return max(meta_numel(build) for build in builds)
+
+
 # ---------------------------------------------------------------------------------------------
 # Face alignment
 
@@ -226,7 +236,8 @@ class ArcFace:
     """An ArcFace backbone from a local file and the face alignment its family expects."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
-        state = read_state_dict(path)
+        state = read_state_dict(path, largest_numel(), "give model_ir_se50.pth (IR-SE50) or an insightface "
+                                "arcface_torch backbone.pth (iresnet)")  # fmt: skip
         try:
             self.family, depth = architecture(state)
         except WeightsError as exc:

@@ -1,7 +1,9 @@
 """CLIP similarities with a CLIP model from a local folder (transformers' CLIPModel layout).
 
 The folder is what ``save_pretrained`` writes, or a downloaded hub repo such as
-openai/clip-vit-large-patch14: config.json, weights, the tokenizer files and preprocessor_config.json.
+openai/clip-vit-large-patch14: config.json, model.safetensors (or its shards; other weight formats are not
+read), the tokenizer files and preprocessor_config.json. The config is checked against the weights before any
+weight is allocated (headstyle.weight_files.load_transformers).
 Nothing is downloaded. Images are quantised to uint8 (headstyle.export.to_uint8) and preprocessed by
 the folder's image processor (CLIP: shortest side resized bicubic to the model's size, centre crop,
 CLIP's mean and std); prompts are tokenised by its tokenizer (truncated to the model's context).
@@ -25,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from headstyle.export import to_uint8
-from headstyle.faces.perceptual import WeightsError
+from headstyle.weight_files import WeightsError, load_transformers
 
 
 class CLIPScorer:
@@ -34,14 +36,15 @@ class CLIPScorer:
     name = "clip"
 
     def __init__(self, folder: str | os.PathLike, device: torch.device | str = "cpu") -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
         self.path = Path(folder)
-        if not (self.path / "config.json").is_file():
-            raise WeightsError(f"{self.path}: not a CLIP folder (no config.json); give a local transformers CLIP "
-                               "folder, e.g. a download of openai/clip-vit-large-patch14")  # fmt: skip
+        hint = "give a local transformers CLIP folder, e.g. a download of openai/clip-vit-large-patch14"
+        # config and weights are compared before any weight exists (headstyle.weight_files.load_transformers)
+        self.model = load_transformers(AutoModel, self.path, WeightsError, hint)
+        if not isinstance(self.model, CLIPModel):
+            raise WeightsError(f"{self.path}: a {type(self.model).__name__}, not a CLIPModel; {hint}")
         try:
-            self.model = CLIPModel.from_pretrained(self.path, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -1,7 +1,8 @@
 """Delta D (DiffStyle360): how far stylisation moved the monocular depth of each view.
 
 A Depth Anything (V1 or V2) checkpoint in transformers' layout, from a local folder (e.g. a download
-of depth-anything/Depth-Anything-V2-Small-hf), predicts relative inverse depth for every view; its
+of depth-anything/Depth-Anything-V2-Small-hf, its weights as model.safetensors, checked against the config
+before any is allocated), predicts relative inverse depth for every view; its
 image processor resizes (V2: 518 px, multiple of 14, aspect kept) and normalises. The prediction is
 resized bilinearly back to the image size. Depth Anything's output has an unknown scale and shift
 per image, so each map is min-max normalised to [0, 1] first, n(D) = (D - min D) / (max D - min D),
@@ -25,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from headstyle.export import to_uint8
-from headstyle.faces.perceptual import WeightsError
+from headstyle.weight_files import WeightsError, load_transformers
 
 
 class DepthAnything:
@@ -35,11 +36,10 @@ class DepthAnything:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
         self.path = Path(folder)
-        if not (self.path / "config.json").is_file():
-            raise WeightsError(f"{self.path}: not a Depth Anything folder (no config.json); give a local transformers "
-                               "folder, e.g. a download of depth-anything/Depth-Anything-V2-Small-hf")  # fmt: skip
+        hint = "give a local transformers depth folder, e.g. a download of depth-anything/Depth-Anything-V2-Small-hf"
+        # config and weights are compared before any weight exists (headstyle.weight_files.load_transformers)
+        self.model = load_transformers(AutoModelForDepthEstimation, self.path, WeightsError, hint)
         try:
-            self.model = AutoModelForDepthEstimation.from_pretrained(self.path, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise WeightsError(f"{self.path}: not a loadable depth model ({type(exc).__name__}: {exc})") from None

@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headstyle.export import to_uint8
-from headstyle.faces.perceptual import WeightsError, read_state_dict
+from headstyle.faces.perceptual import read_state_dict
 from headstyle.metrics.style import frechet_distance
+from headstyle.weight_files import WeightsError, meta_numel, state_problems
 
 INPUT_SIZE = 299
 FEATURES = 2048
+FC_NUMEL = FEATURES * 1008 + 1008  # the weights files' 1008-way classifier (read within the budget, then dropped)
 BN_EPS = 1e-3
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -211,7 +213,9 @@ class FIDInception(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> FIDInception:
         """pytorch-fid's / torch-fidelity's weights (.pth read weights-only, or .safetensors)."""
-        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
+        hint = "give pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
+        state = {k: v for k, v in read_state_dict(path, meta_numel(cls) + FC_NUMEL, hint).items()
+                 if not k.startswith("fc.")}  # fmt: skip
         net = cls()
         load_strict(net, state, path, "the FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
         return net
@@ -243,13 +247,9 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.Path
         return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
 
     own, state = counted(module.state_dict()), counted(state)
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or extra or wrong:
-        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys]
-        raise WeightsError(f"{Path(path)} is not {what}: {'; '.join(parts)}")
+    problems = state_problems({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    if problems:
+        raise WeightsError(f"{Path(path)} is not {what}: {'; '.join(problems)}")
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
 

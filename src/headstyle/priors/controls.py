@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headstyle.weight_files import WeightsError, load_transformers
+
 # OpenCV's Canny fixed-point constants: tan(22.5 deg) in Q15
 _CANNY_SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
@@ -165,7 +167,8 @@ class MonocularDepth:
     def from_pretrained(
         cls, folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> MonocularDepth:
-        """Load from a local transformers folder (config.json, model.safetensors, preprocessor_config.json)."""
+        """Load from a local transformers folder (config.json, model.safetensors, preprocessor_config.json); weights
+        that do not fit the config are a WeightsError before any is allocated (headstyle.weight_files)."""
         from transformers import AutoModelForDepthEstimation
 
         path = Path(folder).expanduser()
@@ -175,7 +178,8 @@ class MonocularDepth:
                 f"network, e.g. `hf download {cls.HUB_ID} --local-dir checkpoints/Depth-Anything-V2-Base-hf`, "
                 "and pass that folder (or use the generator's rendered depth, the default)."
             )
-        model = AutoModelForDepthEstimation.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        hint = f"give a local transformers depth folder, e.g. a download of {cls.HUB_ID}"
+        model = load_transformers(AutoModelForDepthEstimation, path, WeightsError, hint, dtype=dtype).to(device)
         kwargs = {}
         pre = path / "preprocessor_config.json"
         if pre.is_file():

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from headstyle.priors.base import Branch, Control, PromptEmbeds, add_noise
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
+from headstyle.weight_files import load_diffusers, load_transformers
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -93,6 +94,17 @@ def _hub_call(fn, source: str, is_local: bool, what: str, option: str, subfolder
             where = source + ("/" + subfolder if subfolder else "")
             raise PriorLoadError(f"could not load {what} from {where} ({type(err).__name__}: {err})") from err
         raise PriorLoadError(_download_hint(source, what, option)) from err
+
+
+def _load_weights(load, cls, source: str, is_local: bool, what: str, option: str, subfolder: str | None = None, **kw):
+    """A model's weights: from a local folder through ``load`` (headstyle.weight_files.load_diffusers or
+    load_transformers: the config is checked against the stored weights before any weight exists, and a
+    missing weight is refused, not initialised), from the hub as _hub_call does."""
+    if not is_local:
+        return _hub_call(cls.from_pretrained, source, is_local, what, option, subfolder, **kw)
+    folder = Path(source) / subfolder if subfolder else Path(source)
+    return load(cls, folder, PriorLoadError, f"{option} must be a diffusers-format folder with safetensors weights "
+                f"({what})", **kw)  # fmt: skip
 
 
 def _check_model_folder(folder: Path, vae_given: bool) -> None:
@@ -237,7 +249,7 @@ class DiffusersPrior:
         vae_dtype and options (latent_sample, channels_last, offload_text_encoder): as DiffusersPrior().
         """
         from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import AutoModel, CLIPTextConfig, CLIPTokenizer
 
         device, dtype, vae_dtype = _resolve_precision(device, dtype, vae_dtype)
         controlnets = DEFAULT_CONTROLNETS if controlnets is None else controlnets
@@ -266,22 +278,16 @@ class DiffusersPrior:
             },
             os.fspath(model),
         )
-        unet = _hub_call(UNet2DConditionModel.from_pretrained, src, local, "UNet", "model", "unet", torch_dtype=dtype)
-        text_encoder = _hub_call(
-            CLIPTextModel.from_pretrained, src, local, "text encoder", "model", "text_encoder", dtype=dtype
-        )
+        unet = _load_weights(load_diffusers, UNet2DConditionModel, src, local, "UNet", "model", "unet",
+                             torch_dtype=dtype)  # fmt: skip
+        text_encoder = _load_weights(load_transformers, AutoModel, src, local, "text encoder", "model", "text_encoder",
+                                     dtype=dtype)  # fmt: skip
         tokenizer = _hub_call(CLIPTokenizer.from_pretrained, src, local, "tokenizer", "model", "tokenizer")
         scheduler = _hub_call(DDIMScheduler.from_pretrained, src, local, "scheduler", "model", "scheduler")
-        vae_model = _hub_call(AutoencoderKL.from_pretrained, vsrc, vlocal, "VAE", vopt, vsub, torch_dtype=vae_dtype)
+        vae_model = _load_weights(load_diffusers, AutoencoderKL, vsrc, vlocal, "VAE", vopt, vsub, torch_dtype=vae_dtype)
         nets = {
-            name: _hub_call(
-                ControlNetModel.from_pretrained,
-                c,
-                cl,
-                f"ControlNet {name!r}",
-                f"controlnets[{name!r}]",
-                torch_dtype=dtype,
-            )
+            name: _load_weights(load_diffusers, ControlNetModel, c, cl, f"ControlNet {name!r}",
+                                f"controlnets[{name!r}]", torch_dtype=dtype)
             for name, (c, cl) in cn_src.items()
         }
         return cls(

@@ -13,16 +13,21 @@ prior's own UNet stays the frozen content module.
 Saved folder: unet/ (a diffusers UNet2DConditionModel: config.json + safetensors weights), with LoRA
 main_lora/pytorch_lora_weights.safetensors (diffusers' LoRA format: any SD 1.5 pipeline's load_lora_weights
 reads it), and sfa_module.json (format, role, lora_rank, what it was trained from and how). Loading reads
-safetensors only.
+safetensors only, and checks before anything is built: the UNet's config and weights (by their headers)
+against the prior's UNet, and the LoRA's metadata (its rank within the targeted layers and MAX_LORA_RANK,
+a finite positive alpha, target modules as literal names, peft's defaults elsewhere) and weights against
+the layers it targets.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +35,15 @@ import torch
 from torch import nn
 
 from headstyle.io import atomic_write_text, read_format_manifest
+from headstyle.weight_files import (
+    MAX_CONFIG_BYTES,
+    first,
+    folder_safetensors,
+    folder_shapes,
+    read_config_json,
+    safetensors_header,
+    state_problems,
+)
 
 FORMAT = "headstyle-sfa-module"
 FORMAT_VERSION = 1
@@ -40,6 +54,11 @@ LORA_DIR = "main_lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA weight name
 # The main UNet's attention projections (self- and cross-attention), as diffusers' LoRA training scripts target.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+MAX_LORA_RANK = 1024
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key of the LoraConfig in the weights' header
+LORA_PREFIX = "unet."  # an SD pipeline's LoRA file names the UNet's entries so
+# LoraConfig entries that record where a config came from, not what it builds
+_LORA_BOOKKEEPING = frozenset({"peft_version"})
 
 
 class ModuleLoadError(ValueError):
@@ -104,12 +123,7 @@ class StyleAppearanceModule(nn.Module):
     def check_fits(self, unet: nn.Module, where: str) -> None:
         """Refuse a module whose UNet has another architecture than the prior's ``unet``."""
         mine, theirs = unet_signature(self.unet), unet_signature(unet)
-        if mine != theirs:
-            keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise ModuleLoadError(
-                f"{where} was trained for another base model (its UNet differs in {', '.join(keys[:5])}); "
-                "use it with the SD model it was trained on"
-            )
+        _refuse_other_base(sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)), where)
 
     def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
         """Write unet/ and sfa_module.json into ``folder`` through a hidden folder renamed when complete."""
@@ -137,6 +151,9 @@ class StyleAppearanceModule(nn.Module):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         manifest = read_manifest(folder)
+        check_unet_folder(Path(folder) / "unet", base_unet, str(folder))
+        if manifest["lora_rank"]:
+            lora_file = check_lora_file(Path(folder) / LORA_DIR, base_unet, manifest["lora_rank"])
         device, dtype = next(base_unet.parameters()).device, next(base_unet.parameters()).dtype
         try:
             unet = UNet2DConditionModel.from_pretrained(Path(folder) / "unet", use_safetensors=True, torch_dtype=dtype)
@@ -146,8 +163,62 @@ class StyleAppearanceModule(nn.Module):
         module = cls(unet.to(device).eval().requires_grad_(False), manifest["role"])
         module.check_fits(base_unet, str(folder))
         if manifest["lora_rank"]:
-            module.main = _load_lora(Path(folder) / LORA_DIR, base_unet)
+            module.main = _load_lora(lora_file, base_unet)
         return module
+
+
+def _refuse_other_base(keys: list[str], where: str) -> None:
+    """The one refusal of a module whose UNet settings ``keys`` differ from the prior's UNet."""
+    if keys:
+        raise ModuleLoadError(
+            f"{where} was trained for another base model (its UNet differs in {', '.join(keys[:5])}); "
+            "use it with the SD model it was trained on"
+        )
+
+
+def check_unet_folder(folder: Path, base_unet: nn.Module, where: str) -> None:
+    """Refuse a module's unet/ folder before it is built: a config setting it states unlike the prior's UNet,
+    or weights (read from the safetensors headers) whose names and shapes are not the prior's UNet's. So
+    building it costs what the prior's own UNet costs, and no weight is left to random initialisation."""
+    hint = "give the module folder `headstyle sfa train` wrote for this SD model"
+    config = read_config_json(folder / "config.json", ModuleLoadError, hint)
+    theirs = json.loads(json.dumps(unet_signature(base_unet)))  # tuples as JSON lists, as the file has them
+    _refuse_other_base(sorted(k for k, v in config.items() if k in theirs and v != theirs[k]), where)
+    stored = folder_shapes(folder_safetensors(folder, "diffusion_pytorch_model", ModuleLoadError, hint),
+                           ModuleLoadError, hint)  # fmt: skip
+    if problems := state_problems({k: v.shape for k, v in base_unet.state_dict().items()}, stored):
+        raise ModuleLoadError(f"{folder}: its weights are not the prior's UNet's: {'; '.join(problems)}; {hint}")
+
+
+def lora_layers(unet: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """name -> (in, out) of the Linear layers of ``unet`` that LoRA target names select as peft does for a list:
+    the name itself or its last dotted parts (matched literally, never as a pattern)."""
+    return {name: (m.in_features, m.out_features) for name, m in unet.named_modules()
+            if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)}  # fmt: skip
+
+
+def lora_problem(config: Mapping[str, Any], defaults: Mapping[str, Any], rank: int) -> str | None:
+    """What is wrong with a LoRA's saved LoraConfig (diffusers' metadata, prefix removed) for a module whose
+    manifest says ``rank``: r must be that rank (1..MAX_LORA_RANK), lora_alpha finite and positive,
+    target_modules a list of module names (letters, digits, _ between dots: not a pattern), and every other
+    setting peft's default (``defaults``: LoraConfig(r, lora_alpha, target_modules).to_dict()), so that what
+    loads is a plain LoRA of those layers. The layers themselves are checked by check_lora_file."""
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if not (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_LORA_RANK and r == rank):
+        return f"r {r!r} is not the manifest's lora_rank {rank} (at most {MAX_LORA_RANK})"
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
+        return f"lora_alpha {alpha!r} is not a finite positive number"
+    names = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    if not names or not all(part.isidentifier() or part.isdigit() for t in targets for part in t.split(".")):
+        return f"target_modules {str(targets)[:80]!r} is not a list of module names (a pattern is not read)"
+    unknown = sorted(k for k in config if k not in defaults and k not in _LORA_BOOKKEEPING)
+    if unknown:
+        return f"unknown LoraConfig settings {first(unknown, 3)}"
+    changed = sorted(k for k, v in config.items() if k not in ("r", "lora_alpha", "target_modules", *_LORA_BOOKKEEPING)
+                     and v != json.loads(json.dumps(defaults[k], default=sorted)))  # fmt: skip
+    if changed:
+        return f"LoraConfig settings {first(changed, 3)} differ from peft's defaults (only r, alpha and targets may)"
+    return None
 
 
 def _save_lora(main: nn.Module, folder: Path) -> None:
@@ -165,16 +236,50 @@ def _save_lora(main: nn.Module, folder: Path) -> None:
     )  # fmt: skip
 
 
-def _load_lora(folder: Path, base_unet: nn.Module) -> nn.Module:
-    """A frozen copy of ``base_unet`` with the LoRA adapter saved in ``folder`` (safetensors only)."""
-    if not (folder / LORA_FILE).is_file():
-        raise ModuleLoadError(f"{folder}: no {LORA_FILE}, though the manifest names a LoRA; copy the whole module")
+def check_lora_file(folder: Path, base_unet: nn.Module, rank: int) -> Path:
+    """The module's LoRA file, refused before any adapter is built unless its metadata passes lora_problem, every
+    target names a Linear layer of ``base_unet`` at least ``rank`` wide both ways, and its weights (by the
+    header) are exactly the down (r, in) and up (out, r) matrices of those layers."""
+    from peft import LoraConfig
+
+    file = folder / LORA_FILE
+    hint = "copy the whole module folder `headstyle sfa train` wrote"
+    if not file.is_file():
+        raise ModuleLoadError(f"{folder}: no {LORA_FILE}, though the manifest names a LoRA; {hint}")
+    stored, metadata = safetensors_header(file, ModuleLoadError, hint)
+    text = metadata.get(LORA_METADATA_KEY, "")
+    try:
+        saved = json.loads(text) if 0 < len(text) <= MAX_CONFIG_BYTES else None
+    except (ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ModuleLoadError(f"{file}: no readable {LORA_METADATA_KEY} (its LoraConfig) in the header; {hint}")
+    config = {k.removeprefix(LORA_PREFIX): v for k, v in saved.items() if k.startswith(LORA_PREFIX)}
+    defaults = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)).to_dict()
+    if problem := lora_problem(config, defaults, rank):
+        raise ModuleLoadError(f"{file}: {problem}; {hint}")
+    layers = lora_layers(base_unet, config["target_modules"])
+    unmatched = [t for t in config["target_modules"] if not lora_layers(base_unet, [t])]
+    narrow = [f"{name} {shape}" for name, shape in layers.items() if min(shape) < rank]
+    if unmatched or narrow:
+        what = f"targets no Linear layer of the UNet: {first(unmatched, 3)}" if unmatched else (
+            f"rank {rank} exceeds the width of {first(narrow, 3)}")  # fmt: skip
+        raise ModuleLoadError(f"{file}: {what}; {hint}")
+    expected = {f"{LORA_PREFIX}{name}.lora.{part}.weight": shape for name, (i, o) in layers.items()
+                for part, shape in (("down", (rank, i)), ("up", (o, rank)))}  # fmt: skip
+    if problems := state_problems(expected, stored):
+        raise ModuleLoadError(f"{file}: its weights are not a rank-{rank} LoRA of its targets: {'; '.join(problems)}")
+    return file
+
+
+def _load_lora(file: Path, base_unet: nn.Module) -> nn.Module:
+    """A frozen copy of ``base_unet`` with the LoRA adapter of ``file`` (checked by check_lora_file)."""
     main = copy.deepcopy(base_unet).requires_grad_(False)
     try:
-        main.load_lora_adapter(str(folder), prefix="unet", weight_name=LORA_FILE, use_safetensors=True,
+        main.load_lora_adapter(str(file.parent), prefix="unet", weight_name=file.name, use_safetensors=True,
                                adapter_name="default")  # fmt: skip
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModuleLoadError(f"{folder}/{LORA_FILE}: not a LoRA for this UNet ({type(exc).__name__})") from None
+        raise ModuleLoadError(f"{file}: not a LoRA for this UNet ({type(exc).__name__})") from None
     return main.eval()
 
 
@@ -189,6 +294,6 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != FORMAT_VERSION or manifest.get("role") not in ROLES:
         raise ModuleLoadError(f"{path}: version {manifest.get('version')} / role {manifest.get('role')!r} unknown")
     rank = manifest.setdefault("lora_rank", 0)  # modules saved before LoRA carry none
-    if not (isinstance(rank, int) and 0 <= rank <= 1024):
-        raise ModuleLoadError(f"{path}: lora_rank {rank!r} is not a rank in [0, 1024]")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank <= MAX_LORA_RANK):
+        raise ModuleLoadError(f"{path}: lora_rank {rank!r} is not a rank in [0, {MAX_LORA_RANK}]")
     return manifest

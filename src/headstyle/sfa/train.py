@@ -45,7 +45,7 @@ from headstyle.priors.base import Branch, Control
 from headstyle.priors.defaults import DEFAULT_MODEL
 from headstyle.progress import progress_bar
 from headstyle.sfa.dataset import Sample, SFADataset
-from headstyle.sfa.module import StyleAppearanceModule
+from headstyle.sfa.module import MAX_LORA_RANK, StyleAppearanceModule
 from headstyle.stylize import checkpointing
 from headstyle.stylize.outputs import MetricsLog
 from headstyle.training.lock import folder_lock
@@ -99,8 +99,8 @@ class TrainSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.lora_rank <= 1024:
-            raise ValueError(f"lora_rank must lie in [0, 1024] (0 = no LoRA), got {self.lora_rank}")
+        if not 0 <= self.lora_rank <= MAX_LORA_RANK:
+            raise ValueError(f"lora_rank must lie in [0, {MAX_LORA_RANK}] (0 = no LoRA), got {self.lora_rank}")
         if self.iterations < 0 or self.views < 1:
             raise ValueError(f"iterations must be >= 0 and views >= 1, got {self.iterations} and {self.views}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):

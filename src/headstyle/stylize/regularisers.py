@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from headstyle.weight_files import WeightsError, read_state_dict, weights_budget
 
 
 def _plane_axis_sq_dist(a: Tensor, b: Tensor) -> Tensor:
@@ -44,6 +45,15 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 # torchvision's AlexNet `features`: (index in the Sequential, out channels, kernel, stride, padding).
 _ALEX_CONVS = ((0, 64, 11, 4, 2), (3, 192, 5, 1, 2), (6, 384, 3, 1, 1), (8, 256, 3, 1, 1), (10, 256, 3, 1, 1))
 _ALEX_POOL_AFTER = (0, 3)  # a 3x3 / 2 max-pool follows the first two convolutions (after their ReLU)
+# torchvision's alexnet().classifier (256 x 6 x 6 -> 4096 -> 4096 -> 1000), in its state dicts beside the features.
+_ALEX_CLASSIFIER = ((256 * 6 * 6, 4096), (4096, 4096), (4096, 1000))
+
+
+def _alexnet_numel() -> int:
+    """Values in a torchvision AlexNet state dict (61,100,840): the file's budget."""
+    inputs = (3, *(out for _, out, *_ in _ALEX_CONVS[:-1]))
+    features = sum(out * cin * k * k + out for cin, (_, out, k, _, _) in zip(inputs, _ALEX_CONVS, strict=True))
+    return features + sum(i * o + o for i, o in _ALEX_CLASSIFIER)
 
 
 class LPIPS(nn.Module):
@@ -100,10 +110,10 @@ class LPIPS(nn.Module):
 
 
 def _read_state(path: str | Path, what: str) -> dict[str, Tensor]:
+    """A state dict (.safetensors, or a .pth read weights-only, possibly under "state_dict") of ``what``, within
+    the budget of a torchvision AlexNet's values (the larger of the two files); WeightsError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist (LPIPS needs local weights; nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    hint = f"give {what} as a plain state dict"
+    return read_state_dict(path, weights_budget(_alexnet_numel()), WeightsError, hint, ("state_dict",))
