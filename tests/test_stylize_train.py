@@ -93,6 +93,27 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def test_a_picked_checkpoint_becomes_a_generator_of_its_own(tmp_path, prior_no_controls):
+    """signals.csv names every checkpoint; resuming one with run.iterations at its iteration and another run.out
+    writes that checkpoint's weights as a generator there, and leaves the run it came from as it was."""
+    from headstyle.stylize.checkpointing import load_checkpoint
+
+    run, picked = tmp_path / "run", tmp_path / "at-2"
+    cfg = apply_overrides(StylizeConfig(), [*FAST_RUN, f"run.out={run}", "run.iterations=4",
+                                            "run.checkpoint_every=2", "run.keep_last=2"])  # fmt: skip
+    Stylizer(cfg, lab_generator(), prior_no_controls).train(progress=False)
+    final = (run / "generator.safetensors").read_bytes()
+    assert [r.split(",")[0] for r in (run / "signals.csv").read_text().splitlines()[1:]] == ["2", "4"]
+    checkpoint = run / "checkpoints" / "iter_0000002"
+    again = apply_overrides(cfg, ["run.iterations=2", f"run.out={picked}"])
+    result = Stylizer(again, lab_generator(), prior_no_controls).train(resume=checkpoint, progress=False)
+    assert result.generator_path == picked / "generator.safetensors"
+    weights = load_file(result.generator_path)
+    for name, value in load_checkpoint(checkpoint).trainable.items():
+        assert torch.equal(weights[name], value), name
+    assert (run / "generator.safetensors").read_bytes() == final
+
+
 @pytest.mark.parametrize(
     "optim",
     [
