@@ -29,6 +29,8 @@ app = typer.Typer(
 
 MAX_NEURAL_RENDERING_RESOLUTION = 1024
 MAX_DEPTH_SAMPLES = 1024
+# Seeds are what torch and numpy both take: numpy's generators refuse a negative one (or one of 2**32) with a traceback.
+SEED_END = 2**32
 
 
 class UserError(Exception):
@@ -44,13 +46,20 @@ def rerun_hint(flag: str = "", *values: str) -> str:
     return "continue it with: " + shlex.join(argv)
 
 
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed in [0, SEED_END), checked before any model loads."""
+    if not 0 <= seed < SEED_END:
+        raise UserError(f"{option} must be an integer in [0, 2**32), got {seed}")
+    return seed
+
+
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     """'0,1' -> [0, 1]: at least one integer seed in [0, 2**32)."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"{option} {text!r}: seeds are integers like 0,1") from None
-    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+    if not seeds or any(not 0 <= s < SEED_END for s in seeds):
         raise UserError(f"{option} must be integers in [0, 2**32), got {text!r}")
     return seeds
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds, rerun_hint
+from headstyle.cli.common import UserError, app, check_out_dir, check_seed, parse_numbers, parse_seeds, rerun_hint
 from headstyle.training.signals import resume_hint
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
@@ -75,6 +75,8 @@ def demo(
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
     _check_range("--eval-views", eval_views, EVAL_VIEWS)
     _check_range("--turntable-frames", turntable_frames, TURNTABLE_FRAMES)
+    check_seed(seed)
+    check_out_dir(out)
     spec = _lab_prior(prior)
     _threads(threads)
     settings = LabSettings(iterations=iterations, seed=seed, eval_identities=eval_identities, eval_views=eval_views)
@@ -156,6 +158,7 @@ def lab_bench(
         raise UserError(f"--guidance {guidance}: give a weight within [0, 100] (7.5 is SD's)")
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
     _check_range("--eval-views", eval_views, EVAL_VIEWS)
+    check_out_dir(out)
     spec = _lab_prior(prior)
     _threads(threads)
     settings = LabSettings(iterations=iterations, lr=lr, seed=seed_list[0], guidance=guidance, t_range=window,
