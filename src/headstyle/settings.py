@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import tomli_w
 
+from headstyle.input_files import TOML_SKIP, depth_problem, parse_json, parse_toml, read_text
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -122,6 +124,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if key.count(".") != 1:
         raise ConfigError(f"override key {key!r} must be section.field (e.g. run.iterations)")
     section, name = key.split(".")
+    if problem := depth_problem(raw, skip=TOML_SKIP):
+        raise ConfigError(f"override {key}: its value {problem}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except ValueError:  # not a TOML literal (TOMLDecodeError), or an integer past Python's digit limit
@@ -148,16 +152,13 @@ def dumps(data: Mapping[str, Any], fmt: str = "toml") -> str:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a TOML or (by its .json suffix) JSON file."""
+    """The nested dict of a TOML or (by its .json suffix) JSON file, within headstyle.input_files' size and depth."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     kind = "JSON" if path.suffix == ".json" else "TOML"
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # the decoders' errors are ValueErrors
-        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    text = read_text(path, ConfigError)
+    data = (parse_json if kind == "JSON" else parse_toml)(text, str(path), ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a {kind} table of sections, got {type(data).__name__}")
     return data

@@ -11,7 +11,6 @@ return the problem, or None.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -25,6 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from headstyle.input_files import read_json_object
 
 MiB = 1 << 20
 # The widest value a state dict of float weights holds (float64): a genuine file needs at most this per value.
@@ -264,15 +265,7 @@ def read_config_json(path: Path, error: ErrorType, hint: str) -> dict[str, Any]:
     """A model folder's config.json (or index): at most MAX_CONFIG_BYTES of JSON holding an object."""
     if not path.is_file():
         raise error(f"{path.parent}: no {path.name}; {hint}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise error(f"{path}: {path.stat().st_size} bytes, more than a model config has ({MAX_CONFIG_BYTES}); {hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):
-        raise error(f"{path}: not valid JSON; {hint}") from None
-    if not isinstance(config, dict):
-        raise error(f"{path}: not a JSON object; {hint}")
-    return config
+    return read_json_object(path, error, hint, max_bytes=MAX_CONFIG_BYTES)
 
 
 def folder_safetensors(folder: Path, stem: str, error: ErrorType, hint: str) -> list[Path]:

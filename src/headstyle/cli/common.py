@@ -115,17 +115,13 @@ def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
 
 
 def check_image(path: str | os.PathLike, option: str) -> None:
-    """A readable image file (PNG, JPEG, ...), checked before any model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """A readable image file (PNG, JPEG, ...) within the pixel budget, decoded once before any model loads."""
+    from headstyle.input_files import InputError, read_image
 
-    if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "no such file"
-        raise UserError(f"{option} {path}: {what}; give a PNG or JPEG image")
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{option} {path}: not a readable image ({type(exc).__name__}); give a PNG or JPEG") from None
+        read_image(path, InputError, "give a PNG or JPEG image")
+    except InputError as exc:
+        raise UserError(f"{option} {exc}") from None
 
 
 def check_render_overrides(neural_rendering_resolution: int | None, depth_samples: int | None) -> None:

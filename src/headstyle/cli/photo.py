@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app, check_out_dir, load_generator, parse_yaws, pick_device
+from headstyle.cli.common import (
+    UserError,
+    app,
+    check_image,
+    check_out_dir,
+    load_generator,
+    parse_yaws,
+    pick_device,
+)
 from headstyle.cli.mesh import check_mesh_flags, write_meshes
 
 if TYPE_CHECKING:
@@ -188,6 +196,7 @@ def project(
     out_path = check_out_dir(out)
     for option, path in (("--image", image), ("--vgg16", vgg16), ("--lpips-lin", lpips_lin)):
         _check_file(option, path)
+    check_image(image, "--image")  # here, not only once the generator has loaded
     c_np = _camera(image, camera)
     dev = pick_device(device)
     perceptual = _load_perceptual(vgg16, lpips_lin, dev)
