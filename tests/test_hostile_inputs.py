@@ -299,3 +299,19 @@ def test_demo_refuses_a_seed_out_of_range(seed, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     refused(monkeypatch, capsys, ["demo", "--prior", "exemplar", "--seed", seed, "--out", str(out)], "--seed")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["project", "--generator", "{w}", "--image", "{good}", "--seed", "-1"], "--seed"),
+        (["photo", "{good}", "--generator", "{w}", "--stylized", "{w}", "--seed", "-1"], "--seed"),
+        (["eval", "--base", "{w}", "--stylized", "{w}", "--reference-seed", "-1"], "--reference-seed"),
+        (["sfa", "dataset", "--base", "{w}", "--stylized", "{w}", "--camera-seed", "-1"], "camera_seed"),
+    ],
+)
+def test_commands_refuse_a_negative_seed(command, option, files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(w=files / "weights.pkl", good=files / "good.png") for a in command] + ["--out", str(out)]
+    refused(monkeypatch, capsys, argv, option)
+    assert not out.exists()

@@ -103,6 +103,8 @@ class DatasetSettings:
             raise ValueError(f"pitch is a range in degrees within [0, 80], got {self.pitch}")
         if not math.isfinite(self.truncation_psi):
             raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
+        if not 0 <= self.camera_seed < 2**32:  # numpy's SeedSequence refuses a negative one with a traceback
+            raise ValueError(f"camera_seed must be an integer in [0, 2**32), got {self.camera_seed}")
 
     def seeds(self, sample: int) -> tuple[int, int]:
         """(content seed, style exemplar seed) of a sample: two different identities."""
