@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from headstyle.cli import main
 from headstyle.input_files import MAX_PIXELS, InputError, depth_problem, parse_toml, pixel_problem, read_image
+from headstyle.io import content_digest
 from headstyle.lab import learned
 from headstyle.lab.bench import LabSettings, _bench_record
 from headstyle.sfa import dataset as sfa_dataset
@@ -202,6 +203,44 @@ def test_deep_module_manifest_and_model_config_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(deep_json())
     with pytest.raises(WeightsError, match=r"config\.json: it nests deeper"):
         read_config_json(tmp_path / "config.json", WeightsError, "give the model folder")
+
+
+def test_deep_sd_model_index_and_checkpoint_records_are_refused(tmp_path):
+    from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError
+    from headstyle.stylize.checkpointing import ResumeError, load_checkpoint, verify_checkpoint
+
+    model = tmp_path / "sd"
+    model.mkdir()
+    (model / "model_index.json").write_text(deep_json())
+    with pytest.raises(PriorLoadError, match=r"model_index\.json: it nests deeper"):
+        DiffusersPrior.from_pretrained(str(model), controlnets={})
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "checksums.json").write_text(deep_json())
+    assert verify_checkpoint(checkpoint) == "checksums.json is missing or unreadable (it nests deeper than 64 levels)"
+    (checkpoint / "state.json").write_text(deep_json())  # listed with its checksum: only its reader can refuse it
+    (checkpoint / "checksums.json").write_text(json.dumps({"state.json": content_digest(checkpoint / "state.json")}))
+    with pytest.raises(ResumeError, match=r"state\.json: it nests deeper"):
+        load_checkpoint(checkpoint)
+
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("log.jsonl", '{"iteration": 1}\n' + deep_json() + "\n", r"log\.jsonl, line 2: not a log entry: it nests"),
+        ("log.jsonl", '{"iteration": 1.5}\n', r"line 1: not a log entry \(field 'iteration' must be int"),
+        ("log.jsonl", "[1]\n", r"line 1: not a log entry \(not an object\)"),
+        ("log.csv", "iteration,loss\n1,0.5\nx,0.5\n", r"log\.csv, row 2: no iteration"),
+    ],
+)
+def test_a_resumed_runs_tampered_log_is_refused(name, text, message, tmp_path):
+    from headstyle.stylize.checkpointing import ResumeError
+    from headstyle.stylize.outputs import MetricsLog
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ResumeError, match=message):
+        MetricsLog(tmp_path, resume_iteration=1)
 
 
 # ---------------------------------------------------------------------------------------------- bench records
