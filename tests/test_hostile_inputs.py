@@ -354,3 +354,34 @@ def test_commands_refuse_a_negative_seed(command, option, files, tmp_path, monke
     argv = [a.format(w=files / "weights.pkl", good=files / "good.png") for a in command] + ["--out", str(out)]
     refused(monkeypatch, capsys, argv, option)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- own process
+
+PEAK_LIMIT = 1 << 30  # 1 GiB: the interpreter with torch imported, and nothing the files declare
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["align", "{in}/bomb.png"],
+        ["style-views", "--config", "{in}/deep.json"],
+        ["demo", "--prior", "exemplar", "--seed", "-1"],
+    ],
+)
+def test_a_refusal_in_its_own_process(argv, files, tmp_path):
+    """`python -m headstyle` as a user runs it: exit 2 and one line at the file descriptor, within PEAK_LIMIT."""
+    import os
+    import subprocess
+    import sys
+
+    (files / "deep.json").write_text(deep_json())
+    out, err = tmp_path / "out", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "headstyle", *(a.format(**{"in": files}) for a in argv), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with err.open("wb") as stderr:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+    lines = err.read_text().strip().splitlines()
+    assert os.waitstatus_to_exitcode(status) == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert usage.ru_maxrss * 1024 < PEAK_LIMIT and not out.exists()
