@@ -243,6 +243,28 @@ def test_a_resumed_runs_tampered_log_is_refused(name, text, message, tmp_path):
         MetricsLog(tmp_path, resume_iteration=1)
 
 
+
+def test_lab_prior_runs_with_deep_records_are_refused(tmp_path, monkeypatch, capsys):
+    from headstyle.lab.train_prior import DOMAINS, domain_name
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.json").write_text(deep_json())
+    refused(monkeypatch, capsys, ["lab", "train-prior", "--out", str(run), "--resume", "--config", "tiny"],
+            "config.json: it nests deeper")  # fmt: skip
+    for domain in DOMAINS:  # the data and vae stages look done: prior-card reads stages.json next
+        (run / "data" / f"{domain_name(domain)}.safetensors").write_bytes(b"")
+    (run / "model" / "vae").mkdir(parents=True)
+    (run / "stages.json").write_text(deep_json())
+    refused(monkeypatch, capsys, ["lab", "prior-card", "--run", str(run)], "stages.json: it nests deeper")
+    (run / "stages.json").write_text('{"decoder": {"finished": true}}')  # every stage done: the config is read
+    for name in ("unet", "controlnet-depth", "controlnet-canny"):
+        (run / "model" / name).mkdir()
+    (run / "model" / "model_index.json").write_text("{}")
+    (run / "config.json").write_text('{"unet_steps": 10, "bogus": 1}')
+    refused(monkeypatch, capsys, ["lab", "prior-card", "--run", str(run)], "unknown field 'bogus'")
+
+
 # ---------------------------------------------------------------------------------------------- bench records
 
 

@@ -233,11 +233,14 @@ def lab_prior_card(
     from headstyle.lab.train_prior import CONFIGS, STAGES, TrainPriorConfig, copy_model, stage_done
 
     folder = Path(run)
-    if not all(stage_done(folder, s) for s in STAGES):
-        raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
+    try:
+        if not all(stage_done(folder, s) for s in STAGES):
+            raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
+        cfg = TrainPriorConfig.read(folder)
+    except ValueError as err:
+        raise UserError(f"--run {run}: {err}") from None
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainPriorConfig.from_json(json.loads((folder / "config.json").read_text()))
     model = copy_model(folder, Path(out)) if out else folder / "model"
     name = next(n for n, c in CONFIGS.items() if c == cfg)
     command = f"headstyle lab train-prior --out {shlex.quote(run)} --config {name} --threads {threads or 1}"
