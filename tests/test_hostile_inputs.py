@@ -265,6 +265,30 @@ def test_lab_prior_runs_with_deep_records_are_refused(tmp_path, monkeypatch, cap
     refused(monkeypatch, capsys, ["lab", "prior-card", "--run", str(run)], "unknown field 'bogus'")
 
 
+
+@pytest.mark.parametrize(("fixture", "name"), [("clip_dir", "tokenizer_config.json"),
+                                              ("depth_dir", "preprocessor_config.json")])  # fmt: skip
+def test_a_deep_processor_or_tokenizer_file_is_refused(fixture, name, request, tmp_path):
+    import shutil
+
+    from headstyle.metrics.clip_score import CLIPScorer
+    from headstyle.metrics.depth_error import DepthAnything
+
+    folder = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(fixture), folder)
+    (folder / name).write_text(deep_json())
+    with pytest.raises(WeightsError, match=rf"{name}: it nests deeper"):
+        (CLIPScorer if fixture == "clip_dir" else DepthAnything)(folder)
+
+
+def test_the_apps_progress_skips_a_deep_log_line(tmp_path):
+    from headstyle.app.training import _last_log_entry
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 3}\n' + "[" * 4000 + "]" * 4000 + "\n")
+    assert _last_log_entry(log) == {"iteration": 3}
+
+
 # ---------------------------------------------------------------------------------------------- bench records
 
 

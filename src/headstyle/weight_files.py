@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from headstyle.input_files import read_json_object
+from headstyle.input_files import read_json, read_json_object
 
 MiB = 1 << 20
 # The widest value a state dict of float weights holds (float64): a genuine file needs at most this per value.
@@ -37,6 +37,9 @@ RECORD_ROOM = 16 * MiB
 MAX_DEFLATE_RATIO = 16
 # The largest config.json a config + weights folder may have (released ones are a few KB).
 MAX_CONFIG_BYTES = MiB
+# The JSON files transformers parses from a model folder besides config.json (processors and tokenizers).
+FOLDER_JSON = ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+               "vocab.json")  # fmt: skip
 
 ErrorType = type[ValueError]
 
@@ -266,6 +269,14 @@ def read_config_json(path: Path, error: ErrorType, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise error(f"{path.parent}: no {path.name}; {hint}")
     return read_json_object(path, error, hint, max_bytes=MAX_CONFIG_BYTES)
+
+
+def check_folder_json(folder: Path, error: ErrorType, hint: str) -> None:
+    """Every FOLDER_JSON file in ``folder`` within read_json's size and depth, checked before transformers parses
+    it (its json.load recurses once per level of nesting)."""
+    for name in FOLDER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, error, hint)
 
 
 def folder_safetensors(folder: Path, stem: str, error: ErrorType, hint: str) -> list[Path]:
