@@ -405,6 +405,20 @@ def test_commands_refuse_a_negative_seed(command, option, files, tmp_path, monke
 # ---------------------------------------------------------------------------------------------- own process
 
 PEAK_LIMIT = 1 << 30  # 1 GiB: the interpreter with torch imported, and nothing the files declare
+# `python -m headstyle ARGS` that writes its peak resident memory (VmHWM, which exec resets; a forked child's
+# ru_maxrss would still count the pytest process it was forked from) to the file in argv[1] as it exits.
+SPAWN = """
+import atexit, runpy, sys
+peak_file = sys.argv[1]
+
+def peak():
+    hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    open(peak_file, "w").write(str(int(hwm.split()[1]) * 1024))
+
+atexit.register(peak)
+sys.argv = ["headstyle", *sys.argv[2:]]
+runpy.run_module("headstyle", run_name="__main__")
+"""
 
 
 @pytest.mark.parametrize(
@@ -422,12 +436,10 @@ def test_a_refusal_in_its_own_process(argv, files, tmp_path):
     import sys
 
     (files / "deep.json").write_text(deep_json())
-    out, err = tmp_path / "out", tmp_path / "stderr.txt"
-    command = [sys.executable, "-m", "headstyle", *(a.format(**{"in": files}) for a in argv), "--out", str(out)]
+    out, peak = tmp_path / "out", tmp_path / "peak.txt"
+    command = [sys.executable, "-c", SPAWN, str(peak), *(a.format(**{"in": files}) for a in argv), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with err.open("wb") as stderr:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    lines = err.read_text().strip().splitlines()
-    assert os.waitstatus_to_exitcode(status) == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
-    assert usage.ru_maxrss * 1024 < PEAK_LIMIT and not out.exists()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert int(peak.read_text()) < PEAK_LIMIT and not out.exists()
