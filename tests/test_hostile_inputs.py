@@ -393,11 +393,15 @@ def test_demo_refuses_a_seed_out_of_range(seed, tmp_path, monkeypatch, capsys):
         (["photo", "{good}", "--generator", "{w}", "--stylized", "{w}", "--seed", "-1"], "--seed"),
         (["eval", "--base", "{w}", "--stylized", "{w}", "--reference-seed", "-1"], "--reference-seed"),
         (["sfa", "dataset", "--base", "{w}", "--stylized", "{w}", "--camera-seed", "-1"], "camera_seed"),
+        (["stylize", "--generator", "{w}", "--prompt", "a statue", "--set", "run.seed=-1"], "run.seed"),
+        (["style-views", "--generator", "{w}", "--style-image", "{good}", "--seed", "-1"], "seed must be"),
+        (["sfa", "train", "--data", "{in}", "--seed", "-1"], "seed must be"),
     ],
 )
 def test_commands_refuse_a_negative_seed(command, option, files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    argv = [a.format(w=files / "weights.pkl", good=files / "good.png") for a in command] + ["--out", str(out)]
+    values = {"w": files / "weights.pkl", "good": files / "good.png", "in": files}
+    argv = [a.format(**values) for a in command] + ["--out", str(out)]
     refused(monkeypatch, capsys, argv, option)
     assert not out.exists()
 

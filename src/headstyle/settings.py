@@ -32,6 +32,16 @@ SectionReader = Callable[[Mapping[str, Any], Any], Any]
 FieldType = Callable[[Any, Mapping[str, Mapping[str, Any]], str, str], Any]
 
 
+# Seeds are what torch and numpy both take: numpy's generators refuse a negative one (or one of 2**32) with a
+# traceback, after the models have loaded.
+SEED_END = 2**32
+
+
+def seed_problem(name: str, seed: int) -> str | None:
+    """A seed option or field outside [0, SEED_END), as a one-line message naming it."""
+    return None if 0 <= seed < SEED_END else f"{name} must be an integer in [0, 2**32), got {seed}"
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown field or holds a value of the wrong type."""
 

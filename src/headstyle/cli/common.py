@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from headstyle.settings import SEED_END, seed_problem
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -29,8 +31,6 @@ app = typer.Typer(
 
 MAX_NEURAL_RENDERING_RESOLUTION = 1024
 MAX_DEPTH_SAMPLES = 1024
-# Seeds are what torch and numpy both take: numpy's generators refuse a negative one (or one of 2**32) with a traceback.
-SEED_END = 2**32
 
 
 class UserError(Exception):
@@ -47,9 +47,9 @@ def rerun_hint(flag: str = "", *values: str) -> str:
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
-    """A seed in [0, SEED_END), checked before any model loads."""
-    if not 0 <= seed < SEED_END:
-        raise UserError(f"{option} must be an integer in [0, 2**32), got {seed}")
+    """A seed in [0, SEED_END) (headstyle.settings.seed_problem), checked before any model loads."""
+    if problem := seed_problem(option, seed):
+        raise UserError(problem)
     return seed
 
 

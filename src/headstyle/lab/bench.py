@@ -41,6 +41,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
+from headstyle.settings import SEED_END
 from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
 from headstyle.training.lock import folder_lock
@@ -532,7 +533,7 @@ def row_problem(row: dict[str | None, str | None]) -> str | None:
     if missing := [k for k in KEY_CELLS if not row.get(k)]:
         return f"column {missing[0]!r} is empty or absent"
     seed = row["seed"]
-    if not (seed.isascii() and seed.isdigit() and len(seed) <= 10 and int(seed) < 2**32):
+    if not (seed.isascii() and seed.isdigit() and len(seed) <= 10 and int(seed) < SEED_END):
         return f"column 'seed' must be an integer in [0, 2**32), got {seed[:20]!r}"
     for key, value in row.items():
         if key in (*TEXT_CELLS, "seed") or value == "":

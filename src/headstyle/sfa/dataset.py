@@ -55,6 +55,7 @@ from headstyle.generator.latents import z_from_seed
 from headstyle.input_files import MiB, parse_json, read_image, read_text
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
+from headstyle.settings import seed_problem
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
@@ -103,8 +104,8 @@ class DatasetSettings:
             raise ValueError(f"pitch is a range in degrees within [0, 80], got {self.pitch}")
         if not math.isfinite(self.truncation_psi):
             raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
-        if not 0 <= self.camera_seed < 2**32:  # numpy's SeedSequence refuses a negative one with a traceback
-            raise ValueError(f"camera_seed must be an integer in [0, 2**32), got {self.camera_seed}")
+        if problem := seed_problem("camera_seed", self.camera_seed):
+            raise ValueError(problem)
 
     def seeds(self, sample: int) -> tuple[int, int]:
         """(content seed, style exemplar seed) of a sample: two different identities."""
