@@ -168,6 +168,7 @@ def test_project_refuses_a_deep_camera_file(files, tmp_path, monkeypatch, capsys
         ("deep.json", deep_json()),
         ("latin1.toml", b"a = '\xff'"),
         ("digits.json", '{"a": ' + "7" * 5000 + "}"),
+        ("digits.toml", "a = " + "7" * 5000),
     ],
 )
 def test_style_views_refuses_a_hostile_config_file(name, text, files, tmp_path, monkeypatch, capsys):

@@ -176,8 +176,9 @@ def parse_toml(text: str, where: str, error: ErrorType, hint: str = "", max_dept
         raise error(f"{where}: {problem}{_tail(hint)}")
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{where}: not valid TOML ({exc}){_tail(hint)}") from None
+    except ValueError as exc:  # TOMLDecodeError, and the integer-digits limit's ValueError
+        reason = exc if isinstance(exc, tomllib.TOMLDecodeError) else "an integer too long to read"
+        raise error(f"{where}: not valid TOML ({reason}){_tail(hint)}") from None
 
 
 def read_json(
