@@ -32,6 +32,8 @@ MiB = 1 << 20
 # 8192 x 8192: more than any photo, style picture or dataset view a command reads (a 24 MP camera photo is 6000 x
 # 4000), and 192 MiB once decoded as RGB.
 MAX_PIXELS = 64 * MiB
+# The decoders an input image may use: raster formats PIL reads itself (EPS, for one, would run Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # Modes that convert to RGB and L; anything else (e.g. 16-bit or float channels) is refused by name.
 IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 # Manifests, configs, indices and bench records are kilobytes to a few megabytes; 16 MiB leaves room.
@@ -116,12 +118,12 @@ def read_image(
     error: ErrorType,
     hint: str = "",
     max_pixels: int = MAX_PIXELS,
-    formats: Sequence[str] | None = None,
+    formats: Sequence[str] = IMAGE_FORMATS,
 ) -> Image.Image:
     """The image at ``path``, decoded, once its header's size is within ``max_pixels`` and its mode is readable.
 
     PIL opens lazily: the size and mode come from the header, so a bomb is refused before any pixel is decoded.
-    ``formats`` (e.g. ("PNG",)) limits which decoders may open it.
+    ``formats`` (e.g. ("PNG",)) names the decoders that may open it.
     """
     from PIL import Image  # imported here: io and every floor import this module, most never read an image
 
