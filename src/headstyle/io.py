@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from headstyle.input_files import read_json_object
 
 _CHUNK = 1 << 20
 
@@ -58,13 +59,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def read_format_manifest(path: Path, fmt: str, error: type[ValueError], missing: str) -> dict:
     """The JSON object at ``path`` whose "format" is ``fmt`` (a manifest headstyle wrote), else ``error`` with one
-    line: ``missing`` when there is no file, "not JSON", or "not a <fmt> manifest". Versions are the caller's."""
+    line: ``missing`` when there is no file, what read_json_object refuses (too large, too deep, not UTF-8, not JSON,
+    not an object), or "not a <fmt> manifest". Versions are the caller's."""
     if not path.is_file():
         raise error(missing)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise error(f"{path}: not JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+    manifest = read_json_object(path, error)
+    if manifest.get("format") != fmt:
         raise error(f"{path}: not a {fmt} manifest")
     return manifest

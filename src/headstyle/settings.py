@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import tomli_w
 
+from headstyle.input_files import TOML_SKIP, depth_problem, parse_json, parse_toml, read_text
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -28,6 +30,16 @@ T = TypeVar("T")
 SectionReader = Callable[[Mapping[str, Any], Any], Any]
 # The type of section.field for overrides (given the overrides read so far), None if there is no such field.
 FieldType = Callable[[Any, Mapping[str, Mapping[str, Any]], str, str], Any]
+
+
+# Seeds are what torch and numpy both take: numpy's generators refuse a negative one (or one of 2**32) with a
+# traceback, after the models have loaded.
+SEED_END = 2**32
+
+
+def seed_problem(name: str, seed: int) -> str | None:
+    """A seed option or field outside [0, SEED_END), as a one-line message naming it."""
+    return None if 0 <= seed < SEED_END else f"{name} must be an integer in [0, 2**32), got {seed}"
 
 
 class ConfigError(ValueError):
@@ -122,6 +134,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if key.count(".") != 1:
         raise ConfigError(f"override key {key!r} must be section.field (e.g. run.iterations)")
     section, name = key.split(".")
+    if problem := depth_problem(raw, skip=TOML_SKIP):
+        raise ConfigError(f"override {key}: its value {problem}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except ValueError:  # not a TOML literal (TOMLDecodeError), or an integer past Python's digit limit
@@ -148,16 +162,13 @@ def dumps(data: Mapping[str, Any], fmt: str = "toml") -> str:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a TOML or (by its .json suffix) JSON file."""
+    """The nested dict of a TOML or (by its .json suffix) JSON file, within headstyle.input_files' size and depth."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     kind = "JSON" if path.suffix == ".json" else "TOML"
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # the decoders' errors are ValueErrors
-        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    text = read_text(path, ConfigError)
+    data = (parse_json if kind == "JSON" else parse_toml)(text, str(path), ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a {kind} table of sections, got {type(data).__name__}")
     return data

@@ -11,7 +11,6 @@ return the problem, or None.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -26,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from headstyle.input_files import read_json, read_json_object
+
 MiB = 1 << 20
 # The widest value a state dict of float weights holds (float64): a genuine file needs at most this per value.
 WIDEST_ITEMSIZE = 8
@@ -36,6 +37,9 @@ RECORD_ROOM = 16 * MiB
 MAX_DEFLATE_RATIO = 16
 # The largest config.json a config + weights folder may have (released ones are a few KB).
 MAX_CONFIG_BYTES = MiB
+# The JSON files transformers parses from a model folder besides config.json (processors and tokenizers).
+FOLDER_JSON = ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+               "vocab.json")  # fmt: skip
 
 ErrorType = type[ValueError]
 
@@ -264,15 +268,15 @@ def read_config_json(path: Path, error: ErrorType, hint: str) -> dict[str, Any]:
     """A model folder's config.json (or index): at most MAX_CONFIG_BYTES of JSON holding an object."""
     if not path.is_file():
         raise error(f"{path.parent}: no {path.name}; {hint}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise error(f"{path}: {path.stat().st_size} bytes, more than a model config has ({MAX_CONFIG_BYTES}); {hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):
-        raise error(f"{path}: not valid JSON; {hint}") from None
-    if not isinstance(config, dict):
-        raise error(f"{path}: not a JSON object; {hint}")
-    return config
+    return read_json_object(path, error, hint, max_bytes=MAX_CONFIG_BYTES)
+
+
+def check_folder_json(folder: Path, error: ErrorType, hint: str) -> None:
+    """Every FOLDER_JSON file in ``folder`` within read_json's size and depth, checked before transformers parses
+    it (its json.load recurses once per level of nesting)."""
+    for name in FOLDER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, error, hint)
 
 
 def folder_safetensors(folder: Path, stem: str, error: ErrorType, hint: str) -> list[Path]:

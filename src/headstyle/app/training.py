@@ -8,7 +8,6 @@ page follows a run by reading its folder (``read_run``); a finished run's genera
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import queue
@@ -23,6 +22,7 @@ from typing import Any
 
 from headstyle.app.config import AppConfig, LabSection
 from headstyle.app.jobs import AppError, Job, Stopped
+from headstyle.input_files import InputError, check_fields, parse_json, read_json_object
 from headstyle.io import atomic_path
 
 POLL_SECONDS = 0.5
@@ -134,7 +134,9 @@ def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> Train
 
     try:
         checkpoint = checkpointing.resolve_checkpoint(run_dir)
-        reached = int(json.loads((checkpoint / "state.json").read_text())["iteration"])
+        state = read_json_object(checkpoint / "state.json", checkpointing.ResumeError)
+        check_fields(state, {"iteration": int}, str(checkpoint / "state.json"), checkpointing.ResumeError)
+        reached = state["iteration"]
         if int(iterations) <= reached:
             raise AppError(f"{run_dir.name} is at iteration {reached}: set Iterations above {reached} to resume it")
         cfg = resolve_config(resume=checkpoint, overrides=[f"run.iterations={int(iterations)}", f"run.out={run_dir}"])
@@ -276,8 +278,8 @@ def _last_log_entry(path: Path, tail: int = 8192) -> dict[str, Any] | None:
         lines = f.read().decode("utf-8", "replace").splitlines()
     for line in reversed(lines):
         try:
-            return json.loads(line)
-        except json.JSONDecodeError:
+            return parse_json(line, str(path), InputError)
+        except InputError:  # torn, or not what the trainer writes (8 KB can nest past the parser's recursion)
             continue
     return None
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
+from headstyle.settings import seed_problem
 
 Pairing = Literal["paper", "matched"]
 PAIRINGS: tuple[str, ...] = ("paper", "matched")
@@ -74,6 +75,8 @@ class SamplingConfig:
             raise ValueError(f"steps * strength must be at least 1 denoising step, got {self.steps} * {self.strength}")
         if not (math.isfinite(self.guidance_scale) and math.isfinite(self.control_scale)):
             raise ValueError("guidance_scale and control_scale must be finite")
+        if problem := seed_problem("seed", self.seed):
+            raise ValueError(problem)
 
 
 @dataclass

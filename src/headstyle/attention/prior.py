@@ -15,24 +15,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 
 from headstyle.attention.banks import ReferenceBank, reference_latents, write_bank
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.install import install_style_fusion
 from headstyle.attention.processors import StyleFusionState
+from headstyle.input_files import InputError, read_image
 from headstyle.priors.base import Branch, PromptEmbeds
 from headstyle.priors.diffusers_prior import DiffusersPrior
 
 
 def load_image(path: str | os.PathLike, size: int, mode: str = "RGB") -> Tensor:
     """An image file as a (1, C, size, size) float tensor: RGB in [-1, 1], or a mask ("L") in [0, 1]."""
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+    img = read_image(path, InputError, "give a PNG or JPEG image")
+    arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
     x = torch.from_numpy(arr / 255.0).reshape(size, size, -1).permute(2, 0, 1)[None]
     return x * 2 - 1 if mode == "RGB" else x
 

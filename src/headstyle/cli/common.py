@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from headstyle.settings import SEED_END, seed_problem
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -44,13 +46,20 @@ def rerun_hint(flag: str = "", *values: str) -> str:
     return "continue it with: " + shlex.join(argv)
 
 
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed in [0, SEED_END) (headstyle.settings.seed_problem), checked before any model loads."""
+    if problem := seed_problem(option, seed):
+        raise UserError(problem)
+    return seed
+
+
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     """'0,1' -> [0, 1]: at least one integer seed in [0, 2**32)."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"{option} {text!r}: seeds are integers like 0,1") from None
-    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+    if not seeds or any(not 0 <= s < SEED_END for s in seeds):
         raise UserError(f"{option} must be integers in [0, 2**32), got {text!r}")
     return seeds
 
@@ -106,17 +115,13 @@ def check_out_dir(out: str | os.PathLike, option: str = "--out") -> Path:
 
 
 def check_image(path: str | os.PathLike, option: str) -> None:
-    """A readable image file (PNG, JPEG, ...), checked before any model loads."""
-    from PIL import Image, UnidentifiedImageError
+    """A readable image file (PNG, JPEG, ...) within the pixel budget, decoded once before any model loads."""
+    from headstyle.input_files import InputError, read_image
 
-    if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "no such file"
-        raise UserError(f"{option} {path}: {what}; give a PNG or JPEG image")
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{option} {path}: not a readable image ({type(exc).__name__}); give a PNG or JPEG") from None
+        read_image(path, InputError, "give a PNG or JPEG image")
+    except InputError as exc:
+        raise UserError(f"{option} {exc}") from None
 
 
 def check_render_overrides(neural_rendering_resolution: int | None, depth_samples: int | None) -> None:

@@ -94,7 +94,14 @@ def eval_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Score a stylised generator against its base: identity, CLIP, FID/KID, Delta D, multi-view consistency."""
-    from headstyle.cli.common import check_out_dir, check_render_overrides, parse_seeds, parse_yaws, pick_device
+    from headstyle.cli.common import (
+        check_out_dir,
+        check_render_overrides,
+        check_seed,
+        parse_seeds,
+        parse_yaws,
+        pick_device,
+    )
     from headstyle.faces.perceptual import WeightsError
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import WeightPaths, check_paths, load_scorers
@@ -130,6 +137,7 @@ def eval_command(
         raise UserError("--prior makes the reference set by img2img with the style prompt: give --prompt too")
     if prior is not None and not Path(prior).is_dir() and (Path(prior).exists() or prior.count("/") != 1):
         raise UserError(f"--prior {prior}: not a diffusers model folder or a hub id (owner/name)")
+    check_seed(reference_seed, "--reference-seed")
     try:
         reference = ReferenceSettings(prompt or "", negative_prompt, reference_steps, reference_start,
                                       reference_guidance, reference_seed)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli.common import UserError, app, parse_numbers, parse_seeds, rerun_hint
+from headstyle.cli.common import UserError, app, check_out_dir, check_seed, parse_numbers, parse_seeds, rerun_hint
 from headstyle.training.signals import resume_hint
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
@@ -75,6 +75,8 @@ def demo(
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
     _check_range("--eval-views", eval_views, EVAL_VIEWS)
     _check_range("--turntable-frames", turntable_frames, TURNTABLE_FRAMES)
+    check_seed(seed)
+    check_out_dir(out)
     spec = _lab_prior(prior)
     _threads(threads)
     settings = LabSettings(iterations=iterations, seed=seed, eval_identities=eval_identities, eval_views=eval_views)
@@ -156,6 +158,7 @@ def lab_bench(
         raise UserError(f"--guidance {guidance}: give a weight within [0, 100] (7.5 is SD's)")
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
     _check_range("--eval-views", eval_views, EVAL_VIEWS)
+    check_out_dir(out)
     spec = _lab_prior(prior)
     _threads(threads)
     settings = LabSettings(iterations=iterations, lr=lr, seed=seed_list[0], guidance=guidance, t_range=window,
@@ -230,11 +233,14 @@ def lab_prior_card(
     from headstyle.lab.train_prior import CONFIGS, STAGES, TrainPriorConfig, copy_model, stage_done
 
     folder = Path(run)
-    if not all(stage_done(folder, s) for s in STAGES):
-        raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
+    try:
+        if not all(stage_done(folder, s) for s in STAGES):
+            raise UserError(f"--run {run} is not a finished `headstyle lab train-prior` run; finish it with --resume")
+        cfg = TrainPriorConfig.read(folder)
+    except ValueError as err:
+        raise UserError(f"--run {run}: {err}") from None
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainPriorConfig.from_json(json.loads((folder / "config.json").read_text()))
     model = copy_model(folder, Path(out)) if out else folder / "model"
     name = next(n for n, c in CONFIGS.items() if c == cfg)
     command = f"headstyle lab train-prior --out {shlex.quote(run)} --config {name} --threads {threads or 1}"

@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app, check_out_dir, load_generator, parse_yaws, pick_device
+from headstyle.cli.common import (
+    UserError,
+    app,
+    check_image,
+    check_out_dir,
+    check_seed,
+    load_generator,
+    parse_yaws,
+    pick_device,
+)
 from headstyle.cli.mesh import check_mesh_flags, write_meshes
 
 if TYPE_CHECKING:
@@ -185,9 +194,11 @@ def project(
                       neural_rendering_resolution=neural_rendering_resolution)
     if pti < 0:
         raise UserError(f"--pti must be 0 (none) or a number of steps, got {pti}")
+    check_seed(seed)
     out_path = check_out_dir(out)
     for option, path in (("--image", image), ("--vgg16", vgg16), ("--lpips-lin", lpips_lin)):
         _check_file(option, path)
+    check_image(image, "--image")  # here, not only once the generator has loaded
     c_np = _camera(image, camera)
     dev = pick_device(device)
     perceptual = _load_perceptual(vgg16, lpips_lin, dev)
@@ -252,6 +263,7 @@ def photo(
     yaw_list = parse_yaws(yaws)
     if turntable < 0 or not math.isfinite(pitch):
         raise UserError("--turntable must be >= 0 and --pitch a finite number")
+    check_seed(seed)
     mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
     out_path = check_out_dir(out)
     for option, path in (("photo", image), ("--generator", generator), ("--stylized", stylized), ("--vgg16", vgg16),

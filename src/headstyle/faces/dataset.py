@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from headstyle.input_files import MiB, read_json_object
+
+# A whole recropped FFHQ-sized dataset's labels (25 six-decimal strings per image) is about 30 MB.
+MAX_DATASET_JSON_BYTES = 256 * MiB
+
 
 def dataset_json(labels: Iterable[tuple[str, np.ndarray]]) -> str:
     """The dataset.json text for (file name, 25-vector) pairs, formatted as PanoHead writes it."""
@@ -26,14 +31,11 @@ def read_camera(path: str | os.PathLike, image_name: str) -> np.ndarray:
     Raises ValueError naming the file and the problem.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        labels = data["labels"]
-        table = {Path(str(name)).name: values for name, values in labels}
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: not a PanoHead dataset.json ({type(exc).__name__}: {exc})") from None
+    data = read_json_object(path, ValueError, "give PanoHead's dataset.json", max_bytes=MAX_DATASET_JSON_BYTES)
+    labels = data.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 for e in labels):
+        raise ValueError(f"{path}: not a PanoHead dataset.json (field 'labels' must be a list of [name, label] pairs)")
+    table = {Path(str(name)).name: values for name, values in labels}
     name = Path(image_name).name
     if name not in table:
         raise ValueError(f"{path}: no label for {name!r} (labels: {', '.join(sorted(table)[:5])})")

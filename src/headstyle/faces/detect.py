@@ -14,7 +14,9 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps
+
+from headstyle.input_files import read_image
 
 LANDMARK_MODEL = "shape_predictor_68_face_landmarks.dat"
 MODELS_PACKAGE = "face_recognition_models"
@@ -42,15 +44,8 @@ class Face:
 
 def load_photo(path: str | os.PathLike) -> np.ndarray:
     """An RGB uint8 (H, W, 3) array from an image file, turned upright by its EXIF orientation."""
-    path = Path(path)
-    if not path.is_file():
-        raise PhotoError(f"{path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise PhotoError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); give a JPEG or PNG") from None
+    image = read_image(path, PhotoError, "give a JPEG or PNG")
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def model_path(name: str) -> Path:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from headstyle.generator.schema import SchemaError, check_generator_config, plain_data
+from headstyle.input_files import read_json
 from headstyle.io import atomic_path
 from headstyle.weight_files import (
     extent_problem,
@@ -422,13 +423,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (the JSON config that goes with the weights)") from None
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, too many digits
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
-        raise CheckpointError(f"{path}: not valid JSON ({reason})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the JSON config that goes with the weights)")
+    return read_json(path, CheckpointError)
 
 
 def config_from_json(data: Any, path: Path) -> GeneratorConfig:

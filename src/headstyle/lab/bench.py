@@ -34,12 +34,14 @@ import torch
 from torch import Tensor
 
 from headstyle.export import save_figure
+from headstyle.input_files import check_fields, read_json_object, read_text
 from headstyle.io import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
+from headstyle.settings import SEED_END
 from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
 from headstyle.training.lock import folder_lock
@@ -501,7 +503,14 @@ def _write_tables(result: BenchResult, out: Path) -> None:
 
 
 class BenchResumeError(ValueError):
-    """--resume on a folder whose bench used another prior or other settings."""
+    """--resume on a folder whose bench used another prior or other settings, or whose records are damaged."""
+
+
+# What a resumed bench reads back: runs.csv and curves.csv are a few kilobytes per run.
+MAX_TABLE_BYTES = 64 << 20
+TEXT_CELLS = ("style", "variant", "optimizer", "error")
+KEY_CELLS = ("style", "variant", "optimizer", "seed")
+DAMAGED = "this folder's records are damaged: run the bench into a new --out"
 
 
 def _run_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -516,14 +525,40 @@ def _bench_record(spec: LabPriorSpec, settings: LabSettings) -> dict[str, Any]:
     return {"prior": spec.name, "prior_weights_sha256": spec.weights_sha256(), "settings": record}
 
 
+def row_problem(row: dict[str | None, str | None]) -> str | None:
+    """What keeps a csv.DictReader row of runs.csv / curves.csv from being one _csv wrote: a cell more or fewer
+    than the header, a run key missing, a seed that is not an integer in [0, 2**32), another cell not a number."""
+    if None in row or None in row.values():
+        return "it has another number of cells than the header"
+    if missing := [k for k in KEY_CELLS if not row.get(k)]:
+        return f"column {missing[0]!r} is empty or absent"
+    seed = row["seed"]
+    if not (seed.isascii() and seed.isdigit() and len(seed) <= 10 and int(seed) < SEED_END):
+        return f"column 'seed' must be an integer in [0, 2**32), got {seed[:20]!r}"
+    for key, value in row.items():
+        if key in (*TEXT_CELLS, "seed") or value == "":
+            continue
+        try:
+            float(value)
+        except ValueError:
+            return f"column {key!r} must be a number, got {value[:20]!r}"
+    return None
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """A runs.csv / curves.csv written by _csv: names stay text, the seed an int, every other filled cell a float."""
+    """A runs.csv / curves.csv written by _csv: names stay text, the seed an int, every other filled cell a float;
+    anything else is refused (BenchResumeError) naming the row and column."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    text = ("style", "variant", "optimizer", "error")
-    return [{k: (v if k in text else int(v) if k == "seed" else float(v)) for k, v in r.items() if v != ""}
+    text = read_text(path, BenchResumeError, DAMAGED, max_bytes=MAX_TABLE_BYTES)
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise BenchResumeError(f"{path}: not a CSV table ({exc}); {DAMAGED}") from None
+    for number, row in enumerate(rows, start=1):
+        if problem := row_problem(row):
+            raise BenchResumeError(f"{path}, row {number}: {problem}; {DAMAGED}")
+    return [{k: (v if k in TEXT_CELLS else int(v) if k == "seed" else float(v)) for k, v in r.items() if v != ""}
             for r in rows]  # fmt: skip
 
 
@@ -533,7 +568,8 @@ def _resumed(out: Path, prior: str, want: dict[str, Any]) -> BenchResult:
     record_path = out / "bench.json"
     if not record_path.is_file():
         return BenchResult(prior=prior)
-    record = json.loads(record_path.read_text())
+    record = read_json_object(record_path, BenchResumeError, DAMAGED)
+    check_fields(record, {"settings": dict}, str(record_path), BenchResumeError)
     if record != want:
         changed = sorted(k for k in {**record["settings"], **want["settings"]}
                          if record["settings"].get(k) != want["settings"].get(k))  # fmt: skip

@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headstyle.distill.shaping import tile_2x2
+from headstyle.input_files import MiB, check_fields, parse_json, read_json_object, read_text
 from headstyle.io import atomic_path, atomic_write_text
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
@@ -63,6 +64,9 @@ STAGES = ("data", "vae", "decoder", "unet", "controlnet")
 # so it may run beside the UNet stage.
 NEEDS = {"data": (), "vae": ("data",), "decoder": ("vae",), "unet": ("vae",), "controlnet": ("unet",)}
 CONTROLNETS = ("depth", "canny")  # depth: on 2x2 grids (the grid branch); canny: on single views
+# What a damaged run folder's refusal suggests, and the most of its train_log.jsonl a resume reads.
+RUN_HINT = "the run folder was changed by hand: start again in a new --out"
+MAX_LOG_BYTES = 256 * MiB
 # Several phrasings per domain; the first is the lab's prompt (world.style_prompt).
 PHRASINGS: dict[str | None, tuple[str, ...]] = {
     None: (style_prompt(None), "a head", "a photo of a person"),
@@ -122,8 +126,12 @@ class TrainPriorConfig:
     scale_samples: int = 512  # images whose latents set the VAE's scaling factor
 
     @classmethod
-    def from_json(cls, values: dict) -> TrainPriorConfig:
-        """The config saved in a run's config.json (JSON lists back to tuples)."""
+    def read(cls, out: Path) -> TrainPriorConfig:
+        """The config a run saved in out/config.json (JSON lists back to tuples); ValueError in one line when that
+        is not a JSON object of this config's fields."""
+        values = read_json_object(out / "config.json", ValueError, RUN_HINT)
+        if unknown := sorted(set(values) - {f.name for f in fields(cls)}):
+            raise ValueError(f"{out / 'config.json'}: unknown field {unknown[0]!r}; {RUN_HINT}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -691,7 +699,7 @@ def train_prior(out: Path, cfg: TrainPriorConfig, stage: str = "all", progress: 
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.json"
     if config_file.is_file():
-        if json.loads(config_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        if read_json_object(config_file, ValueError, RUN_HINT) != json.loads(json.dumps(asdict(cfg))):
             raise ValueError(f"{out} was started with another configuration ({config_file}); use a new --out")
     else:
         atomic_write_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
@@ -744,14 +752,22 @@ def _truncate_log(out: Path, stage: str, step: int) -> None:
     log = out / "train_log.jsonl"
     if not log.is_file():
         return
-    lines = log.read_text(encoding="utf-8").splitlines()
-    keep = [ln for ln in lines if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+    lines = read_text(log, ValueError, max_bytes=MAX_LOG_BYTES).splitlines()
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        where = f"{log}, line {number}"
+        entry = parse_json(line, where, ValueError, RUN_HINT)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: not a log entry (not an object); {RUN_HINT}")
+        check_fields(entry, {"stage": str, "step": int}, where, ValueError)
+        if not (entry["stage"] == stage and entry["step"] > step):
+            keep.append(line)
     atomic_write_text(log, "".join(ln + "\n" for ln in keep))
 
 
 def read_stages(out: Path) -> dict[str, dict]:
     path = out / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path, ValueError, RUN_HINT) if path.is_file() else {}
 
 
 def _add_seconds(out: Path, stage: str, seconds: float) -> None:
@@ -781,7 +797,7 @@ def snapshot(out: Path, dest: Path) -> Path:
     it trains): the UNet from checkpoints/unet.pt unless finished; ControlNets from theirs, or fresh (zero) ones."""
     from diffusers import UNet2DConditionModel
 
-    cfg = TrainPriorConfig.from_json(json.loads((out / "config.json").read_text()))
+    cfg = TrainPriorConfig.read(out)
     model = out / "model"
     dest.mkdir(parents=True, exist_ok=True)
     for sub in ("vae", "text_encoder", "tokenizer"):

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from headstyle.export import to_uint8
-from headstyle.weight_files import WeightsError, load_transformers
+from headstyle.weight_files import WeightsError, check_folder_json, load_transformers
 
 
 class CLIPScorer:
@@ -44,6 +44,7 @@ class CLIPScorer:
         self.model = load_transformers(AutoModel, self.path, WeightsError, hint)
         if not isinstance(self.model, CLIPModel):
             raise WeightsError(f"{self.path}: a {type(self.model).__name__}, not a CLIPModel; {hint}")
+        check_folder_json(self.path, WeightsError, hint)
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from headstyle.export import to_uint8
-from headstyle.weight_files import WeightsError, load_transformers
+from headstyle.weight_files import WeightsError, check_folder_json, load_transformers
 
 
 class DepthAnything:
@@ -39,6 +39,7 @@ class DepthAnything:
         hint = "give a local transformers depth folder, e.g. a download of depth-anything/Depth-Anything-V2-Small-hf"
         # config and weights are compared before any weight exists (headstyle.weight_files.load_transformers)
         self.model = load_transformers(AutoModelForDepthEstimation, self.path, WeightsError, hint)
+        check_folder_json(self.path, WeightsError, hint)
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from headstyle.distill.objectives import cfg
 from headstyle.distill.shaping import resize_to
 from headstyle.export import save_image, to_uint8
+from headstyle.input_files import InputError, read_image, read_json_object
 from headstyle.priors.base import Branch
 from headstyle.priors.diffusers_prior import DiffusersPrior
 
@@ -95,13 +95,17 @@ def img2img(prior: DiffusersPrior, image: Tensor, settings: ReferenceSettings, g
 
 
 def _read_cached(folder: Path, key: str, count: int) -> Tensor | None:
+    """The cached edits, or None when the folder holds no complete cache of ``key`` (a damaged one is rewritten)."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
-    info = json.loads(manifest.read_text())
-    if info.get("key") != key or info.get("count") != count:
+    try:
+        info = read_json_object(manifest, InputError)
+        if info.get("key") != key or info.get("count") != count:
+            return None
+        arrays = [np.asarray(read_image(folder / f"ref_{i:04d}.png", InputError).convert("RGB")) for i in range(count)]
+    except InputError:
         return None
-    arrays = [np.asarray(Image.open(folder / f"ref_{i:04d}.png").convert("RGB")) for i in range(count)]
     return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() - 128) / 127.5
 
 

@@ -6,7 +6,6 @@ the format diffusers' SD ControlNets expect.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headstyle.input_files import read_json_object
 from headstyle.weight_files import WeightsError, load_transformers
 
 # OpenCV's Canny fixed-point constants: tan(22.5 deg) in Q15
@@ -183,7 +183,7 @@ class MonocularDepth:
         kwargs = {}
         pre = path / "preprocessor_config.json"
         if pre.is_file():
-            cfg = json.loads(pre.read_text())
+            cfg = read_json_object(pre, WeightsError, hint)
             size = cfg.get("size", {})
             kwargs = {
                 "mean": tuple(cfg.get("image_mean", (0.485, 0.456, 0.406))),

@@ -10,7 +10,6 @@ elsewhere), so one call serves e.g. a canny-controlled view and a depth-controll
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headstyle.input_files import read_json_object
 from headstyle.priors.base import Branch, Control, PromptEmbeds, add_noise
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
 from headstyle.weight_files import load_diffusers, load_transformers
@@ -110,7 +110,7 @@ def _load_weights(load, cls, source: str, is_local: bool, what: str, option: str
 def _check_model_folder(folder: Path, vae_given: bool) -> None:
     index = folder / "model_index.json"
     if index.is_file():
-        cls_name = json.loads(index.read_text()).get("_class_name", "")
+        cls_name = str(read_json_object(index, PriorLoadError, "give a diffusers model folder").get("_class_name", ""))
         if "XL" in cls_name or "StableDiffusion3" in cls_name or "Flux" in cls_name:
             raise PriorLoadError(
                 f"{folder} holds a {cls_name} model; this prior needs a Stable Diffusion 1.x-family model "

@@ -52,8 +52,10 @@ from headstyle.attention.config import REFERENCE_YAWS
 from headstyle.cameras import cameras, conditioning_camera
 from headstyle.generator.base import Generator
 from headstyle.generator.latents import z_from_seed
+from headstyle.input_files import MiB, parse_json, read_image, read_text
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
+from headstyle.settings import seed_problem
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
@@ -66,6 +68,8 @@ ARRAYS = "arrays.safetensors"
 STYLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Two identities closer than this in z are the same identity (z entries are N(0, 1) draws).
 LEAK_DISTANCE = 1e-3
+# An index line is about 80 bytes: room for 800 000 samples.
+MAX_INDEX_BYTES = 64 * MiB
 
 
 class DatasetError(ValueError):
@@ -100,6 +104,8 @@ class DatasetSettings:
             raise ValueError(f"pitch is a range in degrees within [0, 80], got {self.pitch}")
         if not math.isfinite(self.truncation_psi):
             raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
+        if problem := seed_problem("camera_seed", self.camera_seed):
+            raise ValueError(problem)
 
     def seeds(self, sample: int) -> tuple[int, int]:
         """(content seed, style exemplar seed) of a sample: two different identities."""
@@ -151,13 +157,10 @@ class Sample:
 
 def _read_png(path: Path) -> Tensor:
     """An RGB PNG as a (3, H, W) float tensor in [-1, 1] (exactly the uint8 values written)."""
-    try:
-        with Image.open(path) as img:
-            if img.format != "PNG" or img.mode != "RGB":
-                raise DatasetError(f"{path}: expected an RGB PNG, got {img.format} {img.mode}")
-            arr = np.asarray(img, dtype=np.uint8)
-    except OSError as exc:
-        raise DatasetError(f"{path}: not a readable PNG ({exc}); rewrite it with `headstyle sfa dataset`") from None
+    img = read_image(path, DatasetError, "rewrite it with `headstyle sfa dataset`", formats=("PNG",))
+    if img.mode != "RGB":
+        raise DatasetError(f"{path}: expected an RGB PNG, got {img.mode}; rewrite it with `headstyle sfa dataset`")
+    arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -176,17 +179,12 @@ def read_index(root: Path) -> list[Record]:
     path = root / INDEX
     if not path.is_file():
         return []
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DatasetError, max_bytes=MAX_INDEX_BYTES)
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is empty or a torn write
-    records = []
-    for number, line in enumerate(complete, start=1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            raise DatasetError(f"{path}, line {number}: not JSON; delete that line and resume the writer") from None
-        records.append(_record(entry, f"{path}, line {number}"))
-    return records
+    hint = "delete that line and resume the writer"
+    return [_record(parse_json(line, f"{path}, line {number}", DatasetError, hint), f"{path}, line {number}")
+            for number, line in enumerate(complete, start=1)]  # fmt: skip
 
 
 class SFADataset:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from headstyle.input_files import parse_json
 from headstyle.io import atomic_write_text, read_format_manifest
 from headstyle.weight_files import (
     MAX_CONFIG_BYTES,
@@ -248,10 +249,9 @@ def check_lora_file(folder: Path, base_unet: nn.Module, rank: int) -> Path:
         raise ModuleLoadError(f"{folder}: no {LORA_FILE}, though the manifest names a LoRA; {hint}")
     stored, metadata = safetensors_header(file, ModuleLoadError, hint)
     text = metadata.get(LORA_METADATA_KEY, "")
-    try:
-        saved = json.loads(text) if 0 < len(text) <= MAX_CONFIG_BYTES else None
-    except (ValueError, RecursionError):
-        saved = None
+    if not 0 < len(text) <= MAX_CONFIG_BYTES:
+        raise ModuleLoadError(f"{file}: no readable {LORA_METADATA_KEY} (its LoraConfig) in the header; {hint}")
+    saved = parse_json(text, f"{file}: {LORA_METADATA_KEY}", ModuleLoadError, hint)
     if not isinstance(saved, dict):
         raise ModuleLoadError(f"{file}: no readable {LORA_METADATA_KEY} (its LoraConfig) in the header; {hint}")
     config = {k.removeprefix(LORA_PREFIX): v for k, v in saved.items() if k.startswith(LORA_PREFIX)}

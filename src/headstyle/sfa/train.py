@@ -105,6 +105,8 @@ class TrainSection:
             raise ValueError(f"iterations must be >= 0 and views >= 1, got {self.iterations} and {self.views}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"lr must be positive and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if problem := settings.seed_problem("seed", self.seed):
+            raise ValueError(problem)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from headstyle.input_files import InputError, read_json_object
 from headstyle.io import atomic_path, atomic_write_text, content_digest
 
 CHECKPOINT_DIR = "checkpoints"
@@ -75,10 +76,10 @@ def clear_run(run_dir: str | Path) -> None:
 def verify_checkpoint(path: Path) -> str | None:
     """None when every file of the checkpoint matches checksums.json, else what is wrong."""
     try:
-        expected = json.loads((path / CHECKSUMS).read_text())
-    except (OSError, ValueError):
-        return f"{CHECKSUMS} is missing or unreadable"
-    if not isinstance(expected, dict) or "state.json" not in expected:
+        expected = read_json_object(path / CHECKSUMS, InputError)
+    except InputError as exc:
+        return f"{CHECKSUMS} is missing or unreadable ({str(exc).removeprefix(f'{path / CHECKSUMS}: ')})"
+    if "state.json" not in expected:
         return f"{CHECKSUMS} does not list the checkpoint's files"
     for name, digest in expected.items():
         file = path / str(name)
@@ -264,7 +265,7 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> LoadedCheckpoint:
     """Read a checkpoint for process ``rank`` (safetensors + JSON only; nothing is executed)."""
     path = resolve_checkpoint(path)
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_json_object(path / "state.json", ResumeError)
     if meta["world_size"] != world_size:
         raise ResumeError(
             f"{path} was written by {meta['world_size']} processes and is resumed with {world_size}; "
@@ -272,7 +273,7 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> Loa
             f"(accelerate launch --num_processes {meta['world_size']})"
         )
     rank_state = RankState(
-        load_file(str(path / f"rank{rank}.safetensors")), json.loads((path / f"rank{rank}.json").read_text())
+        load_file(str(path / f"rank{rank}.safetensors")), read_json_object(path / f"rank{rank}.json", ResumeError)
     )
     return LoadedCheckpoint(
         path=path,

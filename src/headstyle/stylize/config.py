@@ -22,7 +22,7 @@ from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.io import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
-from headstyle.settings import ConfigError
+from headstyle.settings import SEED_END, ConfigError
 
 
 @dataclass
@@ -248,6 +248,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "single.pitch_range": (0.0, 90.0),
     "grid.pitch_range": (0.0, 90.0),
     "run.sample_pitch": (-90.0, 90.0),
+    "run.seed": (0, SEED_END - 1),  # numpy's SeedSequence (each process's seed) refuses a negative one
     "latent.truncation_psi": (-2.0, 2.0),
     "prompt.guidance_scale": (0.0, 100.0),
     "optim.beta1": (0.0, 0.999999),

@@ -14,9 +14,13 @@ from torch import Tensor
 
 from headstyle import cameras, export
 from headstyle.generator.base import Generator
+from headstyle.input_files import MiB, field_problem, parse_json, read_text
 from headstyle.io import atomic_write_text
 from headstyle.stylize.checkpointing import ResumeError
 from headstyle.stylize.config import StylizeConfig, conditioning_camera
+
+# A resumed run's logs are read whole: a line per iteration, 10 000 iterations of a few hundred bytes each.
+MAX_LOG_BYTES = 256 * MiB
 
 
 class MetricsLog:
@@ -44,22 +48,26 @@ class MetricsLog:
 
     def _truncate(self, iteration: int) -> None:
         """Drop entries written after the checkpoint we resume from (they are recomputed)."""
+        hint = "the file is torn: delete that line (or the log) and resume again"
         if self.jsonl.is_file():
             keep = []
-            for number, line in enumerate(self.jsonl.read_text().splitlines(), start=1):
-                try:
-                    entry_iteration = int(json.loads(line)["iteration"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ResumeError(
-                        f"{self.jsonl}, line {number}: not a log entry ({type(exc).__name__}); the file is torn: "
-                        "delete that line (or the log) and resume again"
-                    ) from None
-                if entry_iteration <= iteration:
+            text = read_text(self.jsonl, ResumeError, max_bytes=MAX_LOG_BYTES)
+            for number, line in enumerate(text.splitlines(), start=1):
+                where = f"{self.jsonl}, line {number}: not a log entry"
+                entry = parse_json(line, where, ResumeError, hint)
+                problem = field_problem(entry, "iteration", int) if isinstance(entry, dict) else "not an object"
+                if problem:
+                    raise ResumeError(f"{where} ({problem}); {hint}")
+                if entry["iteration"] <= iteration:
                     keep.append(line)
             atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in keep))
         if self.csv.is_file():
-            with self.csv.open(newline="") as fh:
-                rows = list(csv.reader(fh))
+            text = read_text(self.csv, ResumeError, max_bytes=MAX_LOG_BYTES)
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+            torn = next((n for n, r in enumerate(rows[1:], start=1) if not (r and r[0].isascii() and r[0].isdigit())),
+                        None)  # fmt: skip
+            if torn is not None:
+                raise ResumeError(f"{self.csv}, row {torn}: no iteration in its first cell; {hint}")
             out = io.StringIO()
             writer = csv.writer(out)
             writer.writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= iteration])
