@@ -25,6 +25,7 @@ from headstyle.stylize.factory import build_lpips
 from headstyle.stylize.presets import PROMPTS, preset, resolve_config
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 from headstyle.stylize.trainer import Stylizer
+from headstyle.weight_files import WeightsError
 
 
 def _non_default_config() -> StylizeConfig:
@@ -209,8 +210,12 @@ def test_lpips_from_local_weights(tmp_path):
     bad = load_file(str(lin))
     bad["lin2.model.1.weight"] = torch.ones(1, 7, 1, 1)
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="lin2 must be"):
+    with pytest.raises(WeightsError, match=r"shape mismatch \(file vs model\): lin2.model.1.weight \(1, 7, 1, 1\)"):
         LPIPS.from_files(alex, tmp_path / "bad.safetensors")
+    partial = {k: v for k, v in torch.load(alex, weights_only=True).items() if k != "features.8.bias"}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match=r"missing keys: features\.8\.bias"):  # was a KeyError traceback
+        LPIPS.from_files(tmp_path / "partial.pth", lin)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         LPIPS.from_files(tmp_path / "missing.pth", lin)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.weight_files import WeightsError, read_state_dict, weights_budget
+from headstyle.weight_files import WeightsError, read_state_dict, state_problems, weights_budget
 
 
 def _plane_axis_sq_dist(a: Tensor, b: Tensor) -> Tensor:
@@ -78,16 +78,15 @@ class LPIPS(nn.Module):
         self.lins = nn.ParameterList(
             [nn.Parameter(linear[f"lin{i}.model.1.weight"].float()) for i in range(len(_ALEX_CONVS))]
         )
-        for i, (conv, lin) in enumerate(zip(self.convs, self.lins, strict=True)):
-            if lin.shape != (1, conv.out_channels, 1, 1):
-                raise ValueError(f"LPIPS lin{i} must be (1, {conv.out_channels}, 1, 1), got {tuple(lin.shape)}")
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).reshape(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).reshape(1, 3, 1, 1))
         self.requires_grad_(False).eval()
 
     @classmethod
     def from_files(cls, alexnet: str | Path, linear: str | Path) -> LPIPS:
-        return cls(_read_state(alexnet, "the AlexNet backbone"), _read_state(linear, "the LPIPS linear layers"))
+        """From the two local files, each checked for the keys and shapes the network needs (WeightsError)."""
+        return cls(_read_state(alexnet, "the AlexNet backbone", _alexnet_shapes()),
+                   _read_state(linear, "the LPIPS linear layers", _linear_shapes()))  # fmt: skip
 
     def _features(self, x: Tensor) -> list[Tensor]:
         h = (x.float() - self.shift) / self.scale
@@ -109,11 +108,30 @@ class LPIPS(nn.Module):
         return total
 
 
-def _read_state(path: str | Path, what: str) -> dict[str, Tensor]:
+def _alexnet_shapes() -> dict[str, tuple[int, ...]]:
+    """The feature convolutions' keys and shapes in a torchvision AlexNet state dict."""
+    shapes, in_ch = {}, 3
+    for idx, out_ch, k, _, _ in _ALEX_CONVS:
+        shapes[f"features.{idx}.weight"], shapes[f"features.{idx}.bias"] = (out_ch, in_ch, k, k), (out_ch,)
+        in_ch = out_ch
+    return shapes
+
+
+def _linear_shapes() -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the lpips package's alex.pth: one (1, C, 1, 1) weight per feature layer."""
+    return {f"lin{i}.model.1.weight": (1, out_ch, 1, 1) for i, (_, out_ch, *_) in enumerate(_ALEX_CONVS)}
+
+
+def _read_state(path: str | Path, what: str, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
     """A state dict (.safetensors, or a .pth read weights-only, possibly under "state_dict") of ``what``, within
-    the budget of a torchvision AlexNet's values (the larger of the two files); WeightsError otherwise."""
+    the budget of a torchvision AlexNet's values (the larger of the two files), holding every ``expected`` key at
+    its shape (other keys, such as AlexNet's classifier, are ignored); WeightsError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist (LPIPS needs local weights; nothing is downloaded)")
     hint = f"give {what} as a plain state dict"
-    return read_state_dict(path, weights_budget(_alexnet_numel()), WeightsError, hint, ("state_dict",))
+    state = read_state_dict(path, weights_budget(_alexnet_numel()), WeightsError, hint, ("state_dict",))
+    problems = state_problems(expected, {k: tuple(v.shape) for k, v in state.items() if k in expected})
+    if problems:
+        raise WeightsError(f"{path}: not {what} ({'; '.join(problems)}); {hint}")
+    return state
