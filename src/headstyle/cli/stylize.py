@@ -120,4 +120,4 @@ def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: st
                        f"{result.generator_path} (headstyle render --generator {result.generator_path})")
             if cfg.optim.stop_rule != "none":
                 typer.echo(stopping.describe(result.rule_fired_at, cfg.optim.stop_action, cfg.optim.stop_margin,
-                                             str(Path(cfg.run.out) / "signals.csv")))
+                                             str(Path(cfg.run.out) / stopping.SIGNALS)))

@@ -44,6 +44,7 @@ from headstyle.priors.base import ScorePrior
 from headstyle.settings import SEED_END
 from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.stylize.outputs import read_log
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
@@ -244,7 +245,7 @@ def train_variant(
     result = Stylizer(cfg, G, prior).train(resume=checkpoint, progress=progress)
     seconds = time.perf_counter() - start
     STOP.raise_if_requested()
-    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
+    entries = read_log(out)
     zero, nonfinite = dead_share(*_gradient_records(entries))
     figures = {"zero_grad_share": zero, "nonfinite_grad_share": nonfinite,
                "iterations_run": float(result.iteration), "seconds": seconds}  # fmt: skip
@@ -257,7 +258,7 @@ def _checkpoints(out: Path, every: int, last: int, on_cadence: bool = True) -> l
     """The run's checkpoints (iteration, path) on its cadence (every ``every`` iterations, and the ``last``
     iteration, where it ended), or with ``on_cadence`` False those off it (where a signal stopped the run)."""
     found = [(int(p.name.split("_")[-1]), p) for p in checkpointing.list_checkpoints(out)]
-    return [(i, p) for i, p in found if (i % every == 0 or i == last) == on_cadence]
+    return [(i, p) for i, p in found if checkpointing.on_cadence(i, every, last) == on_cadence]
 
 
 def _resumable(cfg: StylizeConfig) -> Path | None:

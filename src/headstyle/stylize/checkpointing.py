@@ -172,6 +172,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
+def on_cadence(iteration: int, every: int, last: int) -> bool:
+    """Whether a checkpoint at ``iteration`` is on its run's cadence: every ``every`` iterations, and at ``last``
+    (where the run ends); one a signal forced elsewhere is not."""
+    return iteration % every == 0 or iteration == last
+
+
 def run_folder(path: str | Path) -> Path:
     """The run folder of a checkpoint folder (RUN/checkpoints/iter_N), or ``path`` itself when it is a run folder."""
     path = Path(path)

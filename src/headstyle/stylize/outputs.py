@@ -23,6 +23,14 @@ from headstyle.stylize.config import StylizeConfig, conditioning_camera
 MAX_LOG_BYTES = 256 * MiB
 
 
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The entries of a run's log.jsonl, one per logged iteration ([] before the first)."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in read_text(path, ResumeError, max_bytes=MAX_LOG_BYTES).splitlines() if line]
+
+
 class MetricsLog:
     """JSONL + CSV log of per-iteration metrics, and TensorBoard when it is installed."""
 

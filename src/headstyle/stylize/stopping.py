@@ -17,8 +17,12 @@ from typing import Any
 
 from torch import Tensor
 
+from headstyle.stylize.checkpointing import on_cadence
+
 # The log key of the margin, written at every stop check and at every checkpoint.
 MARGIN = "classifier_margin"
+# The run folder's table of every checkpoint's margin.
+SIGNALS = "signals.csv"
 
 
 def margin(err_source: Tensor, err_style: Tensor) -> float:
@@ -46,7 +50,7 @@ def checkpoint_signals(records: Iterable[Mapping[str, Any]], every: int, last: i
     """(iteration, margin) at every checkpoint iteration of a run's records (multiples of ``every``, and ``last``,
     where it ended): the table a user picks a checkpoint from."""
     return [(int(r["iteration"]), float(r[MARGIN])) for r in records
-            if MARGIN in r and (int(r["iteration"]) % every == 0 or int(r["iteration"]) == last)]  # fmt: skip
+            if MARGIN in r and on_cadence(int(r["iteration"]), every, last)]  # fmt: skip
 
 
 def signals_csv(rows: list[tuple[int, float]], fired_at: int) -> str:

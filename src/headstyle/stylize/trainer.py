@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -49,7 +48,7 @@ from headstyle.settings import ConfigError
 from headstyle.stylize import checkpointing, stopping
 from headstyle.stylize.branches import Identities, Rendered, StepContext, build_branches
 from headstyle.stylize.config import StylizeConfig, conditioning_camera, dumps
-from headstyle.stylize.outputs import MetricsLog, Previews
+from headstyle.stylize.outputs import MetricsLog, Previews, read_log
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
@@ -433,7 +432,7 @@ class Stylizer:
         optim.stop_decay."""
         o = self.cfg.optim
         checking = o.stop_rule == "classifier" and not self.stop_triggered_at and self.iteration % o.stop_every == 0
-        at_checkpoint = self.iteration % self.cfg.run.checkpoint_every == 0 or self.iteration == self.cfg.run.iterations
+        at_checkpoint = checkpointing.on_cadence(self.iteration, self.cfg.run.checkpoint_every, self.cfg.run.iterations)
         if not (checking or at_checkpoint):
             return {}
         value = self.classifier_margin()
@@ -446,11 +445,9 @@ class Stylizer:
 
     def write_signals(self) -> Path:
         """signals.csv from the run's log: the margin of every checkpoint, so a user can pick one (resume from it with
-        --set run.iterations=N, or rerun the config to N), and where the rule fired."""
-        log = self.run_dir / "log.jsonl"
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        rows = stopping.checkpoint_signals(records, self.cfg.run.checkpoint_every, self.iteration)
-        path = self.run_dir / "signals.csv"
+        run.iterations=N and another run.out, or rerun the config to N), and where the rule fired."""
+        rows = stopping.checkpoint_signals(read_log(self.run_dir), self.cfg.run.checkpoint_every, self.iteration)
+        path = self.run_dir / stopping.SIGNALS
         atomic_write_text(path, stopping.signals_csv(rows, self.stop_triggered_at))
         return path
 
