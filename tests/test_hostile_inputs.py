@@ -211,7 +211,7 @@ def test_deep_module_manifest_and_model_config_are_refused(tmp_path):
 
 def test_deep_sd_model_index_and_checkpoint_records_are_refused(tmp_path):
     from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError
-    from headstyle.stylize.checkpointing import ResumeError, load_checkpoint, verify_checkpoint
+    from headstyle.training.checkpointing import ResumeError, load_checkpoint, verify_checkpoint
 
     model = tmp_path / "sd"
     model.mkdir()
@@ -239,8 +239,8 @@ def test_deep_sd_model_index_and_checkpoint_records_are_refused(tmp_path):
     ],
 )
 def test_a_resumed_runs_tampered_log_is_refused(name, text, message, tmp_path):
-    from headstyle.stylize.checkpointing import ResumeError
-    from headstyle.stylize.outputs import MetricsLog
+    from headstyle.training.checkpointing import ResumeError
+    from headstyle.training.log import MetricsLog
 
     (tmp_path / name).write_text(text)
     with pytest.raises(ResumeError, match=message):

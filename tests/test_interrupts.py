@@ -17,7 +17,7 @@ import pytest
 
 from headstyle.lab.bench import SHORT_MARK, LabSettings, run_bench
 from headstyle.lab.demo import COMPARISONS
-from headstyle.stylize import checkpointing
+from headstyle.training import checkpointing
 from headstyle.training.signals import STOP, Interrupted, resume_hint
 
 # The demo and the bench on the shipped learned prior, scored on few identities and views: seconds per command.

@@ -34,7 +34,8 @@ from headstyle.priors.analytic import ExemplarPrior
 from headstyle.stylize import stopping
 from headstyle.stylize.config import OptimConfig, load_config
 from headstyle.stylize.stopping import margin
-from headstyle.stylize.trainer import Stylizer, build_optimizer, calibrate_sgd
+from headstyle.stylize.trainer import Stylizer, build_optimizer
+from headstyle.training.gradients import calibrate_sgd
 
 RES = 16  # raw renders; x2 single views
 

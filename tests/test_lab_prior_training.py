@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from headstyle.cli import main
 from headstyle.lab import train_prior as tp
 from headstyle.lab.prior import LeakError, held_out_z
+from headstyle.training import checkpointing
 
 TINY = tp.CONFIGS["tiny"]
 
@@ -140,10 +142,11 @@ def test_resume_is_bitwise_exact(tmp_path: Path, run: Path) -> None:
     straight = train(tmp_path / "a", None)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "b", 3)
-    assert torch.load(tmp_path / "b" / "checkpoints" / "unet.pt", weights_only=True)["step"] == 3
+    run = tp.stage_folder(tmp_path / "b", "unet")
+    assert [c.name for c in checkpointing.list_checkpoints(run)] == ["iter_0000003"]
     resumed = train(tmp_path / "b", None)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(ln)["iteration"] for ln in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 
 
@@ -199,7 +202,8 @@ def test_cli_bad_input_exits_2(args, message, run: Path, tmp_path: Path, monkeyp
 
 def test_decoder_finetune_keeps_the_encoder(run: Path) -> None:
     """The decoder stage changes the decoder only: the encoder (so every latent the UNet saw) is the VAE stage's."""
-    vae_stage = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["model"]
+    newest = checkpointing.resolve_checkpoint(tp.stage_folder(run, "vae"))
+    vae_stage = load_file(newest / "trainable.safetensors")
     final = tp._load_vae(run).state_dict()
     enc = [k for k in final if k.startswith(("encoder.", "quant_conv."))]
     dec = [k for k in final if k.startswith(("decoder.", "post_quant_conv."))]

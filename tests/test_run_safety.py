@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from headstyle.cli import main
-from headstyle.stylize import checkpointing
 from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, dumps, resume_differences
-from headstyle.stylize.outputs import MetricsLog
+from headstyle.training import checkpointing
+from headstyle.training.log import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
     script = f"""
 import signal, sys, time, torch
 sys.path.insert(0, {str(REPO / 'src')!r})
-from headstyle.stylize import checkpointing
+from headstyle.training import checkpointing
 from headstyle.training.signals import STOP
 run = {str(tmp_path / 'run')!r}
 opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from headstyle.distill.objectives import SDSParams
 from headstyle.lab.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
-from headstyle.stylize import checkpointing
 from headstyle.stylize.config import (
     ConfigError,
     StylizeConfig,
@@ -25,6 +24,7 @@ from headstyle.stylize.factory import build_lpips
 from headstyle.stylize.presets import PROMPTS, preset, resolve_config
 from headstyle.stylize.regularisers import LPIPS, relative_distance
 from headstyle.stylize.trainer import Stylizer
+from headstyle.training import checkpointing
 from headstyle.weight_files import WeightsError
 
 

@@ -24,7 +24,8 @@ from headstyle.generator.checkpoint import RELEASED_INIT_KWARGS, GeneratorConfig
 from headstyle.lab.generator import LabGenerator
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.stylize.config import StylizeConfig, apply_overrides
-from headstyle.stylize.trainer import NonFiniteError, Stylizer
+from headstyle.stylize.trainer import Stylizer
+from headstyle.training.gradients import NonFiniteError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_RUN = [
@@ -96,7 +97,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_a_picked_checkpoint_becomes_a_generator_of_its_own(tmp_path, prior_no_controls):
     """signals.csv names every checkpoint; resuming one with run.iterations at its iteration and another run.out
     writes that checkpoint's weights as a generator there, and leaves the run it came from as it was."""
-    from headstyle.stylize.checkpointing import load_checkpoint
+    from headstyle.training.checkpointing import load_checkpoint
 
     run, picked = tmp_path / "run", tmp_path / "at-2"
     cfg = apply_overrides(StylizeConfig(), [*FAST_RUN, f"run.out={run}", "run.iterations=4",

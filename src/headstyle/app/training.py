@@ -49,7 +49,7 @@ def run_name(text: str) -> str:
 
 
 def _check_new(run_dir: Path, iterations: int) -> None:
-    from headstyle.stylize.checkpointing import run_exists
+    from headstyle.training.checkpointing import run_exists
 
     if run_exists(run_dir):
         raise AppError(f"a run named {run_dir.name} exists: resume it, or give the new style another name")
@@ -128,9 +128,9 @@ def models_spec(
 
 def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> TrainSpec:
     """Continue a run from its newest checkpoint that verifies, to ``iterations`` in all."""
-    from headstyle.stylize import checkpointing
     from headstyle.stylize.config import ConfigError, to_dict
     from headstyle.stylize.presets import resolve_config
+    from headstyle.training import checkpointing
 
     try:
         checkpoint = checkpointing.resolve_checkpoint(run_dir)
@@ -295,7 +295,7 @@ def _total(run_dir: Path) -> int:
 
 def read_run(run_dir: str | Path) -> RunStatus:
     """Where a run stands, from its files alone (any process may be writing them)."""
-    from headstyle.stylize.checkpointing import list_checkpoints
+    from headstyle.training.checkpointing import list_checkpoints
 
     run_dir = Path(run_dir)
     entry = _last_log_entry(run_dir / "log.jsonl") or {}

@@ -232,7 +232,7 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
     from headstyle.cli.common import check_out_dir, load_diffusers_prior, pick_device
     from headstyle.sfa.dataset import DatasetError, SFADataset
     from headstyle.sfa.train import SFATrainer
-    from headstyle.stylize import checkpointing
+    from headstyle.training import checkpointing
 
     if not (cfg.data.path and cfg.run.out):
         raise UserError("give --data and --out (or data.path and run.out)")

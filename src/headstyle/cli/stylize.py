@@ -39,7 +39,7 @@ def stylize(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Fine-tune a 3D head generator towards a text style by multi-view likelihood distillation."""
-    from headstyle.stylize.checkpointing import run_folder
+    from headstyle.training.checkpointing import run_folder
 
     if resume is not None and overwrite:
         raise UserError("--resume continues a run and --overwrite clears one: give one of them")
@@ -58,9 +58,10 @@ def stylize(
 def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: str | None, overrides: list[str],
              print_config: bool, progress: bool) -> None:
     from headstyle.cli.common import check_image, check_out_dir, pick_device
-    from headstyle.stylize import checkpointing, stopping
+    from headstyle.stylize import stopping
     from headstyle.stylize.config import ConfigError, dumps
     from headstyle.stylize.presets import resolve_config
+    from headstyle.training import checkpointing
 
     skipped: list = []
     try:
@@ -100,7 +101,7 @@ def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: st
         from headstyle.generator.checkpoint import CheckpointError
         from headstyle.priors.diffusers_prior import PriorLoadError
         from headstyle.stylize.factory import run_stylize
-        from headstyle.stylize.trainer import NonFiniteError
+        from headstyle.training.gradients import NonFiniteError
         from headstyle.weight_files import WeightsError
 
         try:

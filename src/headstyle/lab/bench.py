@@ -42,10 +42,11 @@ from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, Prio
 from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
 from headstyle.settings import SEED_END
-from headstyle.stylize import checkpointing, stopping
+from headstyle.stylize import stopping
 from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
-from headstyle.stylize.outputs import read_log
+from headstyle.training import checkpointing
 from headstyle.training.lock import folder_lock
+from headstyle.training.log import read_log
 from headstyle.training.signals import STOP
 
 # name -> overrides of the lab recipe. "ld" is the paper's recipe.
@@ -275,11 +276,7 @@ def _resumable(cfg: StylizeConfig) -> Path | None:
 def _weights_at(checkpoint: Path, settings: LabSettings) -> LabGenerator:
     """A fresh lab generator with a checkpoint's trainable weights."""
     G = new_generator(settings)
-    trained = checkpointing.load_checkpoint(checkpoint).trainable
-    with torch.no_grad():
-        for name, p in G.named_parameters():
-            if name in trained:
-                p.copy_(trained[name])
+    checkpointing.load_weights(G, checkpoint)
     return G.eval()
 
 

@@ -56,7 +56,7 @@ from headstyle.progress import progress_bar
 from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, write_dataset
 from headstyle.sfa.module import StyleAppearanceModule, read_manifest
 from headstyle.sfa.train import MODULE_DIR, SFATrainConfig, SFATrainer
-from headstyle.stylize import checkpointing
+from headstyle.training import checkpointing
 from headstyle.training.signals import STOP
 
 # The unseen style's exemplar identity: drawn apart from the evaluation (1000) and reference (3000) sets.
@@ -179,11 +179,8 @@ def train_module(
     t = cfg.train
     t.role, t.iterations, t.lr, t.views, t.seed = role, s.iterations, s.lr, s.train_views, seed
     cfg.run.out, cfg.run.checkpoint_every, cfg.run.validate_every = str(run), 50, max(s.iterations, 1)
-    resume = run if checkpointing.list_checkpoints(run) else None
-    if resume is None:
-        checkpointing.clear_run(run)
     trainer = SFATrainer(cfg, prior, ds)
-    trainer.train(resume=resume, progress=progress)
+    trainer.train(resume=checkpointing.continue_or_clear(run), progress=progress)
     STOP.raise_if_requested()  # checkpointed: the next call resumes it
     return trainer.module.eval().requires_grad_(False)
 

@@ -1,6 +1,6 @@
 """Train the lab's learned prior: a tiny Stable-Diffusion-1.5-shaped latent diffusion model of the head world.
 
-Stages (each resumable from DIR/checkpoints/<stage>.pt, written atomically every few minutes):
+Stages (each a run of training/runner.py in DIR/runs/<stage>: checkpointed every few minutes, continued exactly):
 
 - data: ground-truth renders of ``identities`` prior identities (seed IDENTITY_SEED, disjoint from
   the lab's held-out set) at stratified 360-degree cameras, unstyled and in every style, with
@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from headstyle import settings
 from headstyle.distill.shaping import tile_2x2
-from headstyle.input_files import MiB, check_fields, parse_json, read_json_object, read_text
+from headstyle.input_files import read_json_object
 from headstyle.io import atomic_path, atomic_write_text
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
@@ -54,6 +55,9 @@ from headstyle.lab.world import STYLES, sample_z, style_prompt
 from headstyle.priors.controls import canny_control, depth_control
 from headstyle.priors.sd_folder import write_clip_tokenizer, write_model_index
 from headstyle.progress import progress_bar
+from headstyle.training import checkpointing, runner
+from headstyle.training.gradients import GradientStep
+from headstyle.training.signals import STOP
 
 # The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
 IDENTITY_SEED = 3_000
@@ -64,9 +68,12 @@ STAGES = ("data", "vae", "decoder", "unet", "controlnet")
 # so it may run beside the UNet stage.
 NEEDS = {"data": (), "vae": ("data",), "decoder": ("vae",), "unet": ("vae",), "controlnet": ("unet",)}
 CONTROLNETS = ("depth", "canny")  # depth: on 2x2 grids (the grid branch); canny: on single views
-# What a damaged run folder's refusal suggests, and the most of its train_log.jsonl a resume reads.
+# What a damaged run folder's refusal suggests.
 RUN_HINT = "the run folder was changed by hand: start again in a new --out"
-MAX_LOG_BYTES = 256 * MiB
+# A run's random streams: cfg.seed + the offset of each (the data's cameras, a model's initial weights, a stage's
+# training draws, the VAE's latent-scale estimate); a ControlNet's init and training streams add its index.
+STREAM_OFFSETS = {"cameras": 1, "init.text": 10, "init.vae": 11, "init.unet": 12, "init.controlnet": 13,
+                  "train.vae": 21, "vae.scale": 22, "train.decoder": 23, "train.unet": 31, "train.controlnet": 41}
 # Several phrasings per domain; the first is the lab's prompt (world.style_prompt).
 PHRASINGS: dict[str | None, tuple[str, ...]] = {
     None: (style_prompt(None), "a head", "a photo of a person"),
@@ -171,6 +178,11 @@ CONFIGS: dict[str, TrainPriorConfig] = {
 }
 
 
+def stream(cfg: TrainPriorConfig, name: str) -> int:
+    """The seed of the run's random stream ``name`` (STREAM_OFFSETS)."""
+    return cfg.seed + STREAM_OFFSETS[name]
+
+
 def domain_name(domain: str | None) -> str:
     return "unstyled" if domain is None else domain
 
@@ -237,7 +249,7 @@ def stage_data(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     from safetensors.torch import save_file
 
     z = prior_identities(cfg)
-    cam_gen = torch.Generator().manual_seed(IDENTITY_SEED + cfg.seed + 1)
+    cam_gen = torch.Generator().manual_seed(IDENTITY_SEED + stream(cfg, "cameras"))
     cams = stratified_360_cameras(cfg.identities, cfg.views, cam_gen)
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -319,7 +331,7 @@ def build_vae(cfg: TrainPriorConfig, image_size: int) -> nn.Module:
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 11)
+        torch.manual_seed(stream(cfg, "init.vae"))
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -337,7 +349,7 @@ def build_unet(cfg: TrainPriorConfig, latent_size: int) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 12)
+        torch.manual_seed(stream(cfg, "init.unet"))
         return UNet2DConditionModel(
             sample_size=latent_size,
             in_channels=4,
@@ -359,7 +371,7 @@ def build_controlnet(cfg: TrainPriorConfig, unet: nn.Module, name: str) -> nn.Mo
     from diffusers import ControlNetModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 13 + CONTROLNETS.index(name))
+        torch.manual_seed(stream(cfg, "init.controlnet") + CONTROLNETS.index(name))
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
         if cfg.text_pool:
             # from_unet leaves the pooling's head count at ControlNetModel's default: give it the UNet's, so
@@ -383,7 +395,7 @@ def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
     with _atomic_dir(folder / "tokenizer") as tmp:
         vocab_size = write_clip_tokenizer(tmp, prompt_words())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 10)
+        torch.manual_seed(stream(cfg, "init.text"))
         encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=vocab_size,
@@ -462,21 +474,59 @@ def eps_loss(
 # ---------------------------------------------------------------------------------------------- stage loop
 
 
-@dataclass
-class StageState:
-    """What a checkpoint holds: step, elapsed seconds, the stage's RNG and its last losses."""
-
-    step: int = 0
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-
-
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to lr / 10 at ``steps``."""
     if step < warmup:
         return lr * (step + 1) / warmup
     frac = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class Stage(runner.Task):
+    """One stage's training (training/runner.py runs it): AdamW (no weight decay) on ``model``'s trainable
+    parameters, loss_fn(gen) per step with the learning rate of lr_at over ``horizon`` steps; it logs the mean loss
+    of the last ``window`` steps and keeps its elapsed training seconds."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Generator], Tensor], lr: float, warmup: int,
+                 horizon: int, seed: int, window: int) -> None:  # fmt: skip
+        self.model = model
+        self.loss_fn = loss_fn
+        self.lr, self.warmup, self.horizon, self.window = lr, warmup, horizon, window
+        self.weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.weights.values()), lr=lr, weight_decay=0.0)
+        self.update = GradientStep(list(self.weights.values()), self.optimizer)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.rngs = {"stage": self.rng}
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lr = lr_at(self.iteration, self.horizon, self.lr, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss_fn(self.rng)
+        metrics = self.update(loss, self.iteration + 1)
+        self.losses = [*self.losses[-(self.window - 1) :], loss.item()] if self.window > 1 else [loss.item()]
+        self.seconds += time.perf_counter() - t0
+        return {"loss": self.mean_loss, "lr": lr, "elapsed": round(self.seconds, 2), **metrics}
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+    def shared_state(self) -> dict[str, Any]:
+        return {**self.update.state(), "seconds": self.seconds, "losses": self.losses}
+
+    def restore(self, ckpt: checkpointing.LoadedCheckpoint) -> None:
+        self.update.load_state(ckpt.meta)
+        self.seconds = float(ckpt.meta["seconds"])
+        self.losses = [float(x) for x in ckpt.meta["losses"]]
+
+
+def stage_folder(out: Path, name: str) -> Path:
+    """The run folder of stage ``name``: its checkpoints, log.jsonl / log.csv and config."""
+    return out / "runs" / name
 
 
 def run_stage(
@@ -490,65 +540,22 @@ def run_stage(
     progress: bool,
     seed: int,
     horizon: int | None = None,
-) -> StageState:
-    """AdamW on ``model``'s trainable parameters for ``steps`` steps of loss_fn(gen), checkpointed to
-    out/checkpoints/<name>.pt every cfg.checkpoint_seconds (and at the end) and resumed from it exactly.
-    The learning rate follows lr_at over ``horizon`` steps (default: ``steps``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    state = StageState()
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoints" / f"{name}.pt"
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optim"])
-        gen.set_state(saved["rng"])
-        state = StageState(saved["step"], saved["seconds"], list(saved["losses"]))
-        _truncate_log(out, name, state.step)
-
-    def save() -> None:
-        with atomic_path(ckpt) as tmp:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optim": opt.state_dict(),
-                    "rng": gen.get_state(),
-                    "step": state.step,
-                    "seconds": state.seconds,
-                    "losses": state.losses,
-                },
-                tmp,
-            )
-
+) -> Stage:
+    """``steps`` steps of Stage in out/runs/<name>, checkpointed every cfg.checkpoint_seconds, at the end and on a
+    signal (which then ends the command) and continued exactly from its newest checkpoint. The learning rate follows
+    lr_at over ``horizon`` steps (default: ``steps``)."""
+    stage = Stage(model, loss_fn, lr, cfg.warmup, horizon or steps, seed, cfg.log_every)
+    folder = stage_folder(out, name)
+    config_text = settings.dumps({"stage": {"name": name, "steps": steps, "lr": lr, "seed": seed},
+                                  "prior": asdict(cfg)})  # fmt: skip
+    plan = runner.RunPlan(folder, steps, name, config_text, checkpoint_seconds=cfg.checkpoint_seconds, keep_last=1,
+                          log_every=cfg.log_every)  # fmt: skip
     model.train()
-    last_save = time.perf_counter()
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(name, total=steps, completed=state.step)
-        while state.step < steps:
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(state.step, horizon or steps, lr, cfg.warmup)
-            loss = loss_fn(gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state.step += 1
-            state.seconds += time.perf_counter() - t0
-            state.losses = [*state.losses[-(cfg.log_every - 1) :], loss.item()] if cfg.log_every > 1 else [loss.item()]
-            if state.step % cfg.log_every == 0 or state.step == steps:
-                mean = sum(state.losses) / len(state.losses)
-                _log(out, {"stage": name, "step": state.step, "loss": mean, "lr": opt.param_groups[0]["lr"],
-                           "seconds": round(state.seconds, 2)})  # fmt: skip
-                bar.update(task, info=f"loss {mean:.4f}")
-            bar.update(task, completed=state.step)
-            if time.perf_counter() - last_save > cfg.checkpoint_seconds:
-                save()
-                last_save = time.perf_counter()
-    save()
+    end = runner.run(stage, plan, resume=checkpointing.continue_or_clear(folder), progress=progress)
     model.eval()
-    return state
+    if end.interrupted:
+        STOP.raise_if_requested(f"continue it with: headstyle lab train-prior --resume --out {out} (and its --config)")
+    return stage
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -562,9 +569,9 @@ def stage_vae(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     def loss_fn(gen: torch.Generator) -> Tensor:
         return vae_loss(vae, sample_batch(data, cfg.vae_batch, cfg.grid_share, gen).images, gen, cfg.kl_weight)
 
-    state = run_stage(out, "vae", vae, loss_fn, cfg.vae_steps, cfg.vae_lr, cfg, progress, cfg.seed + 21)
+    stage = run_stage(out, "vae", vae, loss_fn, cfg.vae_steps, cfg.vae_lr, cfg, progress, stream(cfg, "train.vae"))
     # SD's scaling factor: 1 / std of the latents (posterior samples) over the data.
-    gen = torch.Generator().manual_seed(cfg.seed + 22)
+    gen = torch.Generator().manual_seed(stream(cfg, "vae.scale"))
     with torch.no_grad():
         z = torch.cat(
             [
@@ -575,7 +582,7 @@ def stage_vae(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     with _atomic_dir(out / "model" / "vae") as tmp:
         vae.save_pretrained(tmp)
-    _finish_stage(out, "vae", _summary(vae, state))
+    _finish_stage(out, "vae", _summary(vae, stage))
 
 
 def stage_decoder(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
@@ -591,10 +598,11 @@ def stage_decoder(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     def loss_fn(gen: torch.Generator) -> Tensor:
         return vae_loss(vae, sample_batch(data, cfg.vae_batch, cfg.grid_share, gen).images, gen, 0.0)
 
-    state = run_stage(out, "decoder", vae, loss_fn, cfg.decoder_steps, cfg.decoder_lr, cfg, progress, cfg.seed + 23)
+    stage = run_stage(out, "decoder", vae, loss_fn, cfg.decoder_steps, cfg.decoder_lr, cfg, progress,
+                      stream(cfg, "train.decoder"))
     with _atomic_dir(out / "model" / "vae") as tmp:
         vae.save_pretrained(tmp)
-    _finish_stage(out, "decoder", _summary(vae, state))
+    _finish_stage(out, "decoder", _summary(vae, stage))
 
 
 def _load_vae(out: Path) -> nn.Module:
@@ -634,8 +642,9 @@ def stage_unet(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
         prompts = sample_prompts(batch.domains, cfg.prompt_dropout, gen)
         return eps_loss(unet, encode_latents(vae, batch.images, gen), embed(prompts), abar, gen)
 
-    state = run_stage(
-        out, "unet", model, loss_fn, cfg.unet_steps, cfg.unet_lr, cfg, progress, cfg.seed + 31, cfg.unet_horizon
+    stage = run_stage(
+        out, "unet", model, loss_fn, cfg.unet_steps, cfg.unet_lr, cfg, progress, stream(cfg, "train.unet"),
+        cfg.unet_horizon
     )
     if cfg.train_text:
         with _atomic_dir(folder / "text_encoder") as tmp:
@@ -645,7 +654,7 @@ def stage_unet(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     with _atomic_dir(folder / "scheduler") as tmp:
         ddim_scheduler().save_pretrained(tmp)
     write_model_index(folder)
-    _finish_stage(out, "unet", _summary(model, state))
+    _finish_stage(out, "unet", _summary(model, stage))
 
 
 def stage_controlnet(out: Path, cfg: TrainPriorConfig, progress: bool, name: str) -> None:
@@ -671,13 +680,13 @@ def stage_controlnet(out: Path, cfg: TrainPriorConfig, progress: bool, name: str
 
         return eps_loss(unet, encode_latents(vae, batch.images, gen), prompts, abar, gen, residuals)
 
-    seed = cfg.seed + 41 + CONTROLNETS.index(name)
-    state = run_stage(
+    seed = stream(cfg, "train.controlnet") + CONTROLNETS.index(name)
+    stage = run_stage(
         out, f"controlnet-{name}", net, loss_fn, cfg.controlnet_steps, cfg.controlnet_lr, cfg, progress, seed
     )
     with _atomic_dir(folder / f"controlnet-{name}") as tmp:
         net.save_pretrained(tmp)
-    _finish_stage(out, f"controlnet-{name}", _summary(net, state))
+    _finish_stage(out, f"controlnet-{name}", _summary(net, stage))
 
 
 def stage_done(out: Path, stage: str) -> bool:
@@ -742,29 +751,6 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _log(out: Path, record: dict) -> None:
-    with (out / "train_log.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(out: Path, stage: str, step: int) -> None:
-    """Drop log lines of ``stage`` after ``step`` (written after the checkpoint a resumed run restarts from)."""
-    log = out / "train_log.jsonl"
-    if not log.is_file():
-        return
-    lines = read_text(log, ValueError, max_bytes=MAX_LOG_BYTES).splitlines()
-    keep = []
-    for number, line in enumerate(lines, start=1):
-        where = f"{log}, line {number}"
-        entry = parse_json(line, where, ValueError, RUN_HINT)
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: not a log entry (not an object); {RUN_HINT}")
-        check_fields(entry, {"stage": str, "step": int}, where, ValueError)
-        if not (entry["stage"] == stage and entry["step"] > step):
-            keep.append(line)
-    atomic_write_text(log, "".join(ln + "\n" for ln in keep))
-
-
 def read_stages(out: Path) -> dict[str, dict]:
     path = out / "stages.json"
     return read_json_object(path, ValueError, RUN_HINT) if path.is_file() else {}
@@ -783,18 +769,19 @@ def _finish_stage(out: Path, stage: str, summary: dict) -> None:
     atomic_write_text(out / "stages.json", json.dumps(stages, indent=2) + "\n")
 
 
-def _summary(model: nn.Module, state: StageState) -> dict:
+def _summary(model: nn.Module, stage: Stage) -> dict:
     return {
-        "seconds": round(state.seconds, 1),
-        "steps": state.step,
-        "final_loss": sum(state.losses) / max(1, len(state.losses)),
+        "seconds": round(stage.seconds, 1),
+        "steps": stage.iteration,
+        "final_loss": stage.mean_loss,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
 def snapshot(out: Path, dest: Path) -> Path:
     """An SD folder at ``dest`` from a run's finished stages and latest checkpoints (for looking at a prior while
-    it trains): the UNet from checkpoints/unet.pt unless finished; ControlNets from theirs, or fresh (zero) ones."""
+    it trains): the UNet from its stage's newest checkpoint unless finished; ControlNets from theirs, or fresh (zero)
+    ones."""
     from diffusers import UNet2DConditionModel
 
     cfg = TrainPriorConfig.read(out)
@@ -808,21 +795,20 @@ def snapshot(out: Path, dest: Path) -> Path:
         from transformers import CLIPTextModel
 
         unet = build_unet(cfg, 2 * cfg.resolution // 2 ** (len(cfg.vae_channels) - 1))
-        state = torch.load(out / "checkpoints" / "unet.pt", weights_only=True)["model"]
         if cfg.train_text:
             encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
-            nn.ModuleDict({"unet": unet, "text_encoder": encoder}).load_state_dict(state)
+            both = nn.ModuleDict({"unet": unet, "text_encoder": encoder})
+            checkpointing.load_weights(both, stage_folder(out, "unet"))
             encoder.save_pretrained(dest / "text_encoder")
         else:
-            unet.load_state_dict(state)
+            checkpointing.load_weights(unet, stage_folder(out, "unet"))
     unet.save_pretrained(dest / "unet")
     ddim_scheduler().save_pretrained(dest / "scheduler")
     write_model_index(dest)
     for name in CONTROLNETS:
         net = build_controlnet(cfg, unet, name)
-        ckpt = out / "checkpoints" / f"controlnet-{name}.pt"
-        if ckpt.is_file():
-            net.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+        if checkpointing.list_checkpoints(stage_folder(out, f"controlnet-{name}")):
+            checkpointing.load_weights(net, stage_folder(out, f"controlnet-{name}"))
         net.save_pretrained(dest / f"controlnet-{name}")
     return dest
 

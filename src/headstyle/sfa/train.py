@@ -17,16 +17,14 @@ training prompt ("" by default: the style comes from the banks, not from text), 
 rows only (predict_noise_cond).
 
 State lives here only: module weights, AdamW, the sampling RNG and the iteration, all in the
-checkpoints (headstyle.stylize.checkpointing: safetensors + JSON, checksummed), so a resumed run
+checkpoints (headstyle.training.checkpointing: safetensors + JSON, checksummed), so a resumed run
 continues bitwise. Several processes (accelerate launch) each draw their own samples and average
 gradients with one all-reduce.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,19 +37,18 @@ from headstyle import settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.distill.shaping import resize_to
-from headstyle.io import atomic_write_text
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
 from headstyle.priors.defaults import DEFAULT_MODEL
-from headstyle.progress import progress_bar
 from headstyle.sfa.dataset import Sample, SFADataset
 from headstyle.sfa.module import MAX_LORA_RANK, StyleAppearanceModule
-from headstyle.stylize import checkpointing
-from headstyle.stylize.outputs import MetricsLog
-from headstyle.training.lock import folder_lock
-from headstyle.training.signals import STOP
+from headstyle.training import checkpointing, runner
+from headstyle.training.gradients import GradientStep
 
 MODULE_DIR = "module"
+# A run seed's streams are seed * SEED_STRIDE + k: the training stream of process k, and the validation streams of
+# held-out sample i at k = VALIDATION_STREAM * (i + 1).
+SEED_STRIDE = 1_000_003
 # Validation noise is drawn from its own stream, so the validation loss of a sample is the same at every
 # evaluation and in every run with the same seed.
 VALIDATION_STREAM = 7_919
@@ -216,8 +213,9 @@ def _seed_from(gen: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen))
 
 
-class SFATrainer:
-    """Trains a Style Appearance Module on a dataset with a frozen DiffusersPrior (see the module docstring)."""
+class SFATrainer(runner.Task):
+    """Trains a Style Appearance Module on a dataset with a frozen DiffusersPrior (see the module docstring);
+    training/runner.py runs the loop: this class supplies its step and its state."""
 
     def __init__(self, cfg: SFATrainConfig, prior, dataset: SFADataset, accelerator: Any = None) -> None:
         if accelerator is None:
@@ -228,6 +226,7 @@ class SFATrainer:
         self.prior = prior
         self.dataset = dataset
         self.accelerator = accelerator
+        self.processes = runner.Processes.of(accelerator)
         self.rank = accelerator.process_index
         self.world_size = accelerator.num_processes
         self.run_dir = Path(cfg.run.out)
@@ -240,21 +239,27 @@ class SFATrainer:
         self.views = min(cfg.train.views, dataset.settings.views)
         self.module = StyleAppearanceModule.from_unet(prior.unet, cfg.train.role, cfg.train.lora_rank, cfg.train.seed)
         self.module.to(prior.device).train()
-        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
-        self.param_names = [n for n, _ in trainable]
-        self.params = [p for _, p in trainable]
+        self.weights = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        self.params = list(self.weights.values())
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
-        self.rng = torch.Generator().manual_seed(t.seed * 1_000_003 + self.rank)
+        self.update = GradientStep(self.params, self.optimizer, self.world_size,
+                                   hint="Resume from the last checkpoint with a lower train.lr")  # fmt: skip
+        self.rng = torch.Generator().manual_seed(t.seed * SEED_STRIDE + self.rank)
+        self.rngs = {"sfa": self.rng}
         self.prompt = prior.embed_prompts(t.prompt)
         self.iteration = 0
+        self.val_loss: float | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.weights)
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, Any]:
         """One sample, ``views`` of its views, one t, one backward, one AdamW step; returns its metrics."""
         rng = self.rng
         n_train = len(self.train_ids)
@@ -266,26 +271,15 @@ class SFATrainer:
         prior, content_unet, style_unet = self.module.fusion(self.prior)
         loss = diffusion_loss(prior, batch, t, eps, self.cfg.fusion, self.prompt, content_unet, style_unet,
                               _seed_from(rng), differentiable=True)  # fmt: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = self._all_reduce_grads()
-        self.optimizer.step()
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "t": int(t), "sample": sample.record.sample}
+        metrics = self.update(loss, self.iteration + 1)
+        return {"loss": float(loss.detach()), **metrics, "t": int(t), "sample": sample.record.sample}
 
-    def _all_reduce_grads(self) -> float:
-        """Average gradients over processes (one all-reduce, as DDP); the global gradient norm."""
-        live = [p for p in self.params if p.grad is not None]
-        if not live:
-            return 0.0
-        flat = torch.cat([p.grad.reshape(-1) for p in live])
-        if self.world_size > 1:
-            torch.distributed.all_reduce(flat)
-            flat /= self.world_size
-            offset = 0
-            for p in live:
-                p.grad.copy_(flat[offset : offset + p.numel()].reshape(p.shape))
-                offset += p.numel()
-        return float(torch.linalg.vector_norm(flat))
+    def measure(self, last: bool) -> dict[str, Any]:
+        """The held-out loss every run.validate_every iterations and at the end (when there are held-out samples)."""
+        if not self.val_ids or not (self.iteration % self.cfg.run.validate_every == 0 or last):
+            return {}
+        self.val_loss = self.validation_loss()
+        return {"val_loss": self.val_loss}
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -294,33 +288,25 @@ class SFATrainer:
         prior, content_unet, style_unet = self.module.fusion(self.prior)
         return held_out_loss(prior, self.dataset, self.val_ids, self.cfg, (content_unet, style_unet))
 
-    # -- state
+    # -- state (runner.Task)
 
-    def save_checkpoint(self) -> Path:
-        state = checkpointing.capture_rng({"sfa": self.rng})
-        shared = {"param_names": self.param_names, "dataset_records": len(self.dataset), "role": self.module.role}
-        return checkpointing.save_checkpoint(
-            self.run_dir, self.iteration, dict(zip(self.param_names, self.params, strict=True)), self.optimizer,
-            state, shared, dumps(self.cfg), rank=self.rank, world_size=self.world_size,
-            barrier=self.accelerator.wait_for_everyone, keep_last=self.cfg.run.keep_last,
-        )  # fmt: skip
+    def shared_state(self) -> dict[str, Any]:
+        return {**self.update.state(), "dataset_records": len(self.dataset), "role": self.module.role}
 
-    def load_checkpoint(self, path: str | Path) -> Path:
-        ckpt = checkpointing.load_checkpoint(path, self.rank, self.world_size)
-        if ckpt.meta["param_names"] != self.param_names or ckpt.meta["role"] != self.module.role:
-            raise checkpointing.ResumeError(f"{ckpt.path} trained another module (role or base UNet differ)")
+    def check_resume(self, ckpt: checkpointing.LoadedCheckpoint) -> None:
+        if ckpt.meta["role"] != self.module.role:
+            raise checkpointing.ResumeError(f"{ckpt.path} trained another module (role {ckpt.meta['role']})")
         if ckpt.meta["dataset_records"] != len(self.dataset):
             raise checkpointing.ResumeError(
                 f"{ckpt.path} trained on {ckpt.meta['dataset_records']} samples, the dataset now holds "
                 f"{len(self.dataset)}: an exact resume needs the same data (train anew on the grown dataset)"
             )
-        with torch.no_grad():
-            for name, p in zip(self.param_names, self.params, strict=True):
-                p.copy_(ckpt.trainable[name])
-        checkpointing.optimizer_from_files(self.optimizer, ckpt.optimizer_tensors, ckpt.meta["optimizer"])
-        checkpointing.restore_rng(ckpt.rank_state, {"sfa": self.rng})
-        self.iteration = ckpt.iteration
-        return ckpt.path
+
+    def restore(self, ckpt: checkpointing.LoadedCheckpoint) -> None:
+        self.update.load_state({"skipped": 0, "nonfinite_in_row": 0, **ckpt.meta})
+
+    def finish(self) -> None:
+        self.save_module()
 
     def save_module(self) -> Path:
         meta = {
@@ -337,44 +323,12 @@ class SFATrainer:
     def train(self, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
         """Run until train.iterations (from ``resume``, a run folder or checkpoint, if given) holding the run folder's
         lock; write the module. SIGINT/SIGTERM checkpoint and stop (no module)."""
-        with folder_lock(self.run_dir) if self.is_main else contextlib.nullcontext():
-            return self._train(resume, progress)
-
-    def _train(self, resume: str | Path | None, progress: bool) -> TrainResult:
         cfg = self.cfg
-        if resume is None and self.is_main:
-            checkpointing.check_fresh_run_dir(self.run_dir)
-        last = self.load_checkpoint(resume) if resume is not None else None
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", dumps(cfg))
-        log = MetricsLog(self.run_dir, self.iteration if last else None) if self.is_main else None
-        val_loss = None
-        interrupted = False
-        with STOP.deferred(), progress_bar(disable=not (progress and self.is_main)) as bar:
-            task = bar.add_task("sfa train", total=cfg.train.iterations, completed=self.iteration)
-            while self.iteration < cfg.train.iterations:
-                t0 = time.perf_counter()
-                metrics: dict[str, float] = self.step()
-                self.iteration += 1
-                metrics["seconds"] = time.perf_counter() - t0
-                end = self.iteration == cfg.train.iterations
-                if self.val_ids and (self.iteration % cfg.run.validate_every == 0 or end):
-                    metrics["val_loss"] = val_loss = self.validation_loss()
-                if log is not None and (self.iteration % cfg.run.log_every == 0 or end or "val_loss" in metrics):
-                    log.write({"iteration": self.iteration, **metrics})
-                bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f}")
-                stopping = STOP.requested_on_any(self.world_size, self.accelerator.device)
-                if stopping or self.iteration % cfg.run.checkpoint_every == 0 or end:
-                    last = self.save_checkpoint()
-                if stopping:
-                    interrupted = not end
-                    break
-        if log is not None:
-            log.close()
-        module = self.save_module() if self.is_main and not interrupted else None
-        self.accelerator.wait_for_everyone()
-        return TrainResult(self.iteration, last, module, val_loss, interrupted)
+        plan = runner.RunPlan(self.run_dir, cfg.train.iterations, "sfa train", dumps(cfg), cfg.run.checkpoint_every,
+                              keep_last=cfg.run.keep_last, log_every=cfg.run.log_every)  # fmt: skip
+        end = runner.run(self, plan, self.processes, resume, progress)
+        module = self.run_dir / MODULE_DIR if self.is_main and not end.interrupted else None
+        return TrainResult(end.iteration, end.checkpoint, module, self.val_loss, end.interrupted)
 
 
 @torch.no_grad()
@@ -392,7 +346,7 @@ def held_out_loss(
     prompt = prior.embed_prompts(cfg.train.prompt)
     views = min(cfg.train.views, dataset.settings.views)
     for i in ids:
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + VALIDATION_STREAM * (i + 1))
+        gen = torch.Generator().manual_seed(cfg.train.seed * SEED_STRIDE + VALIDATION_STREAM * (i + 1))
         sample = dataset.load(i)
         for _ in range(draws):
             chosen = torch.randperm(dataset.settings.views, generator=gen)[:views]

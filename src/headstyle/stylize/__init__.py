@@ -10,12 +10,11 @@ from headstyle.stylize.config import (
 from headstyle.stylize.factory import build_from_config, run_stylize
 from headstyle.stylize.presets import PROMPTS, preset, preset_names, resolve_config
 from headstyle.stylize.regularisers import relative_distance
-from headstyle.stylize.trainer import NonFiniteError, Stylizer, TrainResult
+from headstyle.stylize.trainer import Stylizer, TrainResult
 
 __all__ = [
     "PROMPTS",
     "ConfigError",
-    "NonFiniteError",
     "StylizeConfig",
     "Stylizer",
     "TrainResult",

@@ -11,8 +11,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from headstyle.stylize.checkpointing import resolve_checkpoint, run_folder
 from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.training.checkpointing import resolve_checkpoint, run_folder
 
 PROMPTS: dict[str, str] = {
     "pixar": "Portrait of a Pixar character",

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from headstyle.stylize.checkpointing import on_cadence
+from headstyle.training.checkpointing import on_cadence
 
 # The log key of the margin, written at every stop check and at every checkpoint.
 MARGIN = "classifier_margin"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from headstyle.input_files import InputError, read_json_object
 from headstyle.io import atomic_path, atomic_write_text, content_digest
@@ -289,3 +289,24 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> Loa
         optimizer_tensors=load_file(str(path / "optimizer.safetensors")),
         rank_state=rank_state,
     )
+
+
+def continue_or_clear(run_dir: Path) -> Path | None:
+    """``run_dir`` when it holds a checkpoint to continue from; else None, after clearing what a run cut before its
+    first checkpoint left there (commands that restart their unfinished runs by themselves)."""
+    if list_checkpoints(run_dir):
+        return run_dir
+    clear_run(run_dir)
+    return None
+
+
+def load_weights(module: nn.Module, path: str | Path) -> Path:
+    """Copy a checkpoint's trained tensors into ``module``'s parameters of the same names (the others stay as they
+    are); ``path``: a checkpoint, or a run folder (its newest verified checkpoint). Returns the checkpoint."""
+    path = resolve_checkpoint(path)
+    trained = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in trained:
+                p.copy_(trained[name])
+    return path
