@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from headstyle.distill.inject import inject
-from headstyle.distill.timesteps import annealed_t_max, sample_annealed_t, sample_ddim_steps, sample_uniform_t
+from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.priors.base import ddim_timesteps
 
 
@@ -19,22 +19,6 @@ def test_ddim_step_sampler_matches_script_range_and_grid():
     assert set(custom.t.tolist()) <= {900, 500}
     with pytest.raises(ValueError, match="within"):
         sample_ddim_steps(1, 35, 50)
-
-
-def test_uniform_and_annealed_samplers():
-    g = torch.Generator().manual_seed(1)
-    t = sample_uniform_t(5000, 20, 980, generator=g).t
-    assert t.min() == 20 and t.max() == 980 and t.dtype == torch.long
-    assert annealed_t_max(0, 100) == 980 and annealed_t_max(100, 100) == 500 and annealed_t_max(50, 100) == 740
-    # HiFA: (start - end)(1 - sqrt(p)) + end, p = 0.25 -> 480 * 0.5 + 500.
-    assert annealed_t_max(25, 100, schedule="sqrt") == 740
-    assert annealed_t_max(64, 100, schedule="sqrt") == round(480 * 0.2 + 500)
-    late = sample_annealed_t(3000, 75, 100, generator=g).t
-    assert late.max() <= annealed_t_max(75, 100) and late.min() >= 20
-    det = sample_annealed_t(4, 25, 100, schedule="sqrt", deterministic=True).t
-    assert torch.equal(det, torch.full((4,), 740))
-    with pytest.raises(ValueError, match="schedule"):
-        annealed_t_max(1, 10, schedule="cosine")
 
 
 def test_inject_gives_exactly_the_gradient():

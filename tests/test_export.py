@@ -25,7 +25,7 @@ from headstyle.export import (
     to_uint8,
 )
 from headstyle.generator.latents import CodeFileError, Latent, latents_from_npz, z_from_seed
-from headstyle.io import atomic_path
+from headstyle.io import atomic_dir, atomic_path
 
 
 def test_to_uint8_matches_panohead_rounding():
@@ -56,6 +56,44 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path):
         tmp.write_bytes(b"half-written")
         raise RuntimeError("crash while writing")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_atomic_dir_moves_on_success_and_replaces_an_existing_folder(tmp_path):
+    target = tmp_path / "out" / "model"
+    with atomic_dir(target) as tmp:
+        assert tmp.is_dir() and tmp.parent == target.parent and not target.exists()
+        (tmp / "a.txt").write_text("first")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and target.stat().st_mode & 0o777 == 0o755
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]  # replaced whole, nothing of the old one left
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_atomic_dir_leaves_nothing_on_error_and_keeps_the_old_folder(tmp_path):
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new") as tmp:
+        (tmp / "half.txt").write_text("half-written")
+        raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(old) as tmp:
+        (tmp / "b.txt").write_text("half-written")
+        raise RuntimeError("crash while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in old.iterdir()] == ["a.txt"]
+
+
+def test_atomic_dir_keep_leaves_a_finished_folder_in_place(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "done").write_text("first writer")
+        target.mkdir()  # another writer finishes meanwhile
+        (target / "done").write_text("other writer")
+    assert (target / "done").read_text() == "first writer"
+    with atomic_dir(target, keep=lambda path: (path / "done").is_file()) as tmp:
+        (tmp / "done").write_text("late writer")
+    assert (target / "done").read_text() == "first writer" and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_image_grid_layout(tmp_path):

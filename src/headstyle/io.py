@@ -1,12 +1,14 @@
-"""File helpers every floor may use: atomic writes (readers never see a half-written file) and content digests."""
+"""File helpers every floor may use: atomic writes (readers never see a half-written file or folder) and
+content digests."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +51,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, keep: Callable[[Path], bool] = lambda path: False) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path`` (mode 0755) and move it onto ``path`` on success.
+
+    Readers never see half a folder: an existing ``path`` is renamed aside before the new folder takes its
+    name, then removed, unless ``keep(path)`` is true at that point (another writer finished first), when the
+    new folder is dropped instead. On an exception the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if not (path.is_dir() and keep(path)):
+            _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Rename the folder ``new`` to ``path``; a folder already there is moved aside first and removed after."""
+    if not path.is_dir():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from headstyle.io import atomic_dir
 from headstyle.priors.sd_folder import write_clip_tokenizer, write_model_index
 
 IMAGE_SIZE = 64
@@ -133,6 +132,11 @@ def _build(folder: Path, seed: int) -> None:
     (folder / _MARKER).write_text(json.dumps({"seed": seed}), encoding="utf-8")
 
 
+def _built(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete tiny SD family (its marker is written last)."""
+    return (folder / _MARKER).is_file()
+
+
 def build_tiny_sd(root: str | os.PathLike, seed: int = 0) -> TinySD:
     """Build (or reuse, if already built with this seed) the tiny SD family under root/seed-<seed>.
 
@@ -141,16 +145,9 @@ def build_tiny_sd(root: str | os.PathLike, seed: int = 0) -> TinySD:
     """
     root = Path(root)
     folder = root / f"seed-{seed}"
-    if not (folder / _MARKER).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".seed-{seed}-", dir=root))
-        try:
+    if not _built(folder):
+        with atomic_dir(folder, keep=_built) as tmp:  # another caller may finish first: its folder stays
             _build(tmp, seed)
-            if not (folder / _MARKER).is_file():
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return TinySD(
         model=folder / "tiny-sd",
         vae=folder / "tiny-vae",

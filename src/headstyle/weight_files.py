@@ -318,6 +318,22 @@ def expected_shapes(module: nn.Module) -> list[tuple[int, ...]]:
     ]
 
 
+def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str) -> None:
+    """Load ``state`` into ``module`` requiring the same names and shapes; a WeightsError names the difference.
+
+    Batch norms' ``num_batches_tracked`` counters may be present or not (converted files drop them;
+    they play no part in evaluation)."""
+
+    def counted(d: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
+
+    own, state = counted(module.state_dict()), counted(state)
+    problems = state_problems({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    if problems:
+        raise WeightsError(f"{Path(path)} is not {what}: {'; '.join(problems)}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+
+
 def load_checked(
     folder: Path,
     stem: str,

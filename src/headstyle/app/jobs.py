@@ -2,7 +2,7 @@
 
 A job is a function of its Job handle: it reports progress (fraction, a line of text, a preview picture)
 and, when it can stop early, checks ``job.stop_requested``. The page reads snapshots. A job's files are
-written into a hidden folder that becomes its own folder only when the job succeeds (``atomic_folder``):
+written into a hidden folder that becomes its own folder only when the job succeeds (``io.atomic_dir``):
 a failed or stopped job leaves nothing half-written.
 """
 
@@ -12,18 +12,18 @@ import dataclasses
 import itertools
 import os
 import queue
-import shutil
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from headstyle.io import atomic_dir
 
 Status = Literal["queued", "running", "done", "failed", "stopped"]
 FINISHED: tuple[Status, ...] = ("done", "failed", "stopped")
@@ -178,21 +178,6 @@ class JobQueue:
 # ---------------------------------------------------------------------------------------------- files
 
 
-@contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden temporary folder beside ``path`` that is renamed to ``path`` on success and removed on
-    any exception: readers never see a job's half-written results."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def rebase(value: Any, old: Path, new: Path) -> Any:
     """``value`` with every Path under ``old`` moved under ``new`` (through dataclasses, lists and tuples)."""
     if isinstance(value, Path):
@@ -211,8 +196,8 @@ def job_folder_name(kind: str) -> str:
 
 
 def run_in_folder(folder: str | os.PathLike, work: Callable[[Path], Any]) -> Any:
-    """``work(tmp)`` inside atomic_folder(folder); its result's paths point into ``folder`` afterwards."""
+    """``work(tmp)`` inside atomic_dir(folder); its result's paths point into ``folder`` afterwards."""
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         result = work(tmp)
     return rebase(result, tmp, folder)

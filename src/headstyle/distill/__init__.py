@@ -53,13 +53,7 @@ from headstyle.distill.shaping import (
     tile_2x2,
     untile_2x2,
 )
-from headstyle.distill.timesteps import (
-    TimestepSample,
-    annealed_t_max,
-    sample_annealed_t,
-    sample_ddim_steps,
-    sample_uniform_t,
-)
+from headstyle.distill.timesteps import TimestepSample, sample_ddim_steps
 
 __all__ = [
     "DEFAULT_RANK_WEIGHTS",
@@ -78,7 +72,6 @@ __all__ = [
     "Retention",
     "SDSParams",
     "TimestepSample",
-    "annealed_t_max",
     "cfg",
     "cosine_alignment",
     "dds",
@@ -101,9 +94,7 @@ __all__ = [
     "resize_to",
     "retain_better_aligned",
     "run_objective",
-    "sample_annealed_t",
     "sample_ddim_steps",
-    "sample_uniform_t",
     "sds",
     "tile_2x2",
     "tweedie_x0",

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headstyle.metrics.fid import load_strict
-from headstyle.weight_files import WeightsError, meta_numel, read_state_dict, weights_budget
+from headstyle.weight_files import WeightsError, load_strict, meta_numel, read_state_dict, weights_budget
 
 CLASSES = (
     "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",

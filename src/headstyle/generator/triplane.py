@@ -78,6 +78,43 @@ def _build_superresolution(class_name: str, **kwargs: Any) -> SuperresolutionHyb
     return SuperresolutionHybrid8XDC(**kwargs)
 
 
+def _checked_rendering_kwargs(rendering_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``rendering_kwargs``, refused when it lacks a key the constructor reads."""
+    rendering_kwargs = dict(rendering_kwargs or {})
+    missing = [
+        k
+        for k in ("triplane_size", "triplane_depth", "superresolution_module", "sr_antialias", "decoder_activation")
+        if k not in rendering_kwargs
+    ]
+    if missing:
+        raise ValueError(f"rendering_kwargs lacks {missing}: pass the rendering_kwargs stored in the checkpoint")
+    return rendering_kwargs
+
+
+def _build_background(
+    w_dim: int, resolution: int, rendering_kwargs: Mapping[str, Any], synthesis_kwargs: Mapping[str, Any]
+) -> SynthesisNetwork | None:
+    """PanoHead's background synthesis at the SR input ``resolution`` (None unless use_background)."""
+    if not rendering_kwargs.get("use_background", False):
+        return None
+    bcg_kwargs = dict(synthesis_kwargs)
+    # Half the backbone's channel base (32768 is SynthesisNetwork's default).
+    bcg_kwargs["channel_base"] = bcg_kwargs.get("channel_base", 32768) // 2
+    return SynthesisNetwork(w_dim, img_resolution=resolution, img_channels=FEATURE_CHANNELS, **bcg_kwargs)
+
+
+def _build_camera_offset(z_dim: int, c_dim: int, mapping_kwargs: Mapping[str, Any]) -> MappingNetwork:
+    """Self-adaptive camera offset: a small mapping network predicting a translation delta (w_dim 3)."""
+    return MappingNetwork(
+        z_dim=z_dim,
+        c_dim=c_dim,
+        w_dim=3,
+        num_ws=1,
+        last_activation="linear",
+        **{**mapping_kwargs, "lr_multiplier": 1.0},
+    )
+
+
 def pad_ws(ws: Tensor, num_ws: int) -> Tensor:
     """The first ``num_ws`` ws, repeating the last one when there are fewer (PanoHead's background ws)."""
     ws = ws[:, :num_ws]
@@ -124,14 +161,7 @@ class TriPlaneGenerator(nn.Module):
             )
         )
         mapping_kwargs = dict(mapping_kwargs or {})
-        rendering_kwargs = dict(rendering_kwargs or {})
-        missing = [
-            k
-            for k in ("triplane_size", "triplane_depth", "superresolution_module", "sr_antialias", "decoder_activation")
-            if k not in rendering_kwargs
-        ]
-        if missing:
-            raise ValueError(f"rendering_kwargs lacks {missing}: pass the rendering_kwargs stored in the checkpoint")
+        rendering_kwargs = _checked_rendering_kwargs(rendering_kwargs)
         self.z_dim = z_dim
         self.c_dim = c_dim
         self.w_dim = w_dim
@@ -168,24 +198,10 @@ class TriPlaneGenerator(nn.Module):
             activation=rendering_kwargs["decoder_activation"],
         )
         self.torgb = ToRGBLayer(FEATURE_CHANNELS, 3, w_dim) if rendering_kwargs.get("use_torgb_raw", False) else None
-        if rendering_kwargs.get("use_background", False):
-            bcg_kwargs = dict(synthesis_kwargs)
-            # Half the backbone's channel base (32768 is SynthesisNetwork's default).
-            bcg_kwargs["channel_base"] = bcg_kwargs.get("channel_base", 32768) // 2
-            self.bcg_synthesis = SynthesisNetwork(
-                w_dim, img_resolution=self.superresolution.input_resolution, img_channels=FEATURE_CHANNELS, **bcg_kwargs
-            )
-        else:
-            self.bcg_synthesis = None
-        # Self-adaptive camera offset: a small mapping network predicting a translation delta (w_dim 3).
-        self.t_mapping = MappingNetwork(
-            z_dim=z_dim,
-            c_dim=c_dim,
-            w_dim=3,
-            num_ws=1,
-            last_activation="linear",
-            **{**mapping_kwargs, "lr_multiplier": 1.0},
+        self.bcg_synthesis = _build_background(
+            w_dim, self.superresolution.input_resolution, rendering_kwargs, synthesis_kwargs
         )
+        self.t_mapping = _build_camera_offset(z_dim, c_dim, mapping_kwargs)
 
     @property
     def num_ws(self) -> int:

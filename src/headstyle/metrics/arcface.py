@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from headstyle.faces.align import ffhq_quad, quad_to_crop
 from headstyle.faces.detect import Face
 from headstyle.faces.perceptual import read_state_dict
-from headstyle.metrics.fid import load_strict
-from headstyle.weight_files import WeightsError, meta_numel
+from headstyle.weight_files import WeightsError, load_strict, meta_numel
 
 EMBEDDING_DIM = 512
 ARCFACE_SIZE = 112

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from headstyle.export import to_uint8
 from headstyle.faces.perceptual import read_state_dict
 from headstyle.metrics.style import frechet_distance
-from headstyle.weight_files import WeightsError, meta_numel, state_problems
+from headstyle.weight_files import load_strict, meta_numel
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -235,22 +234,6 @@ class FIDInception(nn.Module):
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):  # fmt: skip
             x = block(x)
         return x.mean((2, 3))
-
-
-def load_strict(module: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str) -> None:
-    """Load ``state`` into ``module`` requiring the same names and shapes; a WeightsError names the difference.
-
-    Batch norms' ``num_batches_tracked`` counters may be present or not (converted files drop them;
-    they play no part in evaluation)."""
-
-    def counted(d: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v for k, v in d.items() if not k.endswith("num_batches_tracked")}
-
-    own, state = counted(module.state_dict()), counted(state)
-    problems = state_problems({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
-    if problems:
-        raise WeightsError(f"{Path(path)} is not {what}: {'; '.join(problems)}")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
 
 def inception_features(net: FIDInception, images: Tensor, batch: int = 16) -> Tensor:

@@ -19,8 +19,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from headstyle.distill.objectives import cfg
 from headstyle.distill.shaping import resize_to
 from headstyle.export import save_image, to_uint8
 from headstyle.input_files import InputError, read_image, read_json_object
+from headstyle.io import atomic_dir
 from headstyle.priors.base import Branch
 from headstyle.priors.diffusers_prior import DiffusersPrior
 
@@ -127,21 +126,12 @@ def reference_set(
         return cached, folder, True
     prior = load_prior()
     generator = torch.Generator().manual_seed(settings.seed)
-    # Written into a temporary folder renamed into place: a cache folder is complete or absent.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ref-", dir=folder.parent))
-    try:
-        edits = []
+    with atomic_dir(folder) as tmp:  # a cache folder is complete or absent
         for i in range(len(images)):
             edit = img2img(prior, images[i : i + 1].float(), settings, generator)
             save_image(edit[0], tmp / f"ref_{i:04d}.png")
-            edits.append(edit)
             advance()
         manifest = {"key": key, "count": len(images), "settings": asdict(settings), "model": fingerprint}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     # What a later run reads back: the PNGs' uint8 values.
     return _read_cached(folder, key, len(images)), folder, False

@@ -25,8 +25,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 from headstyle.input_files import parse_json
-from headstyle.io import atomic_write_text, read_format_manifest
+from headstyle.io import atomic_dir, atomic_write_text, read_format_manifest
 from headstyle.weight_files import (
     MAX_CONFIG_BYTES,
     first,
@@ -129,19 +127,13 @@ class StyleAppearanceModule(nn.Module):
     def save(self, folder: str | os.PathLike, meta: dict[str, Any]) -> Path:
         """Write unet/ and sfa_module.json into ``folder`` through a hidden folder renamed when complete."""
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_dir(folder) as tmp:
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             if self.main is not None:
                 _save_lora(self.main, tmp / LORA_DIR)
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "role": self.role, "lora_rank": self.lora_rank,
                         **meta}  # fmt: skip
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod
