@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,7 +45,7 @@ from torch import Tensor, nn
 from headstyle import settings
 from headstyle.distill.shaping import tile_2x2
 from headstyle.input_files import read_json_object
-from headstyle.io import atomic_path, atomic_write_text
+from headstyle.io import atomic_dir, atomic_path, atomic_write_text
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.lab.world import STYLES, sample_z, style_prompt
@@ -392,7 +389,7 @@ def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
     """Write tokenizer/ and a frozen random text_encoder/ into the model folder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with _atomic_dir(folder / "tokenizer") as tmp:
+    with atomic_dir(folder / "tokenizer") as tmp:
         vocab_size = write_clip_tokenizer(tmp, prompt_words())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream(cfg, "init.text"))
@@ -409,7 +406,7 @@ def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
                 pad_token_id=1,
             )
         )
-    with _atomic_dir(folder / "text_encoder") as tmp:
+    with atomic_dir(folder / "text_encoder") as tmp:
         encoder.save_pretrained(tmp)
 
 
@@ -580,7 +577,7 @@ def stage_vae(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
             ]
         )
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    with _atomic_dir(out / "model" / "vae") as tmp:
+    with atomic_dir(out / "model" / "vae") as tmp:
         vae.save_pretrained(tmp)
     _finish_stage(out, "vae", _summary(vae, stage))
 
@@ -600,7 +597,7 @@ def stage_decoder(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
 
     stage = run_stage(out, "decoder", vae, loss_fn, cfg.decoder_steps, cfg.decoder_lr, cfg, progress,
                       stream(cfg, "train.decoder"))
-    with _atomic_dir(out / "model" / "vae") as tmp:
+    with atomic_dir(out / "model" / "vae") as tmp:
         vae.save_pretrained(tmp)
     _finish_stage(out, "decoder", _summary(vae, stage))
 
@@ -647,11 +644,11 @@ def stage_unet(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
         cfg.unet_horizon
     )
     if cfg.train_text:
-        with _atomic_dir(folder / "text_encoder") as tmp:
+        with atomic_dir(folder / "text_encoder") as tmp:
             encoder.save_pretrained(tmp)
-    with _atomic_dir(folder / "unet") as tmp:
+    with atomic_dir(folder / "unet") as tmp:
         unet.save_pretrained(tmp)
-    with _atomic_dir(folder / "scheduler") as tmp:
+    with atomic_dir(folder / "scheduler") as tmp:
         ddim_scheduler().save_pretrained(tmp)
     write_model_index(folder)
     _finish_stage(out, "unet", _summary(model, stage))
@@ -684,7 +681,7 @@ def stage_controlnet(out: Path, cfg: TrainPriorConfig, progress: bool, name: str
     stage = run_stage(
         out, f"controlnet-{name}", net, loss_fn, cfg.controlnet_steps, cfg.controlnet_lr, cfg, progress, seed
     )
-    with _atomic_dir(folder / f"controlnet-{name}") as tmp:
+    with atomic_dir(folder / f"controlnet-{name}") as tmp:
         net.save_pretrained(tmp)
     _finish_stage(out, f"controlnet-{name}", _summary(net, stage))
 
@@ -735,20 +732,6 @@ def train_prior(out: Path, cfg: TrainPriorConfig, stage: str = "all", progress: 
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
-
-
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary folder beside ``path``, moved onto it on success (readers never see half a model)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make shipped model folders private
-    try:
-        yield tmp
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_stages(out: Path) -> dict[str, dict]:
@@ -815,7 +798,7 @@ def snapshot(out: Path, dest: Path) -> Path:
 
 def copy_model(out: Path, dest: Path) -> Path:
     """Copy a finished run's model/ folder (the SD layout, fp32 safetensors) and stages.json to ``dest``, atomically."""
-    with _atomic_dir(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         shutil.copytree(out / "model", tmp, dirs_exist_ok=True)
         shutil.copy2(out / "stages.json", tmp / "stages.json")
     return dest
