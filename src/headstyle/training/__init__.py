@@ -1,1 +1,2 @@
-"""What every trainer shares, below the trainers themselves: signals (a clean stop of the whole command)."""
+"""What every trainer shares, below the trainers themselves: the runner (the loop, run folders, resume), the gradient
+step (one all-reduce, the non-finite guard), checkpoints, the metrics log, seeds, signals and the folder lock."""
