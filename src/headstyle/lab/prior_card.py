@@ -45,6 +45,7 @@ from headstyle.lab.train_prior import (
     read_stages,
     render_domain,
     single_view,
+    stream,
 )
 from headstyle.priors.base import Branch, Control
 
@@ -98,7 +99,7 @@ def eval_cameras(identities: int, views: int, cfg: TrainPriorConfig) -> Tensor:
     """(identities * views, 25): the training cameras of the first ``identities`` training identities, ``views``
     of each spread over their 360-degree sectors. Held-out and training identities are rendered at these same
     cameras, so the two sets differ only in who is rendered."""
-    gen = torch.Generator().manual_seed(IDENTITY_SEED + cfg.seed + 1)
+    gen = torch.Generator().manual_seed(IDENTITY_SEED + stream(cfg, "cameras"))
     cams = stratified_360_cameras(cfg.identities, cfg.views, gen).reshape(cfg.identities, cfg.views, 25)
     return cams[:identities, torch.arange(views) * (cfg.views // views)].reshape(-1, 25)
 

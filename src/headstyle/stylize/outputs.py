@@ -13,6 +13,9 @@ from headstyle import cameras, export
 from headstyle.generator.base import Generator
 from headstyle.stylize.config import StylizeConfig, conditioning_camera
 
+# The previews' identities: the run seed plus this, a stream apart from the training streams.
+PREVIEW_STREAM = 12_345
+
 
 class Previews:
     """Preview grids (frozen vs trainable renders of fixed identities) and turntables of the trainable generator.
@@ -53,7 +56,7 @@ class Previews:
         return torch.cat(rows)
 
     def _sample_ws(self, count: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.cfg.run.seed + 12345)
+        g = torch.Generator().manual_seed(self.cfg.run.seed + PREVIEW_STREAM)
         z = torch.randn(count, self.G.z_dim, generator=g).to(self.device)
         c = conditioning_camera(self.cfg).expand(count, -1).to(self.device)
         with torch.no_grad():
