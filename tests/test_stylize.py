@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import random
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from headstyle.distill.objectives import SDSParams
 from headstyle.lab.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
 from headstyle.stylize import checkpointing
+from headstyle.stylize.branches import BRANCHES, Grid, SingleView, build_branches, register_branch
 from headstyle.stylize.config import (
     ConfigError,
     StylizeConfig,
@@ -138,6 +140,24 @@ def test_stylize_fields_carry_their_ranges_choices_and_units():
     assert "scale = 1000.0  # divisor of every latent gradient\n" in text
     assert "lr = 0.0001  # learning rate (Adam; SGD: step = lr * velocity)\n" in text
     assert len(settings.units(cfg)) == 11 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
+
+
+def test_branches_register_under_their_config_sections_in_step_order():
+    """The step's branches are the registry's, in registration order (single view, then grid), each at its slot
+    among the enabled ones: the noise slots and random draws of the runs before the registry."""
+    assert list(BRANCHES.items()) == [("single", SingleView), ("grid", Grid)]
+    cfg = StylizeConfig()
+
+    def built(**enabled: bool) -> list[tuple[type, int]]:
+        sections = {name: dataclasses.replace(getattr(cfg, name), enabled=on) for name, on in enabled.items()}
+        ctx = types.SimpleNamespace(cfg=dataclasses.replace(cfg, **sections))  # the branches read only its cfg here
+        return [(type(b), b.slot) for b in build_branches(ctx)]
+
+    assert built() == [(SingleView, 0), (Grid, 1)]
+    assert built(single=False) == [(Grid, 0)] and built(grid=False) == [(SingleView, 0)]
+    with pytest.raises(ValueError, match="already registered for config section 'grid'"):
+        register_branch(type("AnotherGrid", (Grid,), {}))
+    assert BRANCHES["grid"] is Grid
 
 
 def test_defaults_follow_the_script():
