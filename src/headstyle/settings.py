@@ -116,6 +116,13 @@ def field_problem(section: Any, prefix: str = "") -> str | None:
     return None
 
 
+def check_fields(section: Any) -> None:
+    """ValueError naming the first field of ``section`` that its Spec refuses: a section's own check
+    (``__post_init__``), which reading a config turns into a ConfigError naming the section."""
+    if problem := field_problem(section):
+        raise ValueError(problem)
+
+
 def check_sections(cfg: Any) -> None:
     """ConfigError naming the first field ("section.field") of a section of ``cfg`` (a config whose fields are all
     sections) that its Spec refuses, sections and fields in declaration order."""
