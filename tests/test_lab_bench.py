@@ -32,7 +32,7 @@ from headstyle.lab.prior import build_lab_prior
 from headstyle.lab.world import UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.analytic import ExemplarPrior
 from headstyle.stylize import stopping
-from headstyle.stylize.config import OptimConfig, load_config
+from headstyle.stylize.config import OptimConfig, apply_overrides, load_config
 from headstyle.stylize.stopping import margin
 from headstyle.stylize.trainer import Stylizer, build_optimizer
 from headstyle.training.gradients import calibrate_sgd
@@ -121,7 +121,7 @@ def _stop_run(tmp_path: Path, style_is_render: bool, action: str) -> tuple[Styli
     settings = LabSettings(iterations=4, lr=1e-3, resolution=RES, prior="exemplar")
     overrides = ("optim.stop_rule=classifier", "optim.stop_every=2", f"optim.stop_action={action}",
                  "optim.stop_decay=0.5", "grid.enabled=false", "regularisers.tweedie_mse=0.0")  # fmt: skip
-    cfg = lab_config("statue", settings, tmp_path / f"{style_is_render}-{action}", overrides)
+    cfg = apply_overrides(lab_config("statue", settings, tmp_path / f"{style_is_render}-{action}"), list(overrides))
     G = new_generator(settings)
     placeholder = ExemplarPrior({style_prompt("statue"): torch.zeros(1, 3, 2 * RES, 2 * RES),
                                  UNSTYLED_PROMPT: torch.ones(1, 3, 2 * RES, 2 * RES)})  # fmt: skip

@@ -26,6 +26,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import held_out_z
 from headstyle.priors.base import Branch
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.sfa.config import SFATrainConfig
 from headstyle.sfa.dataset import (
     INDEX,
     DatasetError,
@@ -36,7 +37,7 @@ from headstyle.sfa.dataset import (
     write_dataset,
 )
 from headstyle.sfa.module import ModuleLoadError, StyleAppearanceModule
-from headstyle.sfa.train import SFATrainConfig, SFATrainer, encode_batch, held_out_loss
+from headstyle.sfa.train import SFATrainer, encode_batch, held_out_loss
 
 STYLES = ("statue", "gold")
 SETTINGS = DatasetSettings(samples=4, views=4, truncation_psi=0.75)

@@ -4,19 +4,24 @@ import dataclasses
 import json
 import math
 import random
+import types
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from headstyle import settings
 from headstyle.distill.objectives import SDSParams
 from headstyle.lab.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
+from headstyle.stylize.branches import BRANCHES, Grid, SingleView, build_branches, register_branch
 from headstyle.stylize.config import (
     ConfigError,
     StylizeConfig,
     apply_overrides,
+    dumps,
     load_config,
     save_config,
 )
@@ -78,6 +83,81 @@ def test_overrides_typed_and_errors_name_the_field():
         apply_overrides(cfg, ["objective.max_step_index=50"])
     with pytest.raises(ConfigError, match="lpips_alexnet"):
         apply_overrides(cfg, ["regularisers.lpips=0.05"])
+
+
+@dataclass
+class _Knobs:
+    angle: float = settings.param(10.0, low=-90.0, high=90.0, unit="degrees")
+    mode: str = settings.param("a", choices=("a", "b"))
+    steps: int = settings.param(1, at_least=1)
+    rate: float = settings.param(0.5, positive=True)
+    free: float = 0.0
+
+
+@dataclass
+class _Knobbed:
+    knobs: _Knobs = field(default_factory=_Knobs)
+
+
+def test_field_metadata_declares_ranges_choices_and_units(tmp_path):
+    """settings.param puts a field's range, choices and unit in its metadata; one validator reads them all."""
+    cfg = _Knobbed()
+    settings.check_sections(cfg)  # the defaults lie within their declarations
+    refused = [
+        ({"angle": 91.0}, "knobs.angle = 91.0 lies outside [-90.0, 90.0] (degrees)"),
+        ({"angle": math.nan}, "knobs.angle = nan lies outside [-90.0, 90.0] (degrees)"),
+        ({"mode": "c"}, "knobs.mode = 'c' is not one of a, b"),
+        ({"steps": 0}, "knobs.steps must be >= 1, got 0"),
+        ({"rate": math.inf}, "knobs.rate must be a positive number, got inf"),
+    ]
+    for change, message in refused:
+        with pytest.raises(ConfigError) as info:
+            settings.check_sections(_Knobbed(dataclasses.replace(cfg.knobs, **change)))
+        assert str(info.value) == message
+    assert settings.field_problem(dataclasses.replace(cfg.knobs, free=-1e9, angle=-90.0)) is None  # closed range
+    assert settings.field_problem(dataclasses.replace(cfg.knobs, mode="x")) == "mode = 'x' is not one of a, b"
+    assert settings.units(cfg) == {"knobs.angle": "degrees"}
+    text = settings.comment_units(settings.dumps({"knobs": settings.plain(cfg.knobs)}), settings.units(cfg))
+    assert text.splitlines()[:3] == ["[knobs]", "angle = 10.0  # degrees", 'mode = "a"']
+    (tmp_path / "knobs.toml").write_text(text)
+    assert settings.from_dict(_Knobbed(_Knobs(angle=0.0)), settings.read_file(tmp_path / "knobs.toml")) == cfg
+
+
+def test_stylize_fields_carry_their_ranges_choices_and_units():
+    cfg = StylizeConfig()
+    for override, message in [
+        ("latent.cond_yaw=200", "latent.cond_yaw = 200.0 lies outside [-180.0, 180.0] (degrees, 0 = front)"),
+        ("run.seed=-1", "run.seed = -1 lies outside [0, 4294967295]"),
+        ("optim.name=rmsprop", "optim.name = 'rmsprop' is not one of adam, sgd"),
+        ("run.iterations=0", "run.iterations must be >= 1, got 0"),
+        ("shaping.scale=0", "shaping.scale must be a positive number, got 0.0"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(cfg, [override])
+        assert str(info.value) == message
+    text = dumps(cfg)
+    assert "cond_yaw = 0.0  # degrees, 0 = front\n" in text
+    assert "scale = 1000.0  # divisor of every latent gradient\n" in text
+    assert "lr = 0.0001  # learning rate (Adam; SGD: step = lr * velocity)\n" in text
+    assert len(settings.units(cfg)) == 11 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
+
+
+def test_branches_register_under_their_config_sections_in_step_order():
+    """The step's branches are the registry's, in registration order (single view, then grid), each at its slot
+    among the enabled ones: the noise slots and random draws of the runs before the registry."""
+    assert list(BRANCHES.items()) == [("single", SingleView), ("grid", Grid)]
+    cfg = StylizeConfig()
+
+    def built(**enabled: bool) -> list[tuple[type, int]]:
+        sections = {name: dataclasses.replace(getattr(cfg, name), enabled=on) for name, on in enabled.items()}
+        ctx = types.SimpleNamespace(cfg=dataclasses.replace(cfg, **sections))  # the branches read only its cfg here
+        return [(type(b), b.slot) for b in build_branches(ctx)]
+
+    assert built() == [(SingleView, 0), (Grid, 1)]
+    assert built(single=False) == [(Grid, 0)] and built(grid=False) == [(SingleView, 0)]
+    with pytest.raises(ValueError, match="already registered for config section 'grid'"):
+        register_branch(type("AnotherGrid", (Grid,), {}))
+    assert BRANCHES["grid"] is Grid
 
 
 def test_defaults_follow_the_script():

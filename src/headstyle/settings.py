@@ -4,6 +4,10 @@ Every command's configuration (stylize/config.py, attention/config.py's style-vi
 dataclass. A field's type decides how a value is read (bool, int, float, str, tuples of them); a
 float is never NaN. A config may read some sections its own way (``readers``), e.g. the objective
 section whose fields depend on the chosen objective.
+
+A field declared with ``param`` carries what it accepts and means beside its type (a ``Spec`` in the
+field's metadata: a range, a least value, a choice of strings, a unit); ``field_problem`` checks a
+section's fields against theirs and ``units`` collects the units a saved config prints beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 import typing
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -44,6 +49,97 @@ def seed_problem(name: str, seed: int) -> str | None:
 
 class ConfigError(ValueError):
     """A config file or override names an unknown field or holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a numeric or string field accepts beyond its type, and what its value means.
+
+    low, high: a closed range (None: unbounded on that side); at_least: the least value of a count;
+    positive: strictly positive and finite; choices: the strings it may hold; unit: printed beside the
+    field in a saved config and in its range message.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    at_least: int | None = None
+    positive: bool = False
+    choices: tuple[str, ...] = ()
+    unit: str = ""
+
+
+_SPEC = "headstyle.settings.Spec"  # the key of a field's Spec in its metadata
+_NO_SPEC = Spec()
+
+
+def param(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    at_least: int | None = None,
+    positive: bool = False,
+    choices: tuple[str, ...] = (),
+    unit: str = "",
+) -> Any:
+    """A dataclass field with ``default`` whose metadata holds its Spec (see Spec for the rest)."""
+    return dataclasses.field(default=default, metadata={_SPEC: Spec(low, high, at_least, positive, choices, unit)})
+
+
+def spec(f: dataclasses.Field) -> Spec:
+    """The Spec of a dataclass field (an empty one for a field declared without ``param``)."""
+    return f.metadata.get(_SPEC, _NO_SPEC)
+
+
+def value_problem(key: str, value: Any, s: Spec) -> str | None:
+    """Why ``value`` of the field ``key`` breaks its Spec ``s``, as one line; None when it does not."""
+    if s.choices and value not in s.choices:
+        return f"{key} = {value!r} is not one of {', '.join(s.choices)}"
+    if s.at_least is not None and value < s.at_least:
+        return f"{key} must be >= {s.at_least}, got {value}"
+    if (s.low is not None or s.high is not None) and not (
+        (s.low is None or value >= s.low) and (s.high is None or value <= s.high)
+    ):  # written so that NaN lies outside every range
+        bounds = f"[{'-inf' if s.low is None else s.low}, {'inf' if s.high is None else s.high}]"
+        return f"{key} = {value} lies outside {bounds}{f' ({s.unit})' if s.unit else ''}"
+    if s.positive and not (math.isfinite(value) and value > 0):
+        return f"{key} must be a positive number, got {value}"
+    return None
+
+
+def field_problem(section: Any, prefix: str = "") -> str | None:
+    """The first field of the dataclass ``section``, in declaration order, whose value its Spec refuses, as one
+    line naming it ``prefix + field``; None when every field is within its Spec."""
+    for f in dataclasses.fields(section):
+        if problem := value_problem(prefix + f.name, getattr(section, f.name), spec(f)):
+            return problem
+    return None
+
+
+def check_fields(section: Any) -> None:
+    """ValueError naming the first field of ``section`` that its Spec refuses: a section's own check
+    (``__post_init__``), which reading a config turns into a ConfigError naming the section."""
+    if problem := field_problem(section):
+        raise ValueError(problem)
+
+
+def check_sections(cfg: Any) -> None:
+    """ConfigError naming the first field ("section.field") of a section of ``cfg`` (a config whose fields are all
+    sections) that its Spec refuses, sections and fields in declaration order."""
+    for s in dataclasses.fields(cfg):
+        if problem := field_problem(getattr(cfg, s.name), f"{s.name}."):
+            raise ConfigError(problem)
+
+
+def units(cfg: Any) -> dict[str, str]:
+    """The unit of every field of the sections of ``cfg`` (a config whose fields are all sections) that declares one,
+    by "section.field"."""
+    return {
+        f"{s.name}.{f.name}": spec(f).unit
+        for s in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, s.name))
+        if spec(f).unit
+    }
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:

@@ -12,8 +12,9 @@
     [photo]
     steps = 500
 
-Every field is typed (headstyle.settings); a model that is not configured or not on this machine
-greys out the tabs that need it, each with its reason (``tab_reasons``).
+Every field is typed, with its least value, range or choices in its declaration (headstyle.settings); a
+model that is not configured or not on this machine greys out the tabs that need it, each with its reason
+(``tab_reasons``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from headstyle import settings
-from headstyle.settings import ConfigError
+from headstyle.settings import ConfigError, param
 
 TAB_TITLES = {"photo": "Photo", "generate": "Generate", "style_image": "Style image", "train": "Train a style"}
 
@@ -57,17 +58,14 @@ class PhotoSection:
     """The projector (PanoHead's defaults): steps, W+ or W, w_avg samples; raw: fit the raw neural render
     (fast, low resolution); seed."""
 
-    steps: int = 500
-    space: str = "w+"
-    w_avg_samples: int = 10_000
+    steps: int = param(500, at_least=1)
+    space: str = param("w+", choices=("w", "w+"))
+    w_avg_samples: int = param(10_000, at_least=1)
     raw: bool = False
     seed: int = 303
 
     def __post_init__(self) -> None:
-        if self.space not in ("w", "w+"):
-            raise ValueError(f"space must be w or w+, got {self.space!r}")
-        if self.steps < 1 or self.w_avg_samples < 1:
-            raise ValueError("steps and w_avg_samples must be at least 1")
+        settings.check_fields(self)
 
 
 @dataclass
@@ -78,9 +76,9 @@ class RenderSection:
 
     yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
     pitch: float = 10.0
-    turntable_frames: int = 60
-    fps: float = 24.0
-    mesh_resolution: int = 256
+    turntable_frames: int = param(60, at_least=2)
+    fps: float = param(24.0, positive=True)
+    mesh_resolution: int = param(256, low=8, high=1024)
     raw: bool = False
     neural_rendering_resolution: int = 0
     depth_samples: int = 0
@@ -88,10 +86,7 @@ class RenderSection:
     def __post_init__(self) -> None:
         if not self.yaws or any(abs(a) > 360 for a in (*self.yaws, self.pitch)):
             raise ValueError("yaws (at least one) and pitch are degrees within [-360, 360]")
-        if self.turntable_frames < 2 or not self.fps > 0:
-            raise ValueError("turntable_frames must be at least 2 and fps positive")
-        if not 8 <= self.mesh_resolution <= 1024:
-            raise ValueError(f"mesh_resolution must lie in [8, 1024], got {self.mesh_resolution}")
+        settings.check_fields(self)
 
 
 @dataclass
@@ -102,22 +97,19 @@ class LabSection:
     train on: "" = the shipped learned lab prior, "exemplar" = the analytic exemplar prior, or an SD folder
     (headstyle.lab.learned)."""
 
-    resolution: int = 32
-    sr_factor: int = 2
-    prior_identities: int = 6
-    prior_views: int = 24
-    iterations: int = 100
+    resolution: int = param(32, at_least=1)
+    sr_factor: int = param(2, at_least=1)
+    prior_identities: int = param(6, at_least=1)
+    prior_views: int = param(24, at_least=1)
+    iterations: int = param(100, at_least=1)
     lr: float = 0.002
-    turntable_frames: int = 36
-    mesh_resolution: int = 96
+    turntable_frames: int = param(36, at_least=2)
+    mesh_resolution: int = param(96, low=8, high=1024)
     style_module: str = ""
     prior: str = ""
 
     def __post_init__(self) -> None:
-        if min(self.resolution, self.sr_factor, self.prior_identities, self.prior_views, self.iterations) < 1:
-            raise ValueError("lab sizes, prior identities/views and iterations must be at least 1")
-        if self.turntable_frames < 2 or not 8 <= self.mesh_resolution <= 1024:
-            raise ValueError("lab turntable_frames must be at least 2 and mesh_resolution within [8, 1024]")
+        settings.check_fields(self)
 
 
 @dataclass

@@ -78,8 +78,8 @@ def lab_spec(lab: LabSection, style: str, iterations: int, run_dir: Path, seed: 
     every = _every(settings.iterations)
     profile = _lab_prior_spec(lab).profile(lab.resolution, lab.sr_factor)
     try:
-        cfg = lab_config(style, settings, run_dir, (f"run.sample_every={every}", f"run.checkpoint_every={every}"),
-                         profile)  # fmt: skip
+        cfg = lab_config(style, settings, run_dir, profile=profile,
+                         variant=lambda c: replace(c, run=replace(c.run, sample_every=every, checkpoint_every=every)))
     except ConfigError as exc:
         raise AppError(str(exc)) from None
     return TrainSpec(to_dict(cfg), str(run_dir), lab=lab)
@@ -90,7 +90,8 @@ def models_spec(
 ) -> TrainSpec:
     """A stylize run of the configured base generator with the configured SD model and ControlNets: a
     preset, a text prompt (overriding the preset's) or a style image (SDS with Style Fusion Attention)."""
-    from headstyle.stylize.config import ConfigError, to_dict
+    from headstyle.distill.objectives import SDSParams
+    from headstyle.stylize.config import ConfigError, to_dict, validate
     from headstyle.stylize.presets import resolve_config
 
     m = cfg.models
@@ -98,37 +99,38 @@ def models_spec(
         raise AppError("no target: choose a preset, write a prompt or give a style image")
     _check_new(run_dir, iterations)
     every = _every(int(iterations))
-    overrides = [
-        f"model.generator={m.generator}",
-        f"model.prior={m.sd_model}",
-        f"model.vae={m.vae}",
-        f"model.canny_controlnet={m.canny_controlnet}",
-        f"model.depth_controlnet={m.depth_controlnet}",
-        f"run.out={run_dir}",
-        f"run.iterations={int(iterations)}",
-        f"run.sample_every={every}",
-        f"run.checkpoint_every={every}",
-        f"run.device={cfg.server.device}",
-    ]
-    if prompt:
-        overrides.append(f"prompt.prompt={prompt}")
+    kept = None
     if style_image:
         # The run keeps its own copy: an uploaded picture lives in a cache that is cleaned, and Resume reads it.
         kept = run_dir / f"style{Path(style_image).suffix.lower()}"
         with atomic_path(kept) as tmp:
             shutil.copyfile(style_image, tmp)
-        overrides += [f"style.image={kept}", "objective.name=sds", "objective.weighting=sds"]
-    if m.lpips_alexnet and m.lpips_linear:
-        overrides += [f"regularisers.lpips_alexnet={m.lpips_alexnet}", f"regularisers.lpips_linear={m.lpips_linear}"]
     try:
-        return TrainSpec(to_dict(resolve_config(preset or None, overrides=overrides)), str(run_dir))
+        run_cfg = resolve_config(preset or None)
+        run_cfg = replace(
+            run_cfg,
+            model=replace(run_cfg.model, generator=m.generator, prior=m.sd_model, vae=m.vae,
+                          canny_controlnet=m.canny_controlnet, depth_controlnet=m.depth_controlnet),
+            run=replace(run_cfg.run, out=str(run_dir), iterations=int(iterations), sample_every=every,
+                        checkpoint_every=every, device=cfg.server.device),
+        )  # fmt: skip
+        if prompt:
+            run_cfg = replace(run_cfg, prompt=replace(run_cfg.prompt, prompt=prompt.strip()))
+        if kept is not None:
+            sds = replace(run_cfg.objective, name="sds", params=SDSParams(weighting="sds"))
+            run_cfg = replace(run_cfg, style=replace(run_cfg.style, image=str(kept)), objective=sds)
+        if m.lpips_alexnet and m.lpips_linear:
+            lpips = replace(run_cfg.regularisers, lpips_alexnet=m.lpips_alexnet, lpips_linear=m.lpips_linear)
+            run_cfg = replace(run_cfg, regularisers=lpips)
+        validate(run_cfg)
     except ConfigError as exc:
         raise AppError(str(exc)) from None
+    return TrainSpec(to_dict(run_cfg), str(run_dir))
 
 
 def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> TrainSpec:
     """Continue a run from its newest checkpoint that verifies, to ``iterations`` in all."""
-    from headstyle.stylize.config import ConfigError, to_dict
+    from headstyle.stylize.config import ConfigError, to_dict, validate
     from headstyle.stylize.presets import resolve_config
     from headstyle.training import checkpointing
 
@@ -139,7 +141,9 @@ def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> Train
         reached = state["iteration"]
         if int(iterations) <= reached:
             raise AppError(f"{run_dir.name} is at iteration {reached}: set Iterations above {reached} to resume it")
-        cfg = resolve_config(resume=checkpoint, overrides=[f"run.iterations={int(iterations)}", f"run.out={run_dir}"])
+        cfg = resolve_config(resume=checkpoint)
+        cfg = replace(cfg, run=replace(cfg.run, iterations=int(iterations), out=str(run_dir)))
+        validate(cfg)
     except (ConfigError, FileNotFoundError, checkpointing.ResumeError) as exc:
         raise AppError(str(exc)) from None
     return TrainSpec(to_dict(cfg), str(run_dir), resume=True, lab=lab)

@@ -190,7 +190,7 @@ def sfa_train(
 ) -> None:
     """Fine-tune a Style Appearance Module on a paired dataset (diffusion loss on the stylised views)."""
     from headstyle import settings
-    from headstyle.sfa.train import SFATrainConfig
+    from headstyle.sfa.config import SFATrainConfig, dumps
 
     flags = {
         "data.path": data, "data.held_out_per_style": held_out, "run.out": out, "model.model": model,
@@ -216,8 +216,6 @@ def sfa_train(
     except settings.ConfigError as exc:
         raise UserError(f"{exc} (see headstyle sfa train --help)") from None
     if print_config:
-        from headstyle.sfa.train import dumps
-
         typer.echo(dumps(cfg), nl=False)
         return
     if threads < 0:

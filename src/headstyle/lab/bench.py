@@ -1,10 +1,10 @@
 """Objectives, ablations and optimisers in the lab, trained for the same budget and seeds, scored against the truth.
 
-A variant is a list of config overrides on top of the lab recipe (``lab_config``: the paper's LD
-with mirror, grid and rank re-weighting at the lab's sizes: 64 px single views = 32 px raw renders
-x2, 2x2 grids of 32 px raw renders, and LD's gradient shaping for the prior's latents, see
-headstyle.lab.learned.PriorProfile); an optimiser is another list (the paper's Adam, SGD with
-momentum, and the diffusion-classifier stopping rule). The trainer (headstyle.stylize.trainer.Stylizer)
+A variant is a change of the lab recipe's config, made with dataclasses.replace (``lab_config``: the
+paper's LD with mirror, grid and rank re-weighting at the lab's sizes: 64 px single views = 32 px raw
+renders x2, 2x2 grids of 32 px raw renders, and LD's gradient shaping for the prior's latents, see
+headstyle.lab.learned.PriorProfile); an optimiser is a change of its optim section (the paper's Adam,
+SGD with momentum, and the diffusion-classifier stopping rule). The trainer (headstyle.stylize.trainer.Stylizer)
 runs unchanged on the lab generator and the prior, the learned lab prior by default.
 
 Per run the bench records, besides the lab's metrics on held-out identities: the share of iterations
@@ -26,13 +26,14 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from headstyle.distill.objectives import DDSParams, IDSParams, NFSDParams, ObjectiveParams, SDSParams
 from headstyle.export import save_figure
 from headstyle.input_files import check_fields, read_json_object, read_text
 from headstyle.io import atomic_write_text
@@ -43,26 +44,35 @@ from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
 from headstyle.settings import SEED_END
 from headstyle.stylize import stopping
-from headstyle.stylize.config import StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.stylize.config import OptimConfig, StylizeConfig, load_config, resume_differences, validate
 from headstyle.training import checkpointing
 from headstyle.training.lock import folder_lock
 from headstyle.training.log import read_log
 from headstyle.training.signals import STOP
 
-# name -> overrides of the lab recipe. "ld" is the paper's recipe.
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "ld": (),
+# A change of the lab recipe's config.
+Variant = Callable[[StylizeConfig], StylizeConfig]
+
+
+def _objective(name: str, params: ObjectiveParams) -> Variant:
+    """The recipe with objective ``name`` and its parameters ``params``."""
+    return lambda c: replace(c, objective=replace(c.objective, name=name, params=params))
+
+
+# name -> change of the lab recipe. "ld" is the paper's recipe.
+VARIANTS: dict[str, Variant] = {
+    "ld": lambda c: c,
     # DreamFusion's SDS, w(t) = 1 - abar_t (the LD script's own SDS switch drops the eps_uncond term).
-    "sds": ("objective.name=sds", "objective.weighting=sds"),
-    "ids": ("objective.name=ids",),
+    "sds": _objective("sds", SDSParams(weighting="sds")),
+    "ids": _objective("ids", IDSParams()),
     # DDS applies: the lab's frozen renders are the unstyled domain, prompt.source_prompt describes them.
-    "dds": ("objective.name=dds",),
-    "nfsd": ("objective.name=nfsd",),
-    "ld-no-mirror": ("single.mirror=false",),
-    "ld-no-grid": ("grid.enabled=false",),
-    "ld-no-rank": ("single.rank_weights=[]",),
-    "ld-no-reg": ("regularisers.relative_distance=0.0",),
-    "ld-mvnrs": ("objective.noise=mv_nrs",),
+    "dds": _objective("dds", DDSParams()),
+    "nfsd": _objective("nfsd", NFSDParams()),
+    "ld-no-mirror": lambda c: replace(c, single=replace(c.single, mirror=False)),
+    "ld-no-grid": lambda c: replace(c, grid=replace(c.grid, enabled=False)),
+    "ld-no-rank": lambda c: replace(c, single=replace(c.single, rank_weights=())),
+    "ld-no-reg": lambda c: replace(c, regularisers=replace(c.regularisers, relative_distance=0.0)),
+    "ld-mvnrs": lambda c: replace(c, objective=replace(c.objective, noise="mv_nrs")),
 }
 OBJECTIVE_VARIANTS = ("ld", "sds", "ids", "dds", "nfsd")
 ABLATIONS = ("ld-no-mirror", "ld-no-grid", "ld-no-rank", "ld-no-reg", "ld-mvnrs")
@@ -70,12 +80,13 @@ ABLATIONS = ("ld-no-mirror", "ld-no-grid", "ld-no-rank", "ld-no-reg", "ld-mvnrs"
 CURVE_VARIANTS = ("ld", "sds", "ids", "dds", "ld-no-reg")
 
 
-def _optimizer(name: str, lr: float) -> tuple[str, ...]:
-    sgd = ("optim.name=sgd", "optim.momentum=0.9", f"optim.sgd_step={lr}")
-    stop, none = ("optim.stop_rule=classifier",), ("optim.stop_rule=none",)
-    decay = (*stop, "optim.stop_action=decay", "optim.stop_decay=0.1")
-    return {"adam": none, "sgd": (*sgd, *none), "adam-stop": stop, "adam-decay": decay,
-            "sgd-stop": (*sgd, *stop)}[name]  # fmt: skip
+def _optimizer(name: str, optim: OptimConfig, lr: float) -> OptimConfig:
+    """``optim`` as the bench's optimiser ``name`` (OPTIMIZERS), SGD's steady step set from ``lr``."""
+    sgd = replace(optim, name="sgd", momentum=0.9, sgd_step=float(lr))
+    stop = replace(optim, stop_rule="classifier")
+    return {"adam": replace(optim, stop_rule="none"), "sgd": replace(sgd, stop_rule="none"), "adam-stop": stop,
+            "adam-decay": replace(stop, stop_action="decay", stop_decay=0.1),
+            "sgd-stop": replace(sgd, stop_rule="classifier")}[name]  # fmt: skip
 
 
 # The paper's Adam, run to the budget as its script does; SGD with momentum 0.9 whose step is proportional to the
@@ -146,34 +157,33 @@ def lab_config(
     style: str,
     settings: LabSettings,
     out: Path,
-    overrides: tuple[str, ...] = (),
+    variant: Variant = VARIANTS["ld"],
     profile: PriorProfile | None = None,
     steps: tuple[int, int] | None = None,
 ) -> StylizeConfig:
     """The lab recipe for ``style`` (LD + mirror + grid + rank re-weighting) for a prior described by ``profile``
-    (the exemplar prior's when None) and DDIM step indices ``steps`` (the recipe's when None), then ``overrides``."""
+    (the exemplar prior's when None) and DDIM step indices ``steps`` (the recipe's when None), changed by
+    ``variant``; ConfigError when the result is not a valid config."""
     profile = profile or PriorProfile(EXEMPLAR, settings.resolution * settings.sr_factor, *EXEMPLAR_SHAPING)
-    base = (
-        f"prompt.prompt={style_prompt(style)}",
-        f"prompt.source_prompt={UNSTYLED_PROMPT}",
-        f"prompt.guidance_scale={settings.guidance}",
-        f"model.prior_image_size={profile.image_size}",
-        f"single.rank_weights={list(profile.rank_weights)}",
-        f"shaping.scale={profile.shaping_scale}",
-        f"optim.lr={settings.lr}",
-        *_optimizer(settings.optimizer, settings.lr),
-        *(() if steps is None else (f"objective.min_step_index={steps[0]}", f"objective.max_step_index={steps[1]}")),
-        f"run.iterations={settings.iterations}",
-        f"run.checkpoint_every={settings.curve_every or settings.iterations}",
-        f"run.keep_last={settings.iterations // settings.curve_every + 1 if settings.curve_every else 1}",
-        f"run.sample_every={settings.iterations}",
-        "run.turntable_identities=0",
-        f"run.seed={settings.seed}",
-        "run.log_every=1",
-        "run.device=cpu",
-        f"run.out={out}",
-    )
-    return apply_overrides(StylizeConfig(), [*base, *overrides])
+    c = StylizeConfig()
+    objective = c.objective if steps is None else replace(c.objective, min_step_index=steps[0], max_step_index=steps[1])
+    keep_last = settings.iterations // settings.curve_every + 1 if settings.curve_every else 1
+    cfg = replace(
+        c,
+        model=replace(c.model, prior_image_size=profile.image_size),
+        prompt=replace(c.prompt, prompt=style_prompt(style), source_prompt=UNSTYLED_PROMPT,
+                       guidance_scale=float(settings.guidance)),
+        objective=objective,
+        single=replace(c.single, rank_weights=tuple(float(w) for w in profile.rank_weights)),
+        shaping=replace(c.shaping, scale=float(profile.shaping_scale)),
+        optim=_optimizer(settings.optimizer, replace(c.optim, lr=float(settings.lr)), settings.lr),
+        run=replace(c.run, iterations=settings.iterations, checkpoint_every=settings.curve_every or settings.iterations,
+                    keep_last=keep_last, sample_every=settings.iterations, turntable_identities=0, seed=settings.seed,
+                    log_every=1, device="cpu", out=str(out)),
+    )  # fmt: skip
+    cfg = variant(cfg)
+    validate(cfg)
+    return cfg
 
 
 def new_generator(settings: LabSettings) -> LabGenerator:

@@ -53,9 +53,10 @@ from headstyle.lab.prior import check_disjoint, held_out_z
 from headstyle.lab.world import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
 from headstyle.metrics.identity import colour_distance
 from headstyle.progress import progress_bar
+from headstyle.sfa.config import SFATrainConfig
 from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, write_dataset
 from headstyle.sfa.module import StyleAppearanceModule, read_manifest
-from headstyle.sfa.train import MODULE_DIR, SFATrainConfig, SFATrainer
+from headstyle.sfa.train import MODULE_DIR, SFATrainer
 from headstyle.training import checkpointing
 from headstyle.training.signals import STOP
 

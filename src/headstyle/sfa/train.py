@@ -24,10 +24,9 @@ gradients with one all-reduce.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +38,9 @@ from headstyle.attention.prior import StyleFusionPrior
 from headstyle.distill.shaping import resize_to
 from headstyle.priors import controls
 from headstyle.priors.base import Branch, Control
-from headstyle.priors.defaults import DEFAULT_MODEL
+from headstyle.sfa.config import SFATrainConfig, dumps
 from headstyle.sfa.dataset import Sample, SFADataset
-from headstyle.sfa.module import MAX_LORA_RANK, StyleAppearanceModule
+from headstyle.sfa.module import StyleAppearanceModule
 from headstyle.training import checkpointing, runner
 from headstyle.training.gradients import GradientStep
 
@@ -52,93 +51,6 @@ SEED_STRIDE = 1_000_003
 # Validation noise is drawn from its own stream, so the validation loss of a sample is the same at every
 # evaluation and in every run with the same seed.
 VALIDATION_STREAM = 7_919
-
-
-@dataclass
-class DataSection:
-    """path: the dataset folder (`headstyle sfa dataset`); held_out_per_style: its last samples per style
-    validate (other identities, never trained on)."""
-
-    path: str = ""
-    held_out_per_style: int = 2
-
-    def __post_init__(self) -> None:
-        if self.held_out_per_style < 0:
-            raise ValueError(f"held_out_per_style must be >= 0, got {self.held_out_per_style}")
-
-
-@dataclass
-class ModelSection:
-    """The SD 1.5-family model whose UNet the banks feed (paths or hub ids); controlnet_depth "" = none;
-    vae as style-views ("auto", "" or a path); device "" = cuda when available."""
-
-    model: str = DEFAULT_MODEL
-    vae: str = "auto"
-    controlnet_depth: str = ""
-    device: str = ""
-
-
-@dataclass
-class TrainSection:
-    """role: "style" (a Style Appearance Module beside the frozen content module) or "shared" (one
-    fine-tuned module for both banks). lora_rank: LoRA on the main UNet's attention trained with the
-    module (0 = off, the main UNet stays frozen). AdamW lr / weight_decay, iterations, views per batch (at
-    most the dataset's), the text prompt of the main UNet, the depth ControlNet's scale and the seed."""
-
-    role: Literal["style", "shared"] = "style"
-    lora_rank: int = 0
-    iterations: int = 800
-    lr: float = 1e-5
-    weight_decay: float = 1e-2
-    views: int = 16
-    prompt: str = ""
-    control_scale: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.lora_rank <= MAX_LORA_RANK:
-            raise ValueError(f"lora_rank must lie in [0, {MAX_LORA_RANK}] (0 = no LoRA), got {self.lora_rank}")
-        if self.iterations < 0 or self.views < 1:
-            raise ValueError(f"iterations must be >= 0 and views >= 1, got {self.iterations} and {self.views}")
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"lr must be positive and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
-        if problem := settings.seed_problem("seed", self.seed):
-            raise ValueError(problem)
-
-
-@dataclass
-class RunSection:
-    """out: the run folder; checkpoint, log and validation intervals (iterations); checkpoints kept."""
-
-    out: str = ""
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    validate_every: int = 100
-
-    def __post_init__(self) -> None:
-        if min(self.checkpoint_every, self.keep_last, self.log_every, self.validate_every) < 1:
-            raise ValueError("checkpoint_every, keep_last, log_every and validate_every must be at least 1")
-
-
-def _training_fusion() -> StyleFusionConfig:
-    # Key scaling is an inference-time knob (Sec. 3.5): the module learns at tau = 1.
-    return StyleFusionConfig(tau=1.0)
-
-
-@dataclass
-class SFATrainConfig:
-    """A `headstyle sfa train` run (typed, TOML + --set)."""
-
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    fusion: StyleFusionConfig = field(default_factory=_training_fusion)
-    run: RunSection = field(default_factory=RunSection)
-
-
-def dumps(cfg: SFATrainConfig) -> str:
-    return settings.dumps({k: settings.plain(v) for k, v in vars(cfg).items()})
 
 
 # ------------------------------------------------------------------------------------------------ the loss

@@ -10,15 +10,21 @@
 A step asks every branch to ``render``, encodes all images at once, asks each for its
 ``targets`` (one, or two with MV-NRS's anchor twin), makes ONE objective call over all targets and
 gives each branch its results back in ``loss``.
+
+Each branch registers itself (``register_branch``) under the name of its config section (whose
+``enabled`` switches it on) in ``BRANCHES``; the step runs the enabled ones in registration order,
+the order of this module: the single view, then the grid. That order fixes the branches' noise slots
+and the order in which they draw from the run's random stream.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -111,31 +117,74 @@ class Rendered:
 TargetFactory = Callable[[Tensor, Control | None, Tensor | None, Layout, int], DistillTarget]
 
 
-class SingleView:
-    """The 512 px single view (and its mirror) with canny control, rank re-weighting and mirror injection."""
+class StepBranch(abc.ABC):
+    """A branch of the training step. ``section``: its config section (a table with ``enabled``), the name it is
+    registered under and the prefix of its metrics; ``slot``: its place among the enabled branches (its noise)."""
 
-    kind = "single"
+    section: ClassVar[str]
 
     def __init__(self, ctx: StepContext, slot: int) -> None:
         self.ctx = ctx
         self.slot = slot
 
-    def render(self, ids: Identities) -> Rendered:
+    @classmethod
+    def enabled(cls, cfg: StylizeConfig) -> bool:
+        """Whether a run with ``cfg`` trains with this branch (its section's ``enabled``)."""
+        return getattr(cfg, cls.section).enabled
+
+    @abc.abstractmethod
+    def render(self, identities: Identities) -> Rendered:
+        """This step's renders of the branch's cameras of ``identities``."""
+
+    @abc.abstractmethod
+    def targets(self, r: Rendered, make: TargetFactory) -> list[DistillTarget]:
+        """The branch's distillation targets of its encoded renders ``r`` (built by ``make``)."""
+
+    @abc.abstractmethod
+    def loss(
+        self, r: Rendered, targets: list[DistillTarget], results: list[DistillResult]
+    ) -> tuple[list[Tensor], dict[str, Any]]:
+        """Loss terms (summed in order by the trainer) and metrics from the objective's ``results``."""
+
+
+# Config section -> branch, in registration order: the order of a step's branches.
+BRANCHES: dict[str, type[StepBranch]] = {}
+B = TypeVar("B", bound=type[StepBranch])
+
+
+def register_branch(cls: B) -> B:
+    """Class decorator: register a branch under its config section, after the branches registered before it."""
+    if cls.section in BRANCHES:
+        raise ValueError(f"a branch is already registered for config section {cls.section!r}")
+    BRANCHES[cls.section] = cls
+    return cls
+
+
+@register_branch
+class SingleView(StepBranch):
+    """The 512 px single view (and its mirror) with canny control, rank re-weighting and mirror injection."""
+
+    section = "single"
+
+    def render(self, identities: Identities) -> Rendered:
         """The view and its mirror by the trainable generator (with SR); the frozen SR render of the view only
         when something reads it (the canny control, a DDS/IDS source or content reference)."""
-        ctx, cfg, n = self.ctx, self.ctx.cfg, ids.ws.shape[0]
+        ctx, cfg, n = self.ctx, self.ctx.cfg, identities.ws.shape[0]
         s = cfg.single
         c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
         k = 2 if s.mirror else 1
         cams = torch.stack([c, cameras.mirror(c)], 1).flatten(0, 1) if s.mirror else c
         kw = ctx.render_kwargs
-        out = ctx.G.synthesis(ids.ws_per_camera(k), cams.to(ctx.device), noise_mode="const", planes=ids.planes, **kw)
+        ws = identities.ws_per_camera(k)
+        out = ctx.G.synthesis(ws, cams.to(ctx.device), noise_mode="const", planes=identities.planes, **kw)
         # Rendered identity-major (one tri-grid per identity); the loss reads every view, then every mirror.
         views_then_mirrors = torch.arange(k * n, device=out.image.device).reshape(n, k).T.flatten()
         fro = None
         if "canny" in ctx.prior.control_names or ctx.need_source:
             with torch.no_grad():
-                fro = ctx.frozen.synthesis(ids.ws, c.to(ctx.device), noise_mode="const", planes=ids.frozen_planes, **kw)
+                fro = ctx.frozen.synthesis(
+                    identities.ws, c.to(ctx.device), noise_mode="const", planes=identities.frozen_planes, **kw
+                )
         return Rendered(
             images=shaping.resize_to(out.image[views_then_mirrors].float(), ctx.image_size),
             mask=out.mask[views_then_mirrors].detach().float(),
@@ -181,7 +230,7 @@ class SingleView:
         for name, (weight, value) in self._tweedie_losses(res, r.images[:n]).items():
             terms.append(weight * value)
             metrics[name] = float(value.detach())
-        return terms, {**metrics, **_branch_metrics(self.kind, res, final, clamped)}
+        return terms, {**metrics, **_branch_metrics(self.section, res, final, clamped)}
 
     def _tweedie_losses(self, res: DistillResult, render: Tensor) -> dict[str, tuple[float, Tensor]]:
         """The script's Tweedie-target losses of the single view: x0_hat from one DDIM step with the full CFG
@@ -200,26 +249,23 @@ class SingleView:
         return out
 
 
-class Grid:
+@register_branch
+class Grid(StepBranch):
     """Four 360-degree raw renders per identity tiled 2x2, with the frozen depth as control; optional MV-NRS."""
 
-    kind = "grid"
+    section = "grid"
 
-    def __init__(self, ctx: StepContext, slot: int) -> None:
-        self.ctx = ctx
-        self.slot = slot
-
-    def render(self, ids: Identities) -> Rendered:
+    def render(self, identities: Identities) -> Rendered:
         """Four raw views per identity by the trainable generator; the frozen raw views for mask, depth control
         and MV-NRS (with SR only for a monocular depth estimator)."""
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
         pitch_range = math.radians(cfg.grid.pitch_range)
-        cams = cameras.sample_360_cameras(4 * ids.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
-        ws4, kw = ids.ws_per_camera(4), ctx.render_kwargs
-        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=ids.planes, **kw)
+        cams = cameras.sample_360_cameras(4 * identities.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
+        ws4, kw = identities.ws_per_camera(4), ctx.render_kwargs
+        out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=identities.planes, **kw)
         with torch.no_grad():
-            sr = ctx.depth_estimator is not None
-            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, planes=ids.frozen_planes, **kw)
+            sr, planes = ctx.depth_estimator is not None, identities.frozen_planes
+            fro = ctx.frozen.synthesis(ws4, cams, noise_mode="const", render_sr=sr, planes=planes, **kw)
         return Rendered(
             images=grid_image(out.image_raw, size),
             mask=grid_image(fro.mask, 2 * fro.mask.shape[-1]),
@@ -264,7 +310,7 @@ class Grid:
             grad, extra["mv_nrs_kept_resampled"] = self._mv_nrs_retain(targets, results, r.geometry)
         final, st = self.ctx.postprocess(grad, r.mask)
         terms = [inject(r.latents, final, self.ctx.cfg.grid.weight)]
-        return terms, {**extra, **_branch_metrics(self.kind, res, final, int(st.clamped))}
+        return terms, {**extra, **_branch_metrics(self.section, res, final, int(st.clamped))}
 
     @staticmethod
     def _per_view(x: Tensor) -> list[Tensor]:
@@ -297,16 +343,17 @@ class Grid:
         return shaping.tile_2x2(kept), kept_candidate / (4 * cand[0].shape[0])
 
 
-def _branch_metrics(kind: str, res: DistillResult, final: Tensor, clamped: int) -> dict[str, Any]:
+def _branch_metrics(section: str, res: DistillResult, final: Tensor, clamped: int) -> dict[str, Any]:
     return {
-        f"{kind}_t": int(res.t[0]),
-        f"{kind}_grad_norm": float(final.norm()),
-        f"{kind}_nonfinite": int(res.diagnostics["nonfinite"]),
-        f"{kind}_clamped": clamped,
+        f"{section}_t": int(res.t[0]),
+        f"{section}_grad_norm": float(final.norm()),
+        f"{section}_nonfinite": int(res.diagnostics["nonfinite"]),
+        f"{section}_clamped": clamped,
     }
 
 
-def build_branches(ctx: StepContext) -> list[SingleView | Grid]:
-    """The enabled branches in step order (single view, then grid); each draws noise from its own slot."""
-    kinds = [k for k, on in ((SingleView, ctx.cfg.single.enabled), (Grid, ctx.cfg.grid.enabled)) if on]
-    return [kind(ctx, slot) for slot, kind in enumerate(kinds)]
+def build_branches(ctx: StepContext) -> list[StepBranch]:
+    """The enabled branches in the registry's order (single view, then grid); each draws noise from its own slot,
+    its place among them."""
+    enabled = [branch for branch in BRANCHES.values() if branch.enabled(ctx.cfg)]
+    return [branch(ctx, slot) for slot, branch in enumerate(enabled)]

@@ -3,6 +3,9 @@
 Defaults follow the LD paper's training script (train_LD.py); see
 ../shared/reference/likelihood-distillation.md. Every switch of an ablation is a field, and
 ``apply_overrides`` turns ``section.field=value`` strings (CLI flags) into a new config.
+
+A field's range, choices and unit sit in its declaration (``settings.param``); every angle is in
+degrees, as the CLI's flags, and a saved TOML config prints each field's unit beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from headstyle.attention.config import StyleFusionConfig
 from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, SDSParams
 from headstyle.io import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
-from headstyle.settings import SEED_END, ConfigError
+from headstyle.settings import SEED_END, ConfigError, param
 
 
 @dataclass
@@ -44,14 +47,14 @@ class ModelConfig:
     # passed to generators whose synthesis takes that argument.
     background: bool = False
     # Weights dtype of the prior's UNet/ControlNets: fp32, fp16 or bf16 (the VAE stays fp32).
-    prior_dtype: str = "fp16"
+    prior_dtype: str = param("fp16", choices=("fp32", "fp16", "bf16"))
 
 
 @dataclass
 class PromptConfig:
     prompt: str = ""
     negative_prompt: str = ""
-    guidance_scale: float = 7.5  # omega
+    guidance_scale: float = param(7.5, low=0.0, high=100.0, unit="omega, diffusers CFG form")
     # What the frozen renders show: DDS and IDS use it as the source prompt y_src.
     source_prompt: str = "a photo of a face"
 
@@ -60,10 +63,10 @@ class PromptConfig:
 class LatentConfig:
     """z ~ N(0, I) -> ws through the frozen mapping, conditioned on a fixed camera."""
 
-    truncation_psi: float = 0.75
+    truncation_psi: float = param(0.75, low=-2.0, high=2.0)
     truncation_cutoff: int = 14
-    cond_yaw: float = 0.0
-    cond_pitch: float = math.degrees(0.2)  # the script's 0.2 rad
+    cond_yaw: float = param(0.0, low=-180.0, high=180.0, unit="degrees, 0 = front")
+    cond_pitch: float = param(math.degrees(0.2), low=-90.0, high=90.0, unit="degrees")  # the script's 0.2 rad
 
 
 @dataclass
@@ -83,8 +86,8 @@ class ObjectiveConfig:
     # random: fresh eps; fixed: one eps per batch slot and rank; mv_nrs: multi-view noise resampling
     # on the grid (anchor noise warped cell to cell with the frozen depth, resampled candidate and
     # anchor in the same prior call, the better-aligned gradient kept per cell).
-    noise: str = "random"
-    mv_nrs_sigma: float = 0.5
+    noise: str = param("random", choices=("random", "fixed", "mv_nrs"))
+    mv_nrs_sigma: float = param(0.5, low=0.0, high=1.0)
 
 
 @dataclass
@@ -92,8 +95,8 @@ class ShapingConfig:
     """Post-processing of every latent gradient, as the script does it."""
 
     use_mask: bool = True
-    scale: float = 1000.0  # grad /= scale
-    clamp: float = 1.0  # grad = clamp(grad, -clamp, clamp)
+    scale: float = param(1000.0, positive=True, unit="divisor of every latent gradient")  # grad /= scale
+    clamp: float = param(1.0, low=0.0)  # grad = clamp(grad, -clamp, clamp)
 
 
 @dataclass
@@ -101,17 +104,17 @@ class SingleViewConfig:
     """The 512 px single view with canny control, rank re-weighting and mirror injection."""
 
     enabled: bool = True
-    weight: float = 1.0
-    yaw_range: float = 60.0
-    pitch_range: float = 30.0
+    weight: float = param(1.0, low=0.0)
+    yaw_range: float = param(60.0, low=0.0, high=180.0, unit="degrees, +- around the front")
+    pitch_range: float = param(30.0, low=0.0, high=90.0, unit="degrees, +-")
     canny_low: float = 50.0
     canny_high: float = 250.0
     control_scale: float = 1.0
     rank_weights: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # () disables rank re-weighting
     restandardize: bool = True
     mirror: bool = True
-    base_weight: float = 0.75
-    mirror_weight: float = 0.25
+    base_weight: float = param(0.75, low=0.0)
+    mirror_weight: float = param(0.25, low=0.0)
 
 
 @dataclass
@@ -119,19 +122,19 @@ class GridConfig:
     """2x2 grid of raw (pre-SR) renders from 360-degree cameras with depth control."""
 
     enabled: bool = True
-    weight: float = 1.0
-    pitch_range: float = 30.0
+    weight: float = param(1.0, low=0.0)
+    pitch_range: float = param(30.0, low=0.0, high=90.0, unit="degrees, +-")
     control_scale: float = 1.0
 
 
 @dataclass
 class RegulariserConfig:
-    relative_distance: float = 1.0
+    relative_distance: float = param(1.0, low=0.0)
     # The script's 0.1 * MSE(Tweedie target x0_hat of the single view, render); 0 turns it off.
-    tweedie_mse: float = 0.1
+    tweedie_mse: float = param(0.1, low=0.0)
     # The script's 0.05 * LPIPS-alex(Tweedie target, render); needs local weights: a torchvision
     # AlexNet state dict and the lpips package's weights/v0.1/alex.pth (.pth or .safetensors).
-    lpips: float = 0.0
+    lpips: float = param(0.0, low=0.0)
     lpips_alexnet: str = ""
     lpips_linear: str = ""
 
@@ -154,40 +157,43 @@ class OptimConfig:
     does. Every run logs the margin at its checkpoints (signals.csv).
     """
 
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
+    lr: float = param(1e-4, positive=True, unit="learning rate (Adam; SGD: step = lr * velocity)")
+    beta1: float = param(0.9, low=0.0, high=0.999999)
+    beta2: float = param(0.999, low=0.0, high=0.999999)
     train_modules: tuple[str, ...] = ("backbone.synthesis", "superresolution")
     train_biases: bool = False
-    name: str = "adam"
-    momentum: float = 0.9
-    sgd_step: float = 0.0
-    stop_rule: str = "classifier"
-    stop_margin: float = 0.0
-    stop_every: int = 10
-    stop_action: str = "stop"
-    stop_decay: float = 0.1
-    stop_probes: int = 8
+    name: str = param("adam", choices=("adam", "sgd"))
+    momentum: float = param(0.9, low=0.0, high=0.999999)
+    sgd_step: float = param(0.0, low=0.0)
+    stop_rule: str = param("classifier", choices=("none", "classifier"))
+    stop_margin: float = param(
+        0.0, low=-1.0, high=1.0, unit="(E_source - E_style) / (E_source + E_style) of eps errors, in [-1, 1]"
+    )
+    stop_every: int = param(10, at_least=1)
+    stop_action: str = param("stop", choices=("stop", "decay"))
+    stop_decay: float = param(0.1, low=0.0, high=1.0)
+    stop_probes: int = param(8, at_least=1)
 
 
 @dataclass
 class RunConfig:
     out: str = ""  # "" = a fresh folder runs/stylize-<date>-<time> (presets: runs/<preset>)
-    iterations: int = 10_000
-    batch_size: int = 1  # identities per process per iteration
-    seed: int = 0
-    checkpoint_every: int = 250
-    keep_last: int = 3
+    iterations: int = param(10_000, at_least=1)
+    batch_size: int = param(1, at_least=1)  # identities per process per iteration
+    # numpy's SeedSequence (each process's seed) refuses a negative one
+    seed: int = param(0, low=0, high=SEED_END - 1)
+    checkpoint_every: int = param(250, at_least=1)
+    keep_last: int = param(3, at_least=1)
     sample_every: int = 250
     sample_identities: int = 4
-    sample_yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
-    sample_pitch: float = 10.0
+    sample_yaws: tuple[float, ...] = param((-90.0, -30.0, 0.0, 30.0, 90.0), unit="degrees, 0 = front")
+    sample_pitch: float = param(10.0, low=-90.0, high=90.0, unit="degrees")
     turntable_identities: int = 2
     # Previews and turntables through the super-resolution (slow on CPU); false shows the raw renders.
     preview_sr: bool = True
     turntable_frames: int = 36
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    max_nonfinite_in_row: int = 10
+    mixed_precision: str = param("no", choices=("no", "fp16", "bf16"))
+    max_nonfinite_in_row: int = param(10, at_least=1)
     log_every: int = 1
     device: str = ""  # "" = accelerate's choice; "cpu" forces CPU
 
@@ -224,60 +230,6 @@ class StylizeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     style: StyleImageConfig = field(default_factory=StyleImageConfig)
-
-
-# Units printed beside the fields of a saved config; every angle is in degrees, as the CLI's flags.
-UNITS: dict[str, str] = {
-    "latent.cond_yaw": "degrees, 0 = front",
-    "latent.cond_pitch": "degrees",
-    "single.yaw_range": "degrees, +- around the front",
-    "single.pitch_range": "degrees, +-",
-    "grid.pitch_range": "degrees, +-",
-    "run.sample_yaws": "degrees, 0 = front",
-    "run.sample_pitch": "degrees",
-    "prompt.guidance_scale": "omega, diffusers CFG form",
-    "optim.lr": "learning rate (Adam; SGD: step = lr * velocity)",
-    "optim.stop_margin": "(E_source - E_style) / (E_source + E_style) of eps errors, in [-1, 1]",
-    "shaping.scale": "divisor of every latent gradient",
-}
-# Closed ranges of numeric fields: (low, high) with None for unbounded.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "latent.cond_yaw": (-180.0, 180.0),
-    "latent.cond_pitch": (-90.0, 90.0),
-    "single.yaw_range": (0.0, 180.0),
-    "single.pitch_range": (0.0, 90.0),
-    "grid.pitch_range": (0.0, 90.0),
-    "run.sample_pitch": (-90.0, 90.0),
-    "run.seed": (0, SEED_END - 1),  # numpy's SeedSequence (each process's seed) refuses a negative one
-    "latent.truncation_psi": (-2.0, 2.0),
-    "prompt.guidance_scale": (0.0, 100.0),
-    "optim.beta1": (0.0, 0.999999),
-    "optim.beta2": (0.0, 0.999999),
-    "optim.momentum": (0.0, 0.999999),
-    "optim.sgd_step": (0.0, None),
-    "optim.stop_margin": (-1.0, 1.0),
-    "optim.stop_decay": (0.0, 1.0),
-    "shaping.clamp": (0.0, None),
-    "single.weight": (0.0, None),
-    "grid.weight": (0.0, None),
-    "single.base_weight": (0.0, None),
-    "single.mirror_weight": (0.0, None),
-    "regularisers.relative_distance": (0.0, None),
-    "regularisers.tweedie_mse": (0.0, None),
-    "regularisers.lpips": (0.0, None),
-    "objective.mv_nrs_sigma": (0.0, 1.0),
-}
-# Fields that must be strictly positive and finite.
-POSITIVE = ("optim.lr", "shaping.scale")
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.prior_dtype": ("fp32", "fp16", "bf16"),
-    "objective.noise": ("random", "fixed", "mv_nrs"),
-    "run.mixed_precision": ("no", "fp16", "bf16"),
-    "optim.name": ("adam", "sgd"),
-    "optim.stop_rule": ("none", "classifier"),
-    "optim.stop_action": ("stop", "decay"),
-}
 
 
 def conditioning_camera(cfg: StylizeConfig) -> Tensor:
@@ -341,28 +293,15 @@ def from_dict(data: Mapping[str, Any], base: StylizeConfig | None = None) -> Sty
 
 
 def validate(cfg: StylizeConfig) -> None:
-    """Raise ConfigError for values that are well-typed but meaningless."""
-    flat = {f"{s}.{k}": v for s, values in to_dict(cfg).items() for k, v in values.items()}
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(allowed)}")
+    """Raise ConfigError for values that are well-typed but meaningless: first a field outside its declared range or
+    choices (its ``param``), then settings that do not fit together."""
+    settings.check_sections(cfg)
     o = cfg.objective
     if not 0 <= o.min_step_index <= o.max_step_index < o.num_inference_steps:
         raise ConfigError(
             f"objective step indices must satisfy 0 <= min_step_index <= max_step_index < num_inference_steps, "
             f"got {o.min_step_index}, {o.max_step_index}, {o.num_inference_steps}"
         )
-    for key in (
-        "run.iterations",
-        "run.batch_size",
-        "run.checkpoint_every",
-        "run.keep_last",
-        "run.max_nonfinite_in_row",
-        "optim.stop_every",
-        "optim.stop_probes",
-    ):
-        if flat[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
     if not (cfg.single.enabled or cfg.grid.enabled):
         raise ConfigError("single.enabled and grid.enabled are both false: nothing to distil; enable one of them")
     r = cfg.regularisers
@@ -386,14 +325,6 @@ def validate(cfg: StylizeConfig) -> None:
             f"(got {o.name}{'/' + sds_weighting if sds_weighting else ''}): LD and the script's SDS use only "
             "eps_cond - eps_uncond, where the style image, fused into both predictions, cancels"
         )
-    for key, (low, high) in RANGES.items():
-        value = flat[key]
-        if not ((low is None or value >= low) and (high is None or value <= high)):
-            bounds = f"[{low}, {'inf' if high is None else high}]"
-            raise ConfigError(f"{key} = {value} lies outside {bounds}{' (' + UNITS[key] + ')' if key in UNITS else ''}")
-    for key in POSITIVE:
-        if not (math.isfinite(flat[key]) and flat[key] > 0):
-            raise ConfigError(f"{key} must be a positive number, got {flat[key]}")
     if not all(math.isfinite(y) and abs(y) <= 360 for y in cfg.run.sample_yaws):
         raise ConfigError(f"run.sample_yaws are degrees within [-360, 360], got {list(cfg.run.sample_yaws)}")
     if cfg.optim.sgd_step > 0 and cfg.optim.name != "sgd":
@@ -429,7 +360,7 @@ def apply_overrides(cfg: StylizeConfig, overrides: list[str]) -> StylizeConfig:
 def dumps(cfg: StylizeConfig, fmt: str = "toml") -> str:
     """The config as JSON, or as TOML with each unit-bearing field's unit in a comment."""
     text = settings.dumps(to_dict(cfg), fmt)
-    return text if fmt == "json" else settings.comment_units(text, UNITS)
+    return text if fmt == "json" else settings.comment_units(text, settings.units(cfg))
 
 
 def save_config(cfg: StylizeConfig, path: str | Path) -> None:
