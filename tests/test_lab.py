@@ -31,6 +31,7 @@ def _render(G, z, yaw, pitch=0.0):
 def test_every_identity_renders_front_and_back_with_a_mask():
     G = LabGenerator(resolution=RES, sr_factor=1, residual=False)
     assert isinstance(G, Generator)
+    assert G.box_warp == G.rendering_kwargs["box_warp"] and G.img_resolution == G.neural_rendering_resolution == RES
     z = torch.cat([held_out_z(4), sample_z(4, 0), 3 * sample_z(2, 1)])  # includes extreme parameters
     front, back = _render(G, z, 0.0), _render(G, z, math.pi)
     for out in (front, back):

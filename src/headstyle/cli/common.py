@@ -17,8 +17,8 @@ from headstyle.settings import SEED_END, seed_problem
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
+    from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
     from headstyle.priors.diffusers_prior import DiffusersPrior
 
@@ -140,7 +140,7 @@ def load_generator(
     neural_rendering_resolution: int | None = None,
     depth_samples: int | None = None,
     ray_start: float | None = None,
-) -> nn.Module:
+) -> Generator:
     """A generator from a .pkl, .pth, .safetensors or folder (headstyle.generator.checkpoint), optionally
     rendering at another raw resolution, with another number of samples per ray, or from another ray start."""
     from headstyle.generator.checkpoint import CheckpointError
@@ -171,7 +171,7 @@ def check_heads(seeds: str | None, w_npz: str | None) -> list[int]:
 
 
 def heads(
-    G: nn.Module, seeds: list[int], w_npz: str | None, truncation: float, truncation_cutoff: int, device: torch.device
+    G: Generator, seeds: list[int], w_npz: str | None, truncation: float, truncation_cutoff: int, device: torch.device
 ) -> list[Latent]:
     """The latents to render: W+ codes from ``w_npz`` (checked against G), else ws of ``seeds``."""
     from headstyle.generator.latents import latents_from_npz, latents_from_seeds
