@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import tile_2x2
 from headstyle.export import save_grid
 from headstyle.io import atomic_write_text
@@ -46,7 +47,7 @@ from headstyle.lab.train_prior import (
     render_domain,
     single_view,
 )
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 
 CLASSIFIER_T = (101, 181, 281)
 CLASSIFIER_DRAWS = 4  # noise draws per t: the classifier averages its eps errors, as Li et al. do over many
@@ -130,7 +131,7 @@ def eps_errors(
     n = latents.shape[0]
     out = torch.zeros(n, len(prompts), len(ts))
     embeds = [prior.embed_prompts(p).cond for p in prompts]
-    # predict_noise evaluates (uncond, cond) of a branch: two prompts per branch halve the UNet calls.
+    # predict_noise evaluates (uncond, cond) of a query: two prompts per query halve the UNet calls.
     pairs = [(i, min(i + 1, len(prompts) - 1)) for i in range(0, len(prompts), 2)]
     for j, t in [(j, t) for j, t in enumerate(ts) for _ in range(draws)]:
         eps = torch.randn(latents.shape, generator=gen)
@@ -139,8 +140,8 @@ def eps_errors(
         for s in range(0, n, batch):
             sl = slice(s, s + batch)
             ctl = None if control is None else Control(control.name, control.image[sl], control.scale)
-            branches = [Branch(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
-            for (a, b), (e_a, e_b) in zip(pairs, prior.predict_noise(branches), strict=True):
+            queries = [NoiseQuery(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
+            for (a, b), (e_a, e_b) in zip(pairs, prior.predict_noise(queries), strict=True):
                 # an odd prompt count pairs the last prompt with itself: count it once
                 for k, e in {a: e_a, b: e_b}.items():
                     out[sl, k, j] += (e - eps[sl]).square().flatten(1).mean(1) / draws
@@ -191,8 +192,8 @@ def ddim(
     abar = prior.alphas_cumprod.cpu()
     embeds = prior.embed_prompts(prompt)
     for i, t in enumerate(ts):
-        eps_u, eps_c = prior.predict_noise([Branch(x, torch.tensor([t]), embeds, control)])[0]
-        eps = eps_u + guidance * (eps_c - eps_u)
+        eps_u, eps_c = prior.predict_noise([NoiseQuery(x, torch.tensor([t]), embeds, control)])[0]
+        eps = guided_eps(eps_u, eps_c, guidance)
         a = abar[t]
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)

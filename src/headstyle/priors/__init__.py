@@ -4,15 +4,28 @@ The diffusers-backed prior is imported lazily so that analytic-prior users do no
 """
 
 from headstyle.priors.analytic import AnalyticPrior, ExemplarPrior, GaussianPrior, sd_alphas_cumprod
-from headstyle.priors.base import Branch, Control, PromptEmbeds, ScorePrior, add_noise, ddim_timesteps
+from headstyle.priors.base import (
+    CondOnlyPrior,
+    ContentReferencePrior,
+    Control,
+    DelegatingPrior,
+    NoiseQuery,
+    PromptEmbeds,
+    ScorePrior,
+    add_noise,
+    ddim_timesteps,
+)
 
 __all__ = [
     "AnalyticPrior",
-    "Branch",
+    "CondOnlyPrior",
+    "ContentReferencePrior",
     "Control",
+    "DelegatingPrior",
     "DiffusersPrior",
     "ExemplarPrior",
     "GaussianPrior",
+    "NoiseQuery",
     "PromptEmbeds",
     "ScorePrior",
     "add_noise",

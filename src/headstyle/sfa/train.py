@@ -41,7 +41,7 @@ from headstyle.attention.prior import StyleFusionPrior
 from headstyle.distill.shaping import resize_to
 from headstyle.io import atomic_write_text
 from headstyle.priors import controls
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.defaults import DEFAULT_MODEL
 from headstyle.progress import progress_bar
 from headstyle.sfa.dataset import Sample, SFADataset
@@ -193,7 +193,7 @@ def diffusion_loss(
                            seed=reference_seed, differentiable=differentiable)  # fmt: skip
     sfa.set_content(batch.content)
     x_t = prior.add_noise(batch.x0, eps, t.expand(batch.x0.shape[0]))
-    eps_cond = sfa.predict_noise_cond([Branch(x_t, t.reshape(1), prompt, batch.control)])[0]
+    eps_cond = sfa.predict_noise_cond([NoiseQuery(x_t, t.reshape(1), prompt, batch.control)])[0]
     return F.mse_loss(eps_cond.float(), eps.float())
 
 

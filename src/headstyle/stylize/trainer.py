@@ -42,7 +42,7 @@ from headstyle.generator.base import Generator
 from headstyle.generator.checkpoint import save_generator, sidecar_path
 from headstyle.io import atomic_write_text
 from headstyle.priors import controls
-from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior
+from headstyle.priors.base import Control, Layout, NoiseQuery, PromptEmbeds, ScorePrior
 from headstyle.progress import progress_bar
 from headstyle.settings import ConfigError
 from headstyle.stylize import checkpointing, stopping
@@ -419,7 +419,7 @@ class Stylizer:
         source = self.prior.embed_prompts(self.cfg.prompt.source_prompt).cond
         prompts = PromptEmbeds(uncond=source, cond=self.prompt.cond).repeat(k * n)
         x_t = self.prior.add_noise(x0, eps, t_all)
-        ((eps_src, eps_sty),) = self.prior.predict_noise([Branch(x_t, t_all, prompts)])
+        ((eps_src, eps_sty),) = self.prior.predict_noise([NoiseQuery(x_t, t_all, prompts)])
         return stopping.margin((eps_src - eps).square(), (eps_sty - eps).square())
 
     @property
