@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.testing import build_tiny_sd
 
 
@@ -70,13 +71,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            model, vae, nets = args.model, args.vae, {"canny": args.canny, "depth": args.depth}
+            model, vae, nets = args.model, args.vae or "", {"canny": args.canny, "depth": args.depth}
         else:
             tiny = build_tiny_sd(tmp)
-            model, vae, nets = tiny.model, None, tiny.controlnets
-        prior = DiffusersPrior.from_pretrained(
-            model, vae=vae, controlnets=nets, device=device, dtype=dtype, channels_last=args.channels_last
-        )
+            model, vae, nets = tiny.model, "", tiny.controlnets
+        prior = load_prior(PriorSpec(model, vae, nets, dtype=dtype, channels_last=args.channels_last), device)
     g = torch.Generator().manual_seed(0)
     console = Console(width=120)
     name = "tiny test models" if not args.model else args.model

@@ -272,8 +272,10 @@ def test_eps_errors_do_not_depend_on_the_prompts_order(run: Path) -> None:
     """The diffusion classifier's errors per prompt are the same whatever the order (and an odd prompt count,
     whose last prompt shares a UNet call with itself, counts it once)."""
     from headstyle.lab import prior_card as pc
+    from headstyle.lab.learned import learned_spec
+    from headstyle.priors.loading import load_prior
 
-    prior = pc.load_prior(run / "model")
+    prior = load_prior(learned_spec(run / "model"), "cpu")
     images = tp.sample_batch(tp.load_data(run), 3, 0.0, torch.Generator().manual_seed(2)).images
     latents = pc.encode(prior, images)
     prompts = [tp.PHRASINGS[d][0] for d in tp.DOMAINS]

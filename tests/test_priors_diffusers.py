@@ -1,13 +1,15 @@
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from headstyle.priors.analytic import sd_alphas_cumprod
-from headstyle.priors.base import Control, NoiseQuery, ScorePrior, ddim_timesteps
+from headstyle.priors.base import CondOnlyPrior, Control, NoiseQuery, ScorePrior, ddim_timesteps
 from headstyle.priors.diffusers_prior import DEFAULT_MODEL, DiffusersPrior, PriorLoadError
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.testing import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 
@@ -136,6 +138,29 @@ def test_separate_vae_folder_gives_the_same_latents(prior, tiny_sd):
     images = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(sep.encode(images), prior.encode(images))
+
+
+def test_load_prior_loads_what_the_spec_names(prior, tiny_sd):
+    """load_prior(PriorSpec, device) is from_pretrained of the spec, its vae read as the configs read it ("auto":
+    the folder's own vae/; "": the model's own; else a VAE folder), and it declares the whole seam."""
+    spec = PriorSpec(tiny_sd.model, controlnets=tiny_sd.controlnets, dtype=torch.float32, latent_sample="mean")
+    loaded = load_prior(spec, "cpu")
+    assert isinstance(loaded, ScorePrior) and isinstance(loaded, CondOnlyPrior) and loaded.predicts_cond_only
+    assert not loaded.takes_content and loaded.device == torch.device("cpu")
+    assert loaded.control_names == {"canny", "depth"} and loaded.dtype == loaded.vae_dtype == torch.float32
+    assert loaded.latent_sample == "mean" and next(loaded.text_encoder.parameters()).device.type == "cpu"
+    queries = _queries(prior)
+    images = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    with torch.no_grad():
+        for (eu, ec), (ru, rc) in zip(loaded.predict_noise(queries), prior.predict_noise(queries), strict=True):
+            assert torch.equal(eu, ru) and torch.equal(ec, rc)
+        latents = prior.encode(images)
+        for vae in ("", tiny_sd.vae):
+            other = load_prior(replace(spec, vae=vae, controlnets={}), "cpu")
+            assert other.control_names == frozenset()
+            torch.testing.assert_close(other.encode(images), latents)
+    with pytest.raises(PriorLoadError, match="does not exist"):
+        load_prior(PriorSpec(tiny_sd.model.parent / "nope"), "cpu")
 
 
 def _recast(prior: DiffusersPrior, dtype: torch.dtype) -> DiffusersPrior:

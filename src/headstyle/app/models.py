@@ -157,17 +157,18 @@ class Models:
     def sfa_prior(self):
         """The SD 1.5-family prior for Style Fusion Attention (VAE posterior mean: a run is a function of its seeds),
         with the depth ControlNet when one is configured."""
-        from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError, resolve_vae
+        from headstyle.priors.diffusers_prior import PriorLoadError
+        from headstyle.priors.loading import PriorSpec, load_prior
 
         m = self.cfg.models
         if not m.sd_model:
             raise AppError("no SD model: set models.sd_model in the app config")
         nets = {"depth": m.depth_controlnet} if m.depth_controlnet else {}
+        spec = PriorSpec(m.sd_model, m.vae, nets, latent_sample="mean")
 
         def load():
             try:
-                return DiffusersPrior.from_pretrained(m.sd_model, vae=resolve_vae(m.sd_model, m.vae), controlnets=nets,
-                                                      device=self.device(), latent_sample="mean")  # fmt: skip
+                return load_prior(spec, self.device())
             except PriorLoadError as exc:
                 raise AppError(str(exc)) from None
 
@@ -243,15 +244,17 @@ class Lab:
                 "and the lab's Style image runs on it")  # fmt: skip
 
     def sfa_prior(self):
-        from headstyle.lab.learned import SHIPPED
-        from headstyle.priors.diffusers_prior import DiffusersPrior
+        """The learned lab prior for Style Fusion Attention (fp32 on the CPU, VAE posterior means), with its depth
+        ControlNet when it has one."""
+        from headstyle.lab.learned import CONTROLNETS, SHIPPED, learned_spec
+        from headstyle.priors.loading import load_prior
 
         reason = self.sfa_reason()
         if reason:
             raise AppError(reason)
-        nets = {"depth": SHIPPED / "controlnet-depth"} if (SHIPPED / "controlnet-depth").is_dir() else {}
-        return self._cache.get(("sd",), lambda: DiffusersPrior.from_pretrained(
-            SHIPPED, vae=None, controlnets=nets, device="cpu", dtype=torch.float32, latent_sample="mean"))
+        nets = ("depth",) if (SHIPPED / CONTROLNETS["depth"]).is_dir() else ()
+        spec = learned_spec(SHIPPED, controlnets=nets, latent_sample="mean")
+        return self._cache.get(("sd",), lambda: load_prior(spec, "cpu"))
 
     def sfa_parts(self, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
         """lab.style_module's (prior, content UNet, style UNet) for the learned lab prior (None: its own UNet)."""

@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
     from headstyle.priors.diffusers_prior import DiffusersPrior
+    from headstyle.priors.loading import PriorSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -184,15 +184,12 @@ def heads(
         raise UserError(str(exc)) from None
 
 
-def load_diffusers_prior(
-    model: str, vae: str, controlnets: Mapping[str, str], device: torch.device, **options: object
-) -> DiffusersPrior:
-    """An SD 1.5-family prior; ``vae`` follows headstyle.priors.diffusers_prior.resolve_vae ("auto", "" or a path)."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError, resolve_vae
+def load_diffusers_prior(spec: PriorSpec, device: torch.device) -> DiffusersPrior:
+    """The SD 1.5-family prior ``spec`` names (headstyle.priors.loading.load_prior), its load error a UserError."""
+    from headstyle.priors.diffusers_prior import PriorLoadError
+    from headstyle.priors.loading import load_prior
 
     try:
-        return DiffusersPrior.from_pretrained(
-            model, vae=resolve_vae(model, vae), controlnets=dict(controlnets), device=device, **options
-        )
+        return load_prior(spec, device)
     except PriorLoadError as exc:
         raise UserError(str(exc)) from None

@@ -33,7 +33,7 @@ from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import tile_2x2
 from headstyle.export import save_grid
 from headstyle.io import atomic_write_text
-from headstyle.lab.learned import SHIPPED
+from headstyle.lab.learned import learned_spec
 from headstyle.lab.prior import held_out_z, stratified_360_cameras
 from headstyle.lab.train_prior import (
     CONTROLNETS,
@@ -48,20 +48,13 @@ from headstyle.lab.train_prior import (
     single_view,
 )
 from headstyle.priors.base import Control, NoiseQuery
+from headstyle.priors.loading import load_prior
 
 CLASSIFIER_T = (101, 181, 281)
 CLASSIFIER_DRAWS = 4  # noise draws per t: the classifier averages its eps errors, as Li et al. do over many
 IMG2IMG_T = (281, 481)
 GUIDANCE = 5.0
 CONTROL_T = 681
-
-
-def load_prior(folder: Path = SHIPPED, controls: bool = True):
-    """The learned prior through the production path (DiffusersPrior.from_pretrained), fp32 on the CPU."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior
-
-    nets = {n: folder / f"controlnet-{n}" for n in CONTROLNETS} if controls else {}
-    return DiffusersPrior.from_pretrained(folder, vae=None, controlnets=nets, device="cpu", dtype=torch.float32)
 
 
 @dataclass
@@ -291,7 +284,7 @@ def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, ste
 
 def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 8, views: int = 4, samples: int = 8) -> dict:
     """Every figure of the card (see the module docstring)."""
-    prior = load_prior(folder)
+    prior = load_prior(learned_spec(folder), "cpu")
     held = held_out_truth(identities, views, cfg)
     train = training_truth(identities, views, cfg)
     single_acc, single_conf = classify(prior, held, grid=False)
@@ -353,7 +346,7 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         "# The lab's learned prior",
         "",
         "A tiny Stable-Diffusion-1.5-shaped latent diffusion model of the synthetic head world",
-        "(headstyle.lab.world), loaded by `DiffusersPrior.from_pretrained(folder, vae=None, controlnets=...)`.",
+        "(headstyle.lab.world), loaded by `load_prior(learned_spec(folder), device)` (headstyle.lab.learned).",
         "64 px images: single views (32 px raw render x2 bilinear) and 2x2 grids of 32 px raw renders;",
         f"AutoencoderKL with factor 4 -> 16x16x4 latents; a CLIPTextModel with its own vocabulary "
         f"({'trained with the UNet' if cfg.train_text else 'frozen at its random init'});",

@@ -28,7 +28,7 @@ from headstyle.weight_files import load_diffusers, load_transformers
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def resolve_vae(model: str | os.PathLike, vae: str) -> str | None:
+def resolve_vae(model: str | os.PathLike, vae: str | os.PathLike) -> str | os.PathLike | None:
     """The VAE a run loads: "" = the model's own vae/ (None for from_pretrained); "auto" = the model's own when
     ``model`` is a local folder with a vae/, else sd-vae-ft-mse (the LD script's VAE, which the noVAE
     checkpoints need); anything else is a VAE folder or hub id."""
