@@ -53,7 +53,7 @@ def worker(resolution: int, device: str) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         sampler = G.field_sampler(ws)
-    cube = extraction_cube(resolution, G.rendering_kwargs["box_warp"])
+    cube = extraction_cube(resolution, G.box_warp)
     volume = sample_volume(sampler, cube, device)
     t1, c1 = time.perf_counter(), time.process_time()
     mesh = isosurface(volume, LEVEL)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from headstyle.distill.objectives import DistillTarget, dds, ids, ld, nfsd, sds
 from headstyle.priors.base import Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.testing import IMAGE_SIZE, build_tiny_sd
 
 
@@ -97,9 +98,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = build_tiny_sd(args.root or tmp)
-        prior = DiffusersPrior.from_pretrained(
-            tiny.model, vae=None, controlnets=tiny.controlnets, device=device, dtype=torch.float32
-        )
+        prior = load_prior(PriorSpec(tiny.model, "", tiny.controlnets, dtype=torch.float32), device)
         neg = prior.embed_prompts("blurry", "")
         n = args.fpr_iterations
         cases: list[tuple[str, Callable, bool, dict, int]] = [

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.testing import build_tiny_sd
 
 
@@ -43,13 +44,13 @@ def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple
     return statistics.median(walls), statistics.median(cpus)
 
 
-def _branch(prior: DiffusersPrior, n: int, control: str | None, g: torch.Generator) -> Branch:
+def _query(prior: DiffusersPrior, n: int, control: str | None, g: torch.Generator) -> NoiseQuery:
     size = prior.unet.config.sample_size
     x = torch.randn(n, prior.latent_channels, size, size, generator=g).to(prior.device)
     t = torch.randint(1, 1000, (n,), generator=g).to(prior.device)
     emb = prior.embed_prompts("portrait of a werewolf")
     image = torch.rand(1, 3, prior.image_size, prior.image_size, generator=g).to(prior.device)
-    return Branch(x, t, emb, None if control is None else Control(control, image))
+    return NoiseQuery(x, t, emb, None if control is None else Control(control, image))
 
 
 def main() -> None:
@@ -70,13 +71,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
-            model, vae, nets = args.model, args.vae, {"canny": args.canny, "depth": args.depth}
+            model, vae, nets = args.model, args.vae or "", {"canny": args.canny, "depth": args.depth}
         else:
             tiny = build_tiny_sd(tmp)
-            model, vae, nets = tiny.model, None, tiny.controlnets
-        prior = DiffusersPrior.from_pretrained(
-            model, vae=vae, controlnets=nets, device=device, dtype=dtype, channels_last=args.channels_last
-        )
+            model, vae, nets = tiny.model, "", tiny.controlnets
+        prior = load_prior(PriorSpec(model, vae, nets, dtype=dtype, channels_last=args.channels_last), device)
     g = torch.Generator().manual_seed(0)
     console = Console(width=120)
     name = "tiny test models" if not args.model else args.model
@@ -86,8 +85,8 @@ def main() -> None:
     with torch.no_grad():
         cases = [(n, c) for n in (2, 4, 8) for c in (None, "canny")]
         for n, control in tqdm(cases, desc="batch sizes"):
-            branch = _branch(prior, n, control, g)
-            rows.append((n, control or "-", *_time(lambda b=branch: prior.predict_noise([b]), args.repeats, device)))
+            query = _query(prior, n, control, g)
+            rows.append((n, control or "-", *_time(lambda q=query: prior.predict_noise([q]), args.repeats, device)))
     table = Table(title="predict_noise: one UNet forward over [uncond; cond]")
     for col in ("batch", "control", "wall ms", "cpu ms", "wall ms / sample"):
         table.add_column(col, justify="right")
@@ -107,7 +106,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     with torch.no_grad():
         for n in tqdm((1, 2, 4), desc="two-branch"):
-            a, b = _branch(prior, n, "canny", g), _branch(prior, n, "depth", g)
+            a, b = _query(prior, n, "canny", g), _query(prior, n, "depth", g)
             bw, bc = _time(lambda a=a, b=b: prior.predict_noise([a, b]), args.repeats, device)
             sw, sc = _time(lambda a=a, b=b: (prior.predict_noise([a]), prior.predict_noise([b])), args.repeats, device)
             joint = prior.predict_noise([a, b])

@@ -49,6 +49,7 @@ from headstyle.lab.generator import LabGenerator
 from headstyle.priors import controls
 from headstyle.priors.base import Control
 from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.stylize.branches import grid_image
 from headstyle.stylize.config import StylizeConfig, apply_overrides
 from headstyle.stylize.regularisers import relative_distance
@@ -292,7 +293,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sd = build_tiny_sd(Path(tmp) / "sd")
-        prior = DiffusersPrior.from_pretrained(sd.model, vae=None, controlnets=sd.controlnets, device=device)
+        prior = load_prior(PriorSpec(sd.model, "", sd.controlnets), device)
         overrides = ["prompt.prompt=portrait of a werewolf", f"run.device={device.type}", "regularisers.tweedie_mse=0",
                      f"run.mixed_precision={args.mixed_precision}"]  # fmt: skip
         if args.generator == "lab":

@@ -164,7 +164,7 @@ def test_generate_on_the_lab_puts_base_and_style_side_by_side(cfg, tmp_path):
     assert result.meshes[0].name == "seed0000_pair.glb"
     pair, alone = (trimesh.load(result.meshes[i], force="mesh") for i in (0, 1))
     assert alone.visual.kind == "vertex" and len(pair.vertices) > len(alone.vertices)
-    assert pair.bounds[1, 0] - pair.bounds[0, 0] > base.rendering_kwargs["box_warp"]
+    assert pair.bounds[1, 0] - pair.bounds[0, 0] > base.box_warp
 
 
 @pytest.fixture(scope="module")

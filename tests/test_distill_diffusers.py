@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from headstyle.distill.objectives import DistillTarget, cfg, dds, ids, ld
-from headstyle.priors.base import Branch, Control
+from headstyle.distill.objectives import DistillTarget, dds, guided_eps, ids, ld
+from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.testing import IMAGE_SIZE, LATENT_SIZE
 
@@ -74,11 +74,11 @@ def test_canny_view_and_depth_grid_share_one_unet_call(prior, count):
         src_t = prior.add_noise(grid.source_latents, grid.noise, grid.t)
         ((tu, tc), (su, sc)) = prior.predict_noise(
             [
-                Branch(res_grid.x_t, grid.t, grid.prompt, grid.control),
-                Branch(src_t, grid.t, grid.source_prompt, grid.control),
+                NoiseQuery(res_grid.x_t, grid.t, grid.prompt, grid.control),
+                NoiseQuery(src_t, grid.t, grid.source_prompt, grid.control),
             ]
         )
-    torch.testing.assert_close(res_grid.grad, cfg(tu, tc, 7.5) - cfg(su, sc, 7.5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(res_grid.grad, guided_eps(tu, tc, 7.5) - guided_eps(su, sc, 7.5), rtol=0, atol=1e-5)
 
 
 def test_ids_differentiates_through_unet_and_controlnet(prior, count):

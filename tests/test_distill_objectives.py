@@ -14,8 +14,8 @@ from headstyle.distill.objectives import (
     LDParams,
     NFSDParams,
     SDSParams,
-    cfg,
     dds,
+    guided_eps,
     ids,
     ld,
     nfsd,
@@ -25,6 +25,7 @@ from headstyle.distill.objectives import (
 )
 from headstyle.distill.shaping import flip_w, postprocess, rank_reweight
 from headstyle.priors.analytic import ExemplarPrior, GaussianPrior
+from headstyle.priors.base import DelegatingPrior
 
 SHAPE = (4, 8, 8)
 S = 0.6
@@ -43,18 +44,16 @@ def _prior(symmetric: bool = False) -> GaussianPrior:
     return GaussianPrior(_means(symmetric), iso_std=S, uncond_weights={"photo": 1.0})
 
 
-class _Counting:
+class _Counting(DelegatingPrior):
     """Delegates to a prior and counts predict_noise calls."""
 
     def __init__(self, prior):
-        self._prior, self.calls = prior, 0
+        super().__init__(prior)
+        self.calls = 0
 
-    def __getattr__(self, name):
-        return getattr(self._prior, name)
-
-    def predict_noise(self, branches):
+    def predict_noise(self, queries):
         self.calls += 1
-        return self._prior.predict_noise(branches)
+        return super().predict_noise(queries)
 
 
 def _eps(prior, mu: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -163,8 +162,8 @@ def test_dds_equals_closed_form():
     x_t, s_t = _x_t(prior, tg), prior.add_noise(src, tg.noise, tg.t)
     e_u_trg = _eps(prior, mu["photo"], x_t, tg.t)
     e_u_src = _eps(prior, mu["photo"], s_t, tg.t)
-    trg = cfg(e_u_trg, _eps(prior, mu["style"], x_t, tg.t), OMEGA)
-    src_cfg = cfg(e_u_src, _eps(prior, mu["photo"], s_t, tg.t), OMEGA)
+    trg = guided_eps(e_u_trg, _eps(prior, mu["style"], x_t, tg.t), OMEGA)
+    src_cfg = guided_eps(e_u_src, _eps(prior, mu["photo"], s_t, tg.t), OMEGA)
     assert torch.allclose(res.grad, trg - src_cfg, atol=1e-5)
     # Equal covariances: DDS is exactly sigma k sqrt(abar) (x - z_src) plus the guidance shift.
     with pytest.raises(ValueError, match="source_latents"):
@@ -192,7 +191,7 @@ def _ids_closed_form(prior, tg, mu, iterations, lam):
     eps_star = (z - abar.sqrt() * tg.source_latents) / sigma
     x_t = prior.add_noise(tg.latents, eps_star, t)
     e_u = _eps(prior, mu["photo"], x_t, t)
-    grad = cfg(e_u, _eps(prior, mu["style"], x_t, t), OMEGA) - _eps(prior, mu_src, z, t)
+    grad = guided_eps(e_u, _eps(prior, mu["style"], x_t, t), OMEGA) - _eps(prior, mu_src, z, t)
     return grad, eps_star, torch.stack(dists)
 
 
@@ -236,9 +235,9 @@ def test_ids_fpr_lowers_distance_at_every_iteration(kind):
 class _NoGrad(_Counting):
     """A prior whose predict_noise disables autograd itself."""
 
-    def predict_noise(self, branches):
+    def predict_noise(self, queries):
         with torch.no_grad():
-            return super().predict_noise(branches)
+            return super().predict_noise(queries)
 
 
 def test_ids_requires_a_differentiable_prior():

@@ -51,6 +51,7 @@ def test_reduced_fixture_loads_strictly(parity_dir: Path, config: dict) -> None:
     params = load_file(parity_dir / "params.safetensors")
     G.load_state_dict(params, strict=True)
     assert isinstance(G, Generator)
+    assert G.box_warp == G.rendering_kwargs["box_warp"] and isinstance(G.box_warp, float)
     assert set(G.state_dict()) == set(params)  # safetensors stores keys sorted, so compare as sets
     for key, value in G.state_dict().items():
         assert torch.equal(value, params[key]), key
@@ -76,3 +77,13 @@ def test_constructor_rejects_unsupported_configuration(config: dict) -> None:
     missing = {**kwargs, "rendering_kwargs": {"ray_start": 2.25}}
     with pytest.raises(ValueError, match="triplane_size"):
         TriPlaneGenerator(**missing)
+
+
+def test_load_generator_returns_the_generator_seam(parity_dir: Path) -> None:
+    """load_generator's generator declares every attribute callers read (Generator)."""
+    from headstyle.generator.checkpoint import load_generator
+
+    G = load_generator(parity_dir)
+    assert isinstance(G, Generator)
+    assert (G.w_dim, G.img_resolution) == (G.init_kwargs["w_dim"], G.init_kwargs["img_resolution"])
+    assert G.box_warp == G.rendering_kwargs["box_warp"]

@@ -17,7 +17,7 @@ from headstyle.lab.prior import (
     held_out_z,
 )
 from headstyle.lab.world import STYLES, sample_z
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 
 RES = 16
 
@@ -31,6 +31,7 @@ def _render(G, z, yaw, pitch=0.0):
 def test_every_identity_renders_front_and_back_with_a_mask():
     G = LabGenerator(resolution=RES, sr_factor=1, residual=False)
     assert isinstance(G, Generator)
+    assert G.box_warp == G.rendering_kwargs["box_warp"] and G.img_resolution == G.neural_rendering_resolution == RES
     z = torch.cat([held_out_z(4), sample_z(4, 0), 3 * sample_z(2, 1)])  # includes extreme parameters
     front, back = _render(G, z, 0.0), _render(G, z, math.pi)
     for out in (front, back):
@@ -88,12 +89,12 @@ def test_grid_branches_are_scored_tile_by_tile():
     single = torch.randn(2, 3, 2 * RES, 2 * RES, generator=g)
     t = torch.tensor([101, 201])
     (su, sc), (gu, gc) = prior.predict_noise(
-        [Branch(single, t, embeds), Branch(grid, t, embeds, Control(GRID_CONTROL, grid), layout="grid")]
+        [NoiseQuery(single, t, embeds), NoiseQuery(grid, t, embeds, Control(GRID_CONTROL, grid), layout="grid")]
     )
-    ref_single = prior.single.predict_noise([Branch(single, t, embeds)])[0]
+    ref_single = prior.single.predict_noise([NoiseQuery(single, t, embeds)])[0]
     assert torch.allclose(su, ref_single[0]) and torch.allclose(sc, ref_single[1])
     for k, (rows, cols) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        ref = prior.tile.predict_noise([Branch(tiles[k], t, embeds)])[0]
+        ref = prior.tile.predict_noise([NoiseQuery(tiles[k], t, embeds)])[0]
         sl = (..., slice(rows * RES, (rows + 1) * RES), slice(cols * RES, (cols + 1) * RES))
         assert torch.allclose(gu[sl], ref[0], atol=1e-6) and torch.allclose(gc[sl], ref[1], atol=1e-6)
 

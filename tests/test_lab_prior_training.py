@@ -153,7 +153,7 @@ def test_resume_is_bitwise_exact(tmp_path: Path, run: Path) -> None:
 def test_output_loads_as_a_stable_diffusion_folder(run: Path) -> None:
     """DiffusersPrior.from_pretrained loads the folder with both ControlNets; latents have unit std as SD scales
     them; every prompt word is one token; the depth ControlNet changes eps on a grid."""
-    from headstyle.priors.base import Branch, Control
+    from headstyle.priors.base import Control, NoiseQuery
     from headstyle.priors.diffusers_prior import DiffusersPrior
 
     model = run / "model"
@@ -174,9 +174,9 @@ def test_output_loads_as_a_stable_diffusion_folder(run: Path) -> None:
         assert 0.6 < float(latents.std()) < 1.5
         x_t = prior.add_noise(latents[:2], torch.randn_like(latents[:2]), torch.tensor([500]))
         prompt = prior.embed_prompts(tp.PHRASINGS["statue"][0])
-        plain = prior.predict_noise([Branch(x_t, torch.tensor([500]), prompt)])[0][1]
+        plain = prior.predict_noise([NoiseQuery(x_t, torch.tensor([500]), prompt)])[0][1]
         control = Control("depth", batch.controls[:2])
-        with_depth = prior.predict_noise([Branch(x_t, torch.tensor([500]), prompt, control)])[0][1]
+        with_depth = prior.predict_noise([NoiseQuery(x_t, torch.tensor([500]), prompt, control)])[0][1]
     assert torch.isfinite(with_depth).all()
     assert not torch.equal(plain, with_depth)
 
@@ -248,7 +248,7 @@ def test_pooled_prompt_reaches_the_unet_without_cross_attention(pooled: bool) ->
 def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run: Path, tmp_path: Path) -> None:
     """A text_pool run's UNet and ControlNet (which copies the pooled embedding) load through DiffusersPrior, and
     the prompt changes eps through them."""
-    from headstyle.priors.base import Branch, Control
+    from headstyle.priors.base import Control, NoiseQuery
     from headstyle.priors.diffusers_prior import DiffusersPrior
 
     cfg = replace(TINY, text_pool=True)
@@ -267,7 +267,7 @@ def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run
         latents = prior.encode(batch.images, generator=torch.Generator().manual_seed(0))
         x_t = prior.add_noise(latents, torch.randn_like(latents), torch.tensor([200]))
         t, control = torch.tensor([200]), Control("depth", batch.controls)
-        eps = [prior.predict_noise([Branch(x_t, t, prior.embed_prompts(tp.PHRASINGS[d][0]), control)])[0][1]
+        eps = [prior.predict_noise([NoiseQuery(x_t, t, prior.embed_prompts(tp.PHRASINGS[d][0]), control)])[0][1]
                for d in ("statue", "gold")]  # fmt: skip
     assert torch.isfinite(eps[0]).all() and not torch.equal(*eps)
 
@@ -276,8 +276,10 @@ def test_eps_errors_do_not_depend_on_the_prompts_order(run: Path) -> None:
     """The diffusion classifier's errors per prompt are the same whatever the order (and an odd prompt count,
     whose last prompt shares a UNet call with itself, counts it once)."""
     from headstyle.lab import prior_card as pc
+    from headstyle.lab.learned import learned_spec
+    from headstyle.priors.loading import load_prior
 
-    prior = pc.load_prior(run / "model")
+    prior = load_prior(learned_spec(run / "model"), "cpu")
     images = tp.sample_batch(tp.load_data(run), 3, 0.0, torch.Generator().manual_seed(2)).images
     latents = pc.encode(prior, images)
     prompts = [tp.PHRASINGS[d][0] for d in tp.DOMAINS]

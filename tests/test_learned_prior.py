@@ -1,4 +1,4 @@
-"""The SHIPPED learned lab prior has learned the head world (loaded through DiffusersPrior.from_pretrained).
+"""The SHIPPED learned lab prior has learned the head world (loaded through load_prior, as the lab loads it).
 
 Every figure is measured on ground-truth renders of the lab's held-out identities, which the prior
 never saw. HEADSTYLE_LAB_PRIOR points the tests at another folder (e.g. a snapshot of a run).
@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from headstyle.lab import prior_card as pc
+from headstyle.lab.learned import SHIPPED, learned_spec
 from headstyle.lab.train_prior import CONFIGS, DOMAINS, PHRASINGS, domain_name
+from headstyle.priors.loading import load_prior
 
-MODEL = Path(os.environ.get("HEADSTYLE_LAB_PRIOR", pc.SHIPPED))
+MODEL = Path(os.environ.get("HEADSTYLE_LAB_PRIOR", SHIPPED))
 pytestmark = pytest.mark.skipif(
     not (MODEL / "model_index.json").is_file(),
     reason=f"no learned prior at {MODEL}: train one with `headstyle lab train-prior` and ship its model/ folder there",
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def prior():
-    return pc.load_prior(MODEL)
+    return load_prior(learned_spec(MODEL), "cpu")
 
 
 FULL = CONFIGS["full"]

@@ -154,13 +154,13 @@ def lab():
     G = LabGenerator(resolution=LAB_RES)
     ws = G.mapping(sample_z(1, 0), torch.zeros(1, 25))
     # The lab's head fills its 0.8 box (the nose reaches z = 0.36): trim only the closing voxel.
-    head = head_mesh(G.field_sampler(ws), G.rendering_kwargs["box_warp"], MeshSettings(resolution=96, trim=0.0))
+    head = head_mesh(G.field_sampler(ws), G.box_warp, MeshSettings(resolution=96, trim=0.0))
     return G, ws, head.mesh
 
 
 def test_lab_head_is_watertight_inside_the_render_box(lab):
     G, _, m = lab
-    half = G.rendering_kwargs["box_warp"] / 2
+    half = G.box_warp / 2
     assert m.is_watertight and m.volume > 0
     assert np.all(m.bounds[0] > -half) and np.all(m.bounds[1] < half)
     # A head, not a blob: about 0.49 wide, taller than deep (measured 0.488 x 0.74 x 0.58).

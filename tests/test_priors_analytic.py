@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 from torch.distributions import MultivariateNormal
 
 from headstyle.priors.analytic import ExemplarPrior, GaussianPrior, sd_alphas_cumprod
-from headstyle.priors.base import Branch, ScorePrior
+from headstyle.priors.base import NoiseQuery, ScorePrior
 
 SHAPE = (2, 3, 3)  # D = 18: small enough for dense reference covariances
 D = math.prod(SHAPE)
@@ -93,7 +93,7 @@ def test_guidance_direction_points_from_uncond_to_cond_posterior_mean(make):
         abar = float(prior.alphas_cumprod[t])
         sigma = math.sqrt(1 - abar)
         x = torch.randn(3, *SHAPE, generator=g, dtype=torch.float64)
-        ((eps_u, eps_c),) = prior.predict_noise([Branch(x, torch.full((3,), t), emb)])
+        ((eps_u, eps_c),) = prior.predict_noise([NoiseQuery(x, torch.full((3,), t), emb)])
         x0 = {}
         for p in ["joker", ""]:
             xr = x.reshape(3, -1).clone().requires_grad_(True)
@@ -128,17 +128,19 @@ def test_predict_noise_batching_invariance_and_float32(make):
     prior = make()
     assert isinstance(prior, ScorePrior)
     g = torch.Generator().manual_seed(4)
-    a = Branch(torch.randn(2, *SHAPE, generator=g), torch.tensor([281, 41]), prior.embed_prompts("pixar"))
-    b = Branch(torch.randn(3, *SHAPE, generator=g), torch.tensor([1, 501, 981]), prior.embed_prompts("joker", "pixar"))
+    a = NoiseQuery(torch.randn(2, *SHAPE, generator=g), torch.tensor([281, 41]), prior.embed_prompts("pixar"))
+    b = NoiseQuery(
+        torch.randn(3, *SHAPE, generator=g), torch.tensor([1, 501, 981]), prior.embed_prompts("joker", "pixar")
+    )
     batched = prior.predict_noise([a, b])
-    for branch, (eu, ec) in zip([a, b], batched, strict=True):
-        assert eu.dtype == ec.dtype == torch.float32 and eu.shape == branch.x_t.shape
-        for i in range(branch.x_t.shape[0]):
-            ((su, sc),) = prior.predict_noise([Branch(branch.x_t[i : i + 1], branch.t[i : i + 1], branch.prompt)])
+    for query, (eu, ec) in zip([a, b], batched, strict=True):
+        assert eu.dtype == ec.dtype == torch.float32 and eu.shape == query.x_t.shape
+        for i in range(query.x_t.shape[0]):
+            ((su, sc),) = prior.predict_noise([NoiseQuery(query.x_t[i : i + 1], query.t[i : i + 1], query.prompt)])
             torch.testing.assert_close(eu[i : i + 1], su, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(ec[i : i + 1], sc, rtol=1e-6, atol=1e-6)
     # negative prompt "pixar" really is the pixar conditional
-    ((_, pix),) = prior.predict_noise([Branch(b.x_t, b.t, prior.embed_prompts("pixar"))])
+    ((_, pix),) = prior.predict_noise([NoiseQuery(b.x_t, b.t, prior.embed_prompts("pixar"))])
     torch.testing.assert_close(batched[1][0], pix)
 
 
@@ -207,7 +209,8 @@ def test_predict_noise_is_differentiable_with_a_symmetric_jacobian(make):
     x = torch.randn(1, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
     def eps_c(v: torch.Tensor) -> torch.Tensor:
-        return prior.predict_noise([Branch(v.reshape(1, *SHAPE), torch.tensor([281]), emb)])[0][1].double().reshape(-1)
+        query = NoiseQuery(v.reshape(1, *SHAPE), torch.tensor([281]), emb)
+        return prior.predict_noise([query])[0][1].double().reshape(-1)
 
     jac = torch.autograd.functional.jacobian(eps_c, x.reshape(-1))
     assert jac.abs().max() > 1e-3

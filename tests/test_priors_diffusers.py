@@ -1,13 +1,15 @@
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from headstyle.priors.analytic import sd_alphas_cumprod
-from headstyle.priors.base import Branch, Control, ScorePrior, ddim_timesteps
+from headstyle.priors.base import CondOnlyPrior, Control, NoiseQuery, ScorePrior, ddim_timesteps
 from headstyle.priors.diffusers_prior import DEFAULT_MODEL, DiffusersPrior, PriorLoadError
+from headstyle.priors.loading import PriorSpec, load_prior
 from headstyle.testing import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd
 
 
@@ -18,7 +20,7 @@ def prior(tiny_sd) -> DiffusersPrior:
     )
 
 
-def _branches(prior: DiffusersPrior, seed: int = 0) -> list[Branch]:
+def _queries(prior: DiffusersPrior, seed: int = 0) -> list[NoiseQuery]:
     g = torch.Generator().manual_seed(seed)
     emb = prior.embed_prompts("portrait of a werewolf")
     other = prior.embed_prompts("pixar style face", "sketch")
@@ -26,13 +28,13 @@ def _branches(prior: DiffusersPrior, seed: int = 0) -> list[Branch]:
     canny = Control("canny", (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) > 0.8).float())
     depth = Control("depth", torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g), scale=0.7)
     return [
-        Branch(torch.randn(1, *lat, generator=g), torch.tensor([281]), emb, canny),
-        Branch(torch.randn(2, *lat, generator=g), torch.tensor([21, 601]), other, depth),
-        Branch(torch.randn(1, *lat, generator=g), torch.tensor([961]), emb),
+        NoiseQuery(torch.randn(1, *lat, generator=g), torch.tensor([281]), emb, canny),
+        NoiseQuery(torch.randn(2, *lat, generator=g), torch.tensor([21, 601]), other, depth),
+        NoiseQuery(torch.randn(1, *lat, generator=g), torch.tensor([961]), emb),
     ]
 
 
-def _reference_eps(prior: DiffusersPrior, b: Branch) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_eps(prior: DiffusersPrior, b: NoiseQuery) -> tuple[torch.Tensor, torch.Tensor]:
     """One branch by hand through diffusers (the LD script's call pattern): ControlNet, then UNet with residuals."""
     n = b.x_t.shape[0]
     x = torch.cat([b.x_t, b.x_t])
@@ -52,7 +54,7 @@ def _reference_eps(prior: DiffusersPrior, b: Branch) -> tuple[torch.Tensor, torc
 
 def test_batched_multi_branch_call_equals_separate_calls(prior):
     assert isinstance(prior, ScorePrior)
-    branches = _branches(prior)
+    branches = _queries(prior)
     with torch.no_grad():
         batched = prior.predict_noise(branches)
         for b, (eu, ec) in zip(branches, batched, strict=True):
@@ -64,7 +66,7 @@ def test_batched_multi_branch_call_equals_separate_calls(prior):
             torch.testing.assert_close(eu, ru, rtol=0, atol=1e-5)
             torch.testing.assert_close(ec, rc, rtol=0, atol=1e-5)
         # the controls matter (so the test above could fail) and the prompts matter
-        (_, nc), = prior.predict_noise([Branch(branches[0].x_t, branches[0].t, branches[0].prompt)])  # fmt: skip
+        (_, nc), = prior.predict_noise([NoiseQuery(branches[0].x_t, branches[0].t, branches[0].prompt)])  # fmt: skip
         assert (nc - batched[0][1]).abs().max() > 1e-2
         assert (batched[2][1] - batched[2][0]).abs().max() > 1e-3
 
@@ -74,7 +76,7 @@ def test_cond_only_call_equals_the_cond_half_of_the_full_call(prior):
     for every branch, and through Style Fusion Attention too (the SFA trainer's loss)."""
     from headstyle.attention.prior import StyleFusionPrior
 
-    branches = _branches(prior)
+    branches = _queries(prior)
     with torch.no_grad():
         full = prior.predict_noise(branches)
         cond = prior.predict_noise_cond(branches)
@@ -95,8 +97,8 @@ def test_uncond_and_cond_rows_are_not_swapped(prior):
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=g), torch.tensor([281, 41])
     with torch.no_grad():
-        (eu, ec), = prior.predict_noise([Branch(x, t, prior.embed_prompts("joker face", "statue"))])  # fmt: skip
-        (su, sc), = prior.predict_noise([Branch(x, t, prior.embed_prompts("statue", "joker face"))])  # fmt: skip
+        (eu, ec), = prior.predict_noise([NoiseQuery(x, t, prior.embed_prompts("joker face", "statue"))])  # fmt: skip
+        (su, sc), = prior.predict_noise([NoiseQuery(x, t, prior.embed_prompts("statue", "joker face"))])  # fmt: skip
     torch.testing.assert_close(eu, sc, rtol=0, atol=1e-5)
     torch.testing.assert_close(ec, su, rtol=0, atol=1e-5)
 
@@ -138,6 +140,29 @@ def test_separate_vae_folder_gives_the_same_latents(prior, tiny_sd):
         torch.testing.assert_close(sep.encode(images), prior.encode(images))
 
 
+def test_load_prior_loads_what_the_spec_names(prior, tiny_sd):
+    """load_prior(PriorSpec, device) is from_pretrained of the spec, its vae read as the configs read it ("auto":
+    the folder's own vae/; "": the model's own; else a VAE folder), and it declares the whole seam."""
+    spec = PriorSpec(tiny_sd.model, controlnets=tiny_sd.controlnets, dtype=torch.float32, latent_sample="mean")
+    loaded = load_prior(spec, "cpu")
+    assert isinstance(loaded, ScorePrior) and isinstance(loaded, CondOnlyPrior) and loaded.predicts_cond_only
+    assert not loaded.takes_content and loaded.device == torch.device("cpu")
+    assert loaded.control_names == {"canny", "depth"} and loaded.dtype == loaded.vae_dtype == torch.float32
+    assert loaded.latent_sample == "mean" and next(loaded.text_encoder.parameters()).device.type == "cpu"
+    queries = _queries(prior)
+    images = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    with torch.no_grad():
+        for (eu, ec), (ru, rc) in zip(loaded.predict_noise(queries), prior.predict_noise(queries), strict=True):
+            assert torch.equal(eu, ru) and torch.equal(ec, rc)
+        latents = prior.encode(images)
+        for vae in ("", tiny_sd.vae):
+            other = load_prior(replace(spec, vae=vae, controlnets={}), "cpu")
+            assert other.control_names == frozenset()
+            torch.testing.assert_close(other.encode(images), latents)
+    with pytest.raises(PriorLoadError, match="does not exist"):
+        load_prior(PriorSpec(tiny_sd.model.parent / "nope"), "cpu")
+
+
 def _recast(prior: DiffusersPrior, dtype: torch.dtype) -> DiffusersPrior:
     parts = (copy.deepcopy(prior.unet), copy.deepcopy(prior.vae), copy.deepcopy(prior.text_encoder))
     return DiffusersPrior(*parts, prior.tokenizer, prior.scheduler, copy.deepcopy(prior.controlnets), dtype=dtype)
@@ -148,9 +173,9 @@ def test_fp16_weights_keep_an_fp32_vae_and_return_float32(prior):
     assert half.vae_dtype == torch.float32 and next(half.vae.parameters()).dtype == torch.float32
     assert next(half.unet.parameters()).dtype == torch.float16
     assert next(half.controlnets["canny"].parameters()).dtype == torch.float16
-    b = _branches(prior)[0]
+    b = _queries(prior)[0]
     with torch.no_grad():
-        hb = Branch(b.x_t, b.t, half.embed_prompts("portrait of a werewolf"), b.control)
+        hb = NoiseQuery(b.x_t, b.t, half.embed_prompts("portrait of a werewolf"), b.control)
         (eu, ec), = half.predict_noise([hb])  # fmt: skip
         (_, rc), = prior.predict_noise([b])  # fmt: skip
         lat = half.encode(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
@@ -161,9 +186,9 @@ def test_fp16_weights_keep_an_fp32_vae_and_return_float32(prior):
 
 
 def test_predict_noise_is_differentiable_for_objectives_that_need_it(prior):
-    b = _branches(prior)[0]
+    b = _queries(prior)[0]
     x = b.x_t.clone().requires_grad_(True)
-    (eu, ec), = prior.predict_noise([Branch(x, b.t, b.prompt, b.control)])  # fmt: skip
+    (eu, ec), = prior.predict_noise([NoiseQuery(x, b.t, b.prompt, b.control)])  # fmt: skip
     (ec - eu).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in prior.unet.parameters())
@@ -205,9 +230,9 @@ def test_clear_errors_for_missing_offline_and_wrong_models(tiny_sd, tmp_path):
 
 
 def test_unknown_control_name_is_a_clear_error(prior):
-    b = _branches(prior)[0]
+    b = _queries(prior)[0]
     with pytest.raises(KeyError, match="no ControlNet named 'normal'"), torch.no_grad():
-        prior.predict_noise([Branch(b.x_t, b.t, b.prompt, Control("normal", b.control.image))])
+        prior.predict_noise([NoiseQuery(b.x_t, b.t, b.prompt, Control("normal", b.control.image))])
 
 
 def test_tiny_models_are_deterministic_in_the_seed_and_reused(tiny_sd, tmp_path):

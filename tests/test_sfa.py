@@ -24,7 +24,7 @@ from headstyle.export import to_uint8
 from headstyle.generator.latents import z_from_seed
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.prior import held_out_z
-from headstyle.priors.base import Branch
+from headstyle.priors.base import NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.sfa.config import SFATrainConfig
 from headstyle.sfa.dataset import (
@@ -168,7 +168,7 @@ def fused_eps(prior, batch, x: torch.Tensor, module: StyleAppearanceModule | Non
     sfa = StyleFusionPrior(fused, batch.style, content_unet=content_unet, style_unet=style_unet, seed=3)
     sfa.set_content(batch.content)
     with torch.no_grad():
-        return sfa.predict_noise([Branch(x, torch.tensor([500]), prior.embed_prompts(""))])[0]
+        return sfa.predict_noise([NoiseQuery(x, torch.tensor([500]), prior.embed_prompts(""))])[0]
 
 
 @pytest.mark.parametrize(("role", "lora_rank"), [("style", 0), ("shared", 0), ("style", 2)])

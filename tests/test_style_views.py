@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cli import app, main
-from headstyle.priors.base import Branch, ScorePrior
+from headstyle.priors.base import NoiseQuery, ScorePrior
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.testing import LATENT_SIZE
 
@@ -39,13 +39,13 @@ def test_self_references_reproduce_the_wrapped_prior(prior, pairing):
     sfa = StyleFusionPrior(prior, style_latents=x, config=config)
     assert isinstance(sfa, ScorePrior)
     sfa.set_content(x)
-    shared = [Branch(x, torch.tensor([401]), empty)]
+    shared = [NoiseQuery(x, torch.tensor([401]), empty)]
     with torch.no_grad():
         torch.testing.assert_close(sfa.predict_noise(shared)[0], prior.predict_noise(shared)[0], atol=1e-4, rtol=0)
         # per-sample t: sample i's content is its own x_t; a shared style would not be "self" here, so
         # compare the content-only fusion (no style bank) against the plain prior
         xs = _x(1, 3)
-        branches = [Branch(xs[:2], torch.tensor([101, 601]), empty), Branch(xs[2:], torch.tensor([801]), empty)]
+        branches = [NoiseQuery(xs[:2], torch.tensor([101, 601]), empty), NoiseQuery(xs[2:], torch.tensor([801]), empty)]
         sfa.styles = []
         sfa.set_content(xs, images_per_group=1)
         for got, want in zip(sfa.predict_noise(branches), prior.predict_noise(branches), strict=True):
@@ -57,7 +57,7 @@ def test_self_references_reproduce_the_wrapped_prior(prior, pairing):
 def test_style_changes_eps_and_tau_moves_it_further(prior):
     empty = prior.embed_prompts("")
     x, content, style = _x(2, 1), _x(3, 1), _x(4, 1) * 2.0
-    branch = [Branch(x, torch.tensor([501]), empty)]
+    branch = [NoiseQuery(x, torch.tensor([501]), empty)]
     eps = {}
     with torch.no_grad():
         plain = prior.predict_noise(branch)[0][1]

@@ -203,7 +203,7 @@ def _meshes(base: Generator, stylised: Generator, latents: Sequence[Latent], ren
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes
 
     settings = MeshSettings(resolution=render.mesh_resolution)
-    box_warp = base.rendering_kwargs["box_warp"]
+    box_warp = base.box_warp
     written, notes = [], []
     for latent in latents:
         try:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from headstyle.app.config import AppConfig, LabSection, RenderSection, tab_reasons
 from headstyle.app.jobs import AppError
+from headstyle.generator.base import Generator
 from headstyle.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from headstyle.lab.generator import LabGenerator
 
 # PanoHead's projector renders with ray_start 2.35 (the generator's own 2.25 elsewhere).
 PROJECTION_RAY_START = 2.35
@@ -98,7 +102,7 @@ class Models:
     def device(self) -> torch.device:
         return device_from_name(self.cfg.server.device)
 
-    def _generator(self, path: str, config: str | None, ray_start: float | None = None) -> nn.Module:
+    def _generator(self, path: str, config: str | None, ray_start: float | None = None) -> Generator:
         from headstyle.generator.checkpoint import CheckpointError, load_generator
 
         r = self.cfg.render
@@ -108,7 +112,7 @@ class Models:
         if ray_start is not None:
             overrides["ray_start"] = ray_start
 
-        def load() -> nn.Module:
+        def load() -> Generator:
             try:
                 return load_generator(path, self.device(), config, r.neural_rendering_resolution or None, overrides)
             except (CheckpointError, FileNotFoundError) as exc:
@@ -116,14 +120,14 @@ class Models:
 
         return self._cache.get(("generator", path, _stamp(path), config, ray_start), load)
 
-    def base(self, projection: bool = False) -> nn.Module:
+    def base(self, projection: bool = False) -> Generator:
         """The base generator; ``projection``: rendering from ray start 2.35 as PanoHead's projector does."""
         m = self.cfg.models
         if not m.generator:
             raise AppError("no base generator: set models.generator in the app config")
         return self._generator(m.generator, m.generator_config or None, PROJECTION_RAY_START if projection else None)
 
-    def stylised(self, name: str) -> nn.Module:
+    def stylised(self, name: str) -> Generator:
         """A stylised generator by its style name, read with the base generator's configuration when bare."""
         styles = self.styles()
         if name not in styles:
@@ -153,17 +157,18 @@ class Models:
     def sfa_prior(self):
         """The SD 1.5-family prior for Style Fusion Attention (VAE posterior mean: a run is a function of its seeds),
         with the depth ControlNet when one is configured."""
-        from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError, resolve_vae
+        from headstyle.priors.diffusers_prior import PriorLoadError
+        from headstyle.priors.loading import PriorSpec, load_prior
 
         m = self.cfg.models
         if not m.sd_model:
             raise AppError("no SD model: set models.sd_model in the app config")
         nets = {"depth": m.depth_controlnet} if m.depth_controlnet else {}
+        spec = PriorSpec(m.sd_model, m.vae, nets, latent_sample="mean")
 
         def load():
             try:
-                return DiffusersPrior.from_pretrained(m.sd_model, vae=resolve_vae(m.sd_model, m.vae), controlnets=nets,
-                                                      device=self.device(), latent_sample="mean")  # fmt: skip
+                return load_prior(spec, self.device())
             except PriorLoadError as exc:
                 raise AppError(str(exc)) from None
 
@@ -198,17 +203,17 @@ class Lab:
 
         return {**trained_styles(self.styles_dir), **{f"{s}{GROUND_TRUTH}": "" for s in STYLES}}
 
-    def new_generator(self, seed: int = 0, style: str | None = None, residual: bool = True) -> nn.Module:
+    def new_generator(self, seed: int = 0, style: str | None = None, residual: bool = True) -> LabGenerator:
         from headstyle.lab.generator import LabGenerator
 
         lab = self.settings
         return LabGenerator(resolution=lab.resolution, sr_factor=lab.sr_factor, seed=seed, style=style,
                             residual=residual).eval()  # fmt: skip
 
-    def base(self) -> nn.Module:
+    def base(self) -> Generator:
         return self._cache.get(("base",), self.new_generator)
 
-    def stylised(self, name: str) -> nn.Module:
+    def stylised(self, name: str) -> Generator:
         """A ground-truth style (the world's own stylised heads) or a style trained here."""
         styles = self.styles()
         if name not in styles:
@@ -218,7 +223,7 @@ class Lab:
             return self._cache.get(("truth", style), lambda: self.new_generator(style=style, residual=False))
         return self._cache.get(("trained", styles[name], _stamp(styles[name])), lambda: self._trained(styles[name]))
 
-    def _trained(self, path: str) -> nn.Module:
+    def _trained(self, path: str) -> LabGenerator:
         from safetensors.torch import load_file
 
         G = self.new_generator()
@@ -239,15 +244,17 @@ class Lab:
                 "and the lab's Style image runs on it")  # fmt: skip
 
     def sfa_prior(self):
-        from headstyle.lab.learned import SHIPPED
-        from headstyle.priors.diffusers_prior import DiffusersPrior
+        """The learned lab prior for Style Fusion Attention (fp32 on the CPU, VAE posterior means), with its depth
+        ControlNet when it has one."""
+        from headstyle.lab.learned import CONTROLNETS, SHIPPED, learned_spec
+        from headstyle.priors.loading import load_prior
 
         reason = self.sfa_reason()
         if reason:
             raise AppError(reason)
-        nets = {"depth": SHIPPED / "controlnet-depth"} if (SHIPPED / "controlnet-depth").is_dir() else {}
-        return self._cache.get(("sd",), lambda: DiffusersPrior.from_pretrained(
-            SHIPPED, vae=None, controlnets=nets, device="cpu", dtype=torch.float32, latent_sample="mean"))
+        nets = ("depth",) if (SHIPPED / CONTROLNETS["depth"]).is_dir() else ()
+        spec = learned_spec(SHIPPED, controlnets=nets, latent_sample="mean")
+        return self._cache.get(("sd",), lambda: load_prior(spec, "cpu"))
 
     def sfa_parts(self, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
         """lab.style_module's (prior, content UNet, style UNet) for the learned lab prior (None: its own UNet)."""

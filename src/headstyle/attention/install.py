@@ -54,8 +54,3 @@ def install_style_fusion(
 ) -> StyleFusion:
     """Put Style Fusion Attention processors on all self-attention layers, or the decoder's only."""
     return StyleFusion(unet, StyleFusionState() if state is None else state, where)
-
-
-def uninstall_style_fusion(fusion: StyleFusion) -> None:
-    """Restore the processors the UNet had before install_style_fusion."""
-    fusion.uninstall()

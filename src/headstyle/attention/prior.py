@@ -1,7 +1,8 @@
 """A score prior conditioned on a style IMAGE: DiffusersPrior + Style Fusion Attention on its UNet.
 
-StyleFusionPrior is a ScorePrior like the one it wraps, so objectives, the trainer and the
-style-views command can use it as a distillation or denoising target. Each predict_noise call
+StyleFusionPrior is a ScorePrior like the one it wraps (a DelegatingPrior: what it does not change is the
+wrapped prior's), so objectives, the trainer and the style-views command can use it as a distillation or
+denoising target. Each predict_noise call
 first writes the reference banks (content and style images, noised to each sample's timestep or
 clean) with the appearance UNet, then evaluates the wrapped prior with the fusion processors
 installed on its UNet, and takes them off again.
@@ -23,7 +24,7 @@ from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.install import install_style_fusion
 from headstyle.attention.processors import StyleFusionState
 from headstyle.input_files import InputError, read_image
-from headstyle.priors.base import Branch, PromptEmbeds
+from headstyle.priors.base import DelegatingPrior, NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 
 
@@ -35,10 +36,10 @@ def load_image(path: str | os.PathLike, size: int, mode: str = "RGB") -> Tensor:
     return x * 2 - 1 if mode == "RGB" else x
 
 
-class StyleFusionPrior:
+class StyleFusionPrior(DelegatingPrior):
     """eps predictions with Style Fusion Attention reading content and style reference banks.
 
-    prior: the DiffusersPrior whose UNet gets the fusion processors.
+    prior: the DiffusersPrior whose UNet gets the fusion processors (``base``).
     style_latents / style_latents_2: (n, C, h, w) latents of the style image(s)
     (n = 2 for front and back views); a second style is blended with config.alpha. The content
     reference is set with set_content. style_mask: (H, W) in [0, 1], 1 where to stylise, or (n, H, W),
@@ -48,6 +49,8 @@ class StyleFusionPrior:
     seed: the stream of the reference noise, so a run is reproducible.
     differentiable: write the banks with autograd, so a trainable appearance module learns from the loss.
     """
+
+    base: DiffusersPrior
 
     def __init__(
         self,
@@ -62,7 +65,7 @@ class StyleFusionPrior:
         differentiable: bool = False,
         content_mask: Tensor | None = None,
     ) -> None:
-        self.prior = prior
+        super().__init__(prior)
         self.config = config or StyleFusionConfig()
         self.styles = [style_latents] + ([] if style_latents_2 is None else [style_latents_2])
         if len(self.styles) == 2 and self.styles[0].shape != self.styles[1].shape:
@@ -79,47 +82,14 @@ class StyleFusionPrior:
         self.generator = torch.Generator(device=style_latents.device).manual_seed(seed)
         self.differentiable = differentiable
 
-    # The rest of the ScorePrior seam is the wrapped prior's.
-    takes_content = True
-
     @property
-    def alphas_cumprod(self) -> Tensor:
-        return self.prior.alphas_cumprod
-
-    @property
-    def latent_channels(self) -> int:
-        return self.prior.latent_channels
-
-    @property
-    def image_size(self) -> int:
-        return self.prior.image_size
-
-    @property
-    def control_names(self) -> frozenset[str]:
-        return self.prior.control_names
-
-    @property
-    def device(self) -> torch.device:
-        return self.prior.device
-
-    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
-        return self.prior.inference_timesteps(num_inference_steps)
-
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        return self.prior.add_noise(x0, eps, t)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return self.prior.encode(images)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.prior.decode(latents)
-
-    def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
-        return self.prior.embed_prompts(prompt, negative_prompt)
+    def takes_content(self) -> bool:
+        """True: the content bank reads the reference given to set_content."""
+        return True
 
     def set_content(self, latents: Tensor | None, images_per_group: int | None = None) -> None:
         """The content reference: (n, C, h, w) latents, one group of n images shared by every sample
-        (default), or groups of images_per_group images, one group per sample in branch order."""
+        (default), or groups of images_per_group images, one group per sample in query order."""
         if latents is not None:
             per_group = latents.shape[0] if images_per_group is None else images_per_group
             if per_group < 1 or latents.shape[0] % per_group:
@@ -141,22 +111,22 @@ class StyleFusionPrior:
         context = self.embed_prompts(self.config.reference_prompt).cond
         return write_bank(unet, x_ref, t_images, context, names, per_group, self.differentiable)
 
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
-        """(eps_uncond, eps_cond) per branch, the UNet's self-attention fusing the reference banks.
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]:
+        """(eps_uncond, eps_cond) per query, the UNet's self-attention fusing the reference banks.
 
-        Banks are written at the branches' timestep when all samples share one, else per sample.
+        Banks are written at the queries' timestep when all samples share one, else per sample.
         """
-        return self._fused(branches, self.prior.predict_noise)
+        return self._fused(queries, self.base.predict_noise)
 
-    def predict_noise_cond(self, branches: list[Branch]) -> list[Tensor]:
-        """eps_cond per branch through the fused UNet, cond rows only (DiffusersPrior.predict_noise_cond)."""
-        return self._fused(branches, self.prior.predict_noise_cond)
+    def predict_noise_cond(self, queries: list[NoiseQuery]) -> list[Tensor]:
+        """eps_cond per query through the fused UNet, cond rows only (DiffusersPrior.predict_noise_cond)."""
+        return self._fused(queries, self.base.predict_noise_cond)
 
-    def _fused(self, branches: list[Branch], predict: Callable[[list[Branch]], list[Any]]) -> list[Any]:
-        """``predict(branches)`` with the fusion processors installed and the banks written."""
-        if not branches:
+    def _fused(self, queries: list[NoiseQuery], predict: Callable[[list[NoiseQuery]], list[Any]]) -> list[Any]:
+        """``predict(queries)`` with the fusion processors installed and the banks written."""
+        if not queries:
             return []
-        t = torch.cat([b.t.reshape(-1).expand(b.x_t.shape[0]) for b in branches]).long().to(self.alphas_cumprod.device)
+        t = torch.cat([q.t.reshape(-1).expand(q.x_t.shape[0]) for q in queries]).long().to(self.alphas_cumprod.device)
         if self.content is not None and self.content.shape[0] // self.content_per_group not in (1, t.numel()):
             raise ValueError(
                 f"{self.content.shape[0] // self.content_per_group} content groups for {t.numel()} samples: "
@@ -166,11 +136,11 @@ class StyleFusionPrior:
         cfg = self.config
         state = StyleFusionState(tau=cfg.tau, alpha=cfg.alpha, pairing=cfg.pairing, style_mask=self.style_mask,
                                   content_mask=self.content_mask)
-        with install_style_fusion(self.prior.unet, state, cfg.layers) as fusion:
+        with install_style_fusion(self.base.unet, state, cfg.layers) as fusion:
             names = fusion.layer_names
             content = None
             if self.content is not None:
                 content = self._bank(self.content_unet, self.content, self.content_per_group, t_write, names)
             styles = [self._bank(self.style_unet, s, s.shape[0], t_write, names) for s in self.styles]
             state.set_banks(content, styles)
-            return predict(branches)
+            return predict(queries)

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from headstyle.attention.config import REFERENCE_YAWS, SamplingConfig, StyleViewsConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cameras import cameras
-from headstyle.distill.objectives import cfg
+from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import resize_to
 from headstyle.export import render_view, save_grid, save_image, save_turntable, to_uint8, view_name
 from headstyle.generator.base import Generator, RenderOutput
 from headstyle.generator.latents import Latent
 from headstyle.priors import controls
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.progress import progress_bar
 
@@ -53,8 +53,8 @@ def stylize_image(
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     x = sfa.add_noise(x0, eps, timesteps[:1])
     for t in timesteps:
-        eps_u, eps_c = sfa.predict_noise([Branch(x, t.reshape(1), prompt, control)])[0]
-        x = sfa.prior.scheduler.step(cfg(eps_u, eps_c, sampling.guidance_scale), t, x).prev_sample
+        eps_u, eps_c = sfa.predict_noise([NoiseQuery(x, t.reshape(1), prompt, control)])[0]
+        x = sfa.base.scheduler.step(guided_eps(eps_u, eps_c, sampling.guidance_scale), t, x).prev_sample
     sfa.set_content(None)
     return sfa.decode(x)
 

@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +16,11 @@ from headstyle.settings import SEED_END, seed_problem
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
+    from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
     from headstyle.priors.diffusers_prior import DiffusersPrior
+    from headstyle.priors.loading import PriorSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -140,7 +140,7 @@ def load_generator(
     neural_rendering_resolution: int | None = None,
     depth_samples: int | None = None,
     ray_start: float | None = None,
-) -> nn.Module:
+) -> Generator:
     """A generator from a .pkl, .pth, .safetensors or folder (headstyle.generator.checkpoint), optionally
     rendering at another raw resolution, with another number of samples per ray, or from another ray start."""
     from headstyle.generator.checkpoint import CheckpointError
@@ -171,7 +171,7 @@ def check_heads(seeds: str | None, w_npz: str | None) -> list[int]:
 
 
 def heads(
-    G: nn.Module, seeds: list[int], w_npz: str | None, truncation: float, truncation_cutoff: int, device: torch.device
+    G: Generator, seeds: list[int], w_npz: str | None, truncation: float, truncation_cutoff: int, device: torch.device
 ) -> list[Latent]:
     """The latents to render: W+ codes from ``w_npz`` (checked against G), else ws of ``seeds``."""
     from headstyle.generator.latents import latents_from_npz, latents_from_seeds
@@ -184,15 +184,12 @@ def heads(
         raise UserError(str(exc)) from None
 
 
-def load_diffusers_prior(
-    model: str, vae: str, controlnets: Mapping[str, str], device: torch.device, **options: object
-) -> DiffusersPrior:
-    """An SD 1.5-family prior; ``vae`` follows headstyle.priors.diffusers_prior.resolve_vae ("auto", "" or a path)."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError, resolve_vae
+def load_diffusers_prior(spec: PriorSpec, device: torch.device) -> DiffusersPrior:
+    """The SD 1.5-family prior ``spec`` names (headstyle.priors.loading.load_prior), its load error a UserError."""
+    from headstyle.priors.diffusers_prior import PriorLoadError
+    from headstyle.priors.loading import load_prior
 
     try:
-        return DiffusersPrior.from_pretrained(
-            model, vae=resolve_vae(model, vae), controlnets=dict(controlnets), device=device, **options
-        )
+        return load_prior(spec, device)
     except PriorLoadError as exc:
         raise UserError(str(exc)) from None

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from headstyle.lab.generator import LabGenerator
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import Renders, Scorers
+    from headstyle.priors.loading import PriorSpec
 
 def ring_yaws(views: int) -> list[float]:
     """``views`` yaws evenly spaced over 360 degrees from the front, wrapped to [-pi, pi) (the lab's cameras)."""
@@ -105,6 +106,7 @@ def eval_command(
     from headstyle.faces.perceptual import WeightsError
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import WeightPaths, check_paths, load_scorers
+    from headstyle.priors.loading import PriorSpec
 
     # Every input is checked before a model loads.
     if (lab is None) == (base is None):
@@ -159,8 +161,9 @@ def eval_command(
         lab=lab, base=base, stylized=stylized, seeds=seed_list, identities=identities, yaws=yaws,
         ring=views is None, pitch=math.radians(pitch), truncation=truncation,
         truncation_cutoff=truncation_cutoff, raw_only=raw_only, neural_rendering_resolution=neural_rendering_resolution,
-        depth_samples=depth_samples, device=dev, prompt=prompt, prior=prior, vae=vae,
-        reference=reference, cache=Path(reference_cache) if reference_cache else Path(out) / "reference",
+        depth_samples=depth_samples, device=dev, prompt=prompt,
+        prior=PriorSpec(prior, vae, latent_sample="mean") if prior else None, reference=reference,
+        cache=Path(reference_cache) if reference_cache else Path(out) / "reference",
     )  # fmt: skip
     run_eval(job, scorers, Path(out), progress)
 
@@ -184,8 +187,7 @@ class EvalJob:
     depth_samples: int | None
     device: torch.device
     prompt: str | None
-    prior: str | None
-    vae: str
+    prior: PriorSpec | None  # --prior and --vae, the SD model of the reference set's img2img
     reference: ReferenceSettings
     cache: Path
 
@@ -198,7 +200,7 @@ class EvalJob:
             "pitch_degrees": round(math.degrees(self.pitch), 6), "truncation": self.truncation,
             "render": "raw" if self.raw_only else "super-resolved", "device": str(self.device),
             "neural_rendering_resolution": self.neural_rendering_resolution, "depth_samples": self.depth_samples,
-            "reference": asdict(self.reference) if self.prior else None,
+            "reference": asdict(self.reference) if self.prior is not None else None,
         }  # fmt: skip
 
 
@@ -276,16 +278,16 @@ def run_eval(job: EvalJob, scorers: Scorers, out: Path, progress: bool) -> None:
             base, styl = render_panohead(job, cams, lambda: bar.update(task, advance=1))
 
         reference = None
-        if job.prior:
+        if job.prior is not None:
             n = base.flat().shape[0]
             ref_task = bar.add_task("reference img2img", total=n)
+            spec = job.prior
             reference, folder, cached = reference_set(
-                base.flat(), job.reference,
-                lambda: load_diffusers_prior(job.prior, job.vae, {}, job.device, latent_sample="mean"),
-                model_fingerprint(job.prior, job.vae), job.cache, lambda: bar.update(ref_task, advance=1),
+                base.flat(), job.reference, lambda: load_diffusers_prior(spec, job.device),
+                model_fingerprint(spec.model, spec.vae), job.cache, lambda: bar.update(ref_task, advance=1),
             )  # fmt: skip
             bar.update(ref_task, completed=n)
-            scorers.weights["reference"] = {"model": f"SD img2img of {job.prior} (vae: {job.vae or 'its own'})",
+            scorers.weights["reference"] = {"model": f"SD img2img of {spec.model} (vae: {spec.vae or 'its own'})",
                                             "path": str(folder), "cached": str(cached).lower()}  # fmt: skip
         else:
             scorers.skipped["reference"] = ("no --prior: DiffStyle360's reference set (SD img2img of the base views) "

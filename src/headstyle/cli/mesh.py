@@ -11,8 +11,7 @@ import typer
 from headstyle.cli.common import UserError, app
 
 if TYPE_CHECKING:
-    from torch import nn
-
+    from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
 
 MAX_RESOLUTION = 1024  # 1024^3 float32 is a 4 GiB volume
@@ -50,18 +49,18 @@ def check_mesh_flags(mesh: str, resolution: int) -> tuple[str, ...]:
 
 
 def write_meshes(
-    G: nn.Module,
+    G: Generator,
     latents: list[Latent],
     out: str | os.PathLike,
     formats: tuple[str, ...],
     resolution: int,
-    G_stylized: nn.Module | None = None,
+    G_stylized: Generator | None = None,
 ) -> list[Path]:
     """Another command's --mesh: each head's mesh at PanoHead's settings (and the stylised one beside it)."""
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes
 
     try:
-        return export_meshes(G, latents, out, formats, G.rendering_kwargs["box_warp"],
+        return export_meshes(G, latents, out, formats, G.box_warp,
                              MeshSettings(resolution=resolution), G_stylized)  # fmt: skip
     except EmptySurfaceError as exc:
         raise UserError(f"{exc} with `headstyle mesh --level` (the other outputs are written)") from None
@@ -119,7 +118,7 @@ def mesh(
     settings = MeshSettings(resolution=resolution, level=level, trim=trim, largest_component=largest_component,
                             smooth_steps=smooth, batch_size=batch_size)
     try:
-        paths = export_meshes(G, latents, out, formats, G.rendering_kwargs["box_warp"], settings, G_stylized)
+        paths = export_meshes(G, latents, out, formats, G.box_warp, settings, G_stylized)
     except EmptySurfaceError as exc:
         raise UserError(f"{exc} with --level") from None
     typer.echo(f"wrote {len(paths)} files to {out}")

@@ -228,6 +228,7 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
     import torch
 
     from headstyle.cli.common import check_out_dir, load_diffusers_prior, pick_device
+    from headstyle.priors.loading import PriorSpec
     from headstyle.sfa.dataset import DatasetError, SFADataset
     from headstyle.sfa.train import SFATrainer
     from headstyle.training import checkpointing
@@ -262,7 +263,8 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
         m = cfg.model
         nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
         # latent_sample="mean": the VAE posterior mean, so a run is a function of its seed
-        prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean", dtype=torch.float32)
+        spec = PriorSpec(m.model, m.vae, nets, dtype=torch.float32, latent_sample="mean")
+        prior = load_diffusers_prior(spec, dev)
         try:
             trainer = SFATrainer(cfg, prior, dataset)
             result = trainer.train(resume=resume, progress=progress)

@@ -113,6 +113,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
     from headstyle.attention.views import stylize_views
     from headstyle.cli.common import check_image, check_out_dir, load_diffusers_prior, load_generator, pick_device
     from headstyle.generator.latents import latents_from_seeds
+    from headstyle.priors.loading import PriorSpec
 
     m, s = cfg.model, cfg.style
     if not (m.generator and s.image and cfg.views.out):
@@ -147,7 +148,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
                        m.depth_samples or None)  # fmt: skip
     # latent_sample="mean": the VAE posterior mean, so a run is a function of its seeds
     nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
-    prior = load_diffusers_prior(m.model, m.vae, nets, dev, latent_sample="mean")
+    prior = load_diffusers_prior(PriorSpec(m.model, m.vae, nets, latent_sample="mean"), dev)
     content_unet = style_unet = None
     if m.style_module:
         prior, content_unet, style_unet = load_style_module(m.style_module, prior)

@@ -3,11 +3,11 @@
 Interface. An objective is ``f(prior, targets, **hyper) -> list[DistillResult]``, one result per
 ``DistillTarget`` (one branch: a single view with its canny control, a 2x2 grid with its depth
 control, a view and its resampled-noise twin, ...). All targets are evaluated by ONE
-``prior.predict_noise`` call (IDS: one per fixed-point iteration plus one), so the branches of a
-training step share a single denoiser batch; DDS/IDS source rows and NFSD negative-prompt rows
-ride in their target's branch, so its ControlNet runs once. ``DistillResult.grad`` is d loss / d latents in fp32,
-before shaping (rank re-weighting, mirror, mask, / 1000, clamp: see shaping.py) and injection
-(inject.py). Objectives never differentiate the generator: latents are detached on entry.
+``prior.predict_noise`` call (IDS: one per fixed-point iteration plus one), one NoiseQuery per target,
+so the branches of a training step share a single denoiser batch; DDS/IDS source rows and NFSD
+negative-prompt rows ride in their target's query, so its ControlNet runs once. ``DistillResult.grad``
+is d loss / d latents in fp32, before shaping (rank re-weighting, mirror, mask, / 1000, clamp: see
+shaping.py) and injection (inject.py). Objectives never differentiate the generator: latents are detached on entry.
 
 Guidance. Everywhere the classifier-free-guided prediction is the diffusers form
     eps_cfg = eps_u + omega (eps_c - eps_u)
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from headstyle.priors.base import Branch, Control, Layout, PromptEmbeds, ScorePrior, add_noise
+from headstyle.priors.base import Control, Layout, NoiseQuery, PromptEmbeds, ScorePrior, add_noise
 
 LD_WEIGHTINGS = ("script", "paper", "none")
 SDS_WEIGHTINGS = ("sds", "uniform", "fantasia3d", "script")
@@ -97,8 +97,8 @@ class DistillResult:
 Objective = Callable[..., list[DistillResult]]
 
 
-def cfg(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
-    """Diffusers-form classifier-free guidance: eps_u + omega (eps_c - eps_u)."""
+def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
+    """eps_cfg = eps_u + omega (eps_c - eps_u): the diffusers-form classifier-free-guided prediction."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
@@ -110,7 +110,8 @@ def predicted_x0(alphas_cumprod: Tensor, x_t: Tensor, eps: Tensor, t: Tensor) ->
 
 def tweedie_x0(alphas_cumprod: Tensor, result: DistillResult, guidance_scale: float) -> Tensor:
     """x0_hat of a result's target branch with the full CFG eps (the LD script's Tweedie target)."""
-    return predicted_x0(alphas_cumprod, result.x_t, cfg(result.eps_uncond, result.eps_cond, guidance_scale), result.t)
+    eps = guided_eps(result.eps_uncond, result.eps_cond, guidance_scale)
+    return predicted_x0(alphas_cumprod, result.x_t, eps, result.t)
 
 
 def _gather(alphas_cumprod: Tensor, index: Tensor, like: Tensor) -> Tensor:
@@ -152,8 +153,10 @@ def _prepare(targets: list[DistillTarget], need_source: bool = False) -> list[_P
     return out
 
 
-def _branch(x_t: Tensor, p: _Prepared, prompt: PromptEmbeds) -> Branch:
-    return Branch(x_t=x_t, t=p.t, prompt=prompt.repeat(x_t.shape[0]), control=p.target.control, layout=p.target.layout)
+def _query(x_t: Tensor, p: _Prepared, prompt: PromptEmbeds) -> NoiseQuery:
+    return NoiseQuery(
+        x_t=x_t, t=p.t, prompt=prompt.repeat(x_t.shape[0]), control=p.target.control, layout=p.target.layout
+    )
 
 
 def _step_weight(prior: ScorePrior, p: _Prepared, what: str) -> Tensor:
@@ -188,7 +191,7 @@ def _noised_predictions(prior: ScorePrior, prep: list[_Prepared]) -> tuple[list[
     """x_t = add_noise(x, eps, t) per target and ONE no-grad prediction over all of them."""
     x_ts = [add_noise(prior.alphas_cumprod, p.x, p.eps, p.t) for p in prep]
     with torch.no_grad():
-        preds = prior.predict_noise([_branch(x_t, p, p.target.prompt) for x_t, p in zip(x_ts, prep, strict=True)])
+        preds = prior.predict_noise([_query(x_t, p, p.target.prompt) for x_t, p in zip(x_ts, prep, strict=True)])
     return x_ts, preds
 
 
@@ -230,7 +233,7 @@ def sds(
         if weighting == "script":
             grad = (guidance_scale * (e_c - e_u) - p.eps) * w  # the script subtracts eps from the guidance delta
         else:
-            grad = (cfg(e_u, e_c, guidance_scale) - p.eps) * w
+            grad = (guided_eps(e_u, e_c, guidance_scale) - p.eps) * w
         results.append(_result(grad, p, x_t, (e_u, e_c), 1, weight=w.flatten()))
     return results
 
@@ -251,15 +254,15 @@ def nfsd(
     prep = _prepare(targets)
     x_ts = [add_noise(prior.alphas_cumprod, p.x, p.eps, p.t) for p in prep]
     if negative_prompt is None:
-        branches = [_branch(x_t, p, p.target.prompt) for x_t, p in zip(x_ts, prep, strict=True)]
+        queries = [_query(x_t, p, p.target.prompt) for x_t, p in zip(x_ts, prep, strict=True)]
     else:
-        # eps_neg as extra rows of each target's branch: (uncond, negative) beside (uncond, cond).
-        branches = [
-            _pair_branch(x_t, x_t, p, p.target.prompt, PromptEmbeds(p.target.prompt.uncond, negative_prompt.cond))
+        # eps_neg as extra rows of each target's query: (uncond, negative) beside (uncond, cond).
+        queries = [
+            _pair_query(x_t, x_t, p, p.target.prompt, PromptEmbeds(p.target.prompt.uncond, negative_prompt.cond))
             for x_t, p in zip(x_ts, prep, strict=True)
         ]
     with torch.no_grad():
-        preds = prior.predict_noise(branches)
+        preds = prior.predict_noise(queries)
     results = []
     for p, x_t, (rows_u, rows_c) in zip(prep, x_ts, preds, strict=True):
         n = x_t.shape[0]
@@ -290,13 +293,13 @@ def _delta(
     guidance_scale: float,
     calls: int,
 ) -> tuple[list[DistillResult], list[Tensor]]:
-    """One call over all targets, each a (target rows, source rows) branch; grad = eps_cfg(trg) - eps_cfg(src).
+    """One call over all targets, each a (target rows, source rows) query; grad = eps_cfg(trg) - eps_cfg(src).
 
-    Returns the results and the source branches' eps_cfg."""
+    Returns the results and the source rows' eps_cfg."""
     with torch.no_grad():
         preds = prior.predict_noise(
             [
-                _pair_branch(x_t, s_t, p, p.target.prompt, p.target.source_prompt)
+                _pair_query(x_t, s_t, p, p.target.prompt, p.target.source_prompt)
                 for p, x_t, s_t in zip(prep, x_ts, src_ts, strict=True)
             ]
         )
@@ -304,21 +307,21 @@ def _delta(
     for p, x_t, (e_u, e_c) in zip(prep, x_ts, preds, strict=True):
         n = x_t.shape[0]
         trg = (e_u[:n], e_c[:n])
-        src_cfg = cfg(e_u[n:], e_c[n:], guidance_scale)
-        results.append(_result(cfg(*trg, guidance_scale) - src_cfg, p, x_t, trg, calls))
+        src_cfg = guided_eps(e_u[n:], e_c[n:], guidance_scale)
+        results.append(_result(guided_eps(*trg, guidance_scale) - src_cfg, p, x_t, trg, calls))
         src_cfgs.append(src_cfg)
     return results, src_cfgs
 
 
-def _pair_branch(x_a: Tensor, x_b: Tensor, p: _Prepared, prompt_a: PromptEmbeds, prompt_b: PromptEmbeds) -> Branch:
-    """Rows (x_a, prompt_a) then (x_b, prompt_b) as ONE branch, so the target's ControlNet runs once for both."""
+def _pair_query(x_a: Tensor, x_b: Tensor, p: _Prepared, prompt_a: PromptEmbeds, prompt_b: PromptEmbeds) -> NoiseQuery:
+    """Rows (x_a, prompt_a) then (x_b, prompt_b) as ONE query, so the target's ControlNet runs once for both."""
     n = x_a.shape[0]
     a, b = prompt_a.repeat(n), prompt_b.repeat(n)
     prompt = PromptEmbeds(uncond=torch.cat([a.uncond, b.uncond]), cond=torch.cat([a.cond, b.cond]))
     control = p.target.control
     if control is not None and control.image.dim() == 4 and control.image.shape[0] == n > 1:
         control = Control(control.name, torch.cat([control.image, control.image]), control.scale)
-    return Branch(
+    return NoiseQuery(
         x_t=torch.cat([x_a, x_b]), t=torch.cat([p.t, p.t]), prompt=prompt, control=control, layout=p.target.layout
     )
 
@@ -358,7 +361,7 @@ def ids(
         z_req = [z.detach().requires_grad_(True) for z in z_t]
         with torch.enable_grad():
             preds = prior.predict_noise(
-                [_branch(z, p, p.target.source_prompt) for z, p in zip(z_req, prep, strict=True)]
+                [_query(z, p, p.target.source_prompt) for z, p in zip(z_req, prep, strict=True)]
             )
             if not any(e.requires_grad for pair in preds for e in pair):
                 raise RuntimeError(
@@ -367,7 +370,7 @@ def ids(
                 )
             losses = []
             for i, (z, p) in enumerate(zip(z_req, prep, strict=True)):
-                z0 = predicted_x0(prior.alphas_cumprod, z, cfg(*preds[i], guidance_scale), p.t)
+                z0 = predicted_x0(prior.alphas_cumprod, z, guided_eps(*preds[i], guidance_scale), p.t)
                 dist = (z_src[i] - z0).flatten(1).norm(dim=1)
                 distances[i].append(dist.detach())
                 losses.append(dist.sum())

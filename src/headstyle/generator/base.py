@@ -49,11 +49,21 @@ class Generator(Protocol):
     a generator without one renders its constant background either way. init_kwargs: the
     constructor arguments that headstyle.generator.checkpoint rebuilds the generator from, or
     None for generators it cannot rebuild (their saves hold the weights only).
+
+    img_resolution: the side of ``image`` (super-resolved); neural_rendering_resolution: the side of
+    ``image_raw``, ``depth`` and ``mask``; box_warp: the side of the world-space cube the tri-grid
+    spans, centred at the origin (meshes are extracted from it).
     """
 
     z_dim: int
+    w_dim: int
     num_ws: int
+    img_resolution: int
+    neural_rendering_resolution: int
     init_kwargs: Mapping[str, Any] | None
+
+    @property
+    def box_warp(self) -> float: ...
 
     def mapping(
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None

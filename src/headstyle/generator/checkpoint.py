@@ -20,12 +20,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from headstyle.generator.base import Generator
 from headstyle.generator.schema import SchemaError, check_generator_config, plain_data
 from headstyle.input_files import read_json
 from headstyle.io import atomic_path
@@ -39,6 +40,9 @@ from headstyle.weight_files import (
     weights_budget,
     weights_only_reason,
 )
+
+if TYPE_CHECKING:
+    from headstyle.generator.triplane import TriPlaneGenerator
 
 FORMAT_NAME = "headstyle.generator"
 FORMAT_VERSION = 1
@@ -555,7 +559,7 @@ def validate_config(config: GeneratorConfig, source: Path | str) -> None:
         raise CheckpointError(f"{source}: malformed generator config: {exc}") from None
 
 
-def _construct(config: GeneratorConfig, source: Path | str, device: str | torch.device) -> nn.Module:
+def _construct(config: GeneratorConfig, source: Path | str, device: str | torch.device) -> TriPlaneGenerator:
     """TriPlaneGenerator(**init_kwargs) with its tensors created on ``device`` ("meta": no memory), in eval mode."""
     from headstyle.generator.triplane import TriPlaneGenerator
 
@@ -570,7 +574,7 @@ def _construct(config: GeneratorConfig, source: Path | str, device: str | torch.
     return G.eval()
 
 
-def build_generator(config: GeneratorConfig) -> nn.Module:
+def build_generator(config: GeneratorConfig) -> Generator:
     """A TriPlaneGenerator from a validated configuration (random weights, CPU), in eval mode."""
     return _construct(config, "generator config", "cpu")
 
@@ -588,7 +592,7 @@ def load_generator(
     config: str | os.PathLike | GeneratorConfig | None = None,
     neural_rendering_resolution: int | None = None,
     rendering_overrides: Mapping[str, Any] | None = None,
-) -> nn.Module:
+) -> Generator:
     """Load a PanoHead-compatible generator from a .pkl, .pth, .safetensors (+ .json) or fixture folder.
 
     ``config`` is the base configuration for bare .pth state dicts (default: the released PanoHead);

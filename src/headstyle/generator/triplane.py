@@ -207,6 +207,11 @@ class TriPlaneGenerator(nn.Module):
     def num_ws(self) -> int:
         return self.backbone.num_ws
 
+    @property
+    def box_warp(self) -> float:
+        """The side of the world-space cube the tri-grid spans (rendering_kwargs["box_warp"])."""
+        return float(self.rendering_kwargs["box_warp"])
+
     def _label(self, c: Tensor) -> Tensor:
         return torch.zeros_like(c) if self.rendering_kwargs.get("c_gen_conditioning_zero", False) else c
 

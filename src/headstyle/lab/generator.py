@@ -146,6 +146,11 @@ class LabGenerator(nn.Module):
     def img_resolution(self) -> int:
         return self.neural_rendering_resolution * self.superresolution.factor
 
+    @property
+    def box_warp(self) -> float:
+        """The side of the world-space cube the residual tri-grid spans (rendering_kwargs["box_warp"])."""
+        return float(self.rendering_kwargs["box_warp"])
+
     def mapping(
         self, z: Tensor, c: Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
     ) -> Tensor:

@@ -1,7 +1,7 @@
 """Which prior the lab's demo, bench and app run on, and the lab recipe's constants for it.
 
 - the learned lab prior (the default): an SD 1.5-layout folder (``headstyle lab train-prior``)
-  loaded through the production path, DiffusersPrior.from_pretrained, with its depth ControlNet on
+  loaded through the production path, load_prior (``learned_spec``), with its depth ControlNet on
   the grid and its canny ControlNet on the single view. The shipped one lives in
   headstyle/lab/learned_prior/; ``--prior PATH`` takes any such folder;
 - ``exemplar``: the analytic exemplar prior of headstyle.lab.prior (the closed-form test bed).
@@ -14,10 +14,16 @@ size the recipe renders for and LD's gradient shaping for that prior's latents.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from headstyle.priors.base import ScorePrior
+from headstyle.priors.loading import PriorSpec, load_prior
 
 EXEMPLAR = "exemplar"
 # The shipped learned prior (its card and figures: headstyle.lab.prior_card).
@@ -129,14 +135,22 @@ def resolve_prior(text: str) -> LabPriorSpec:
     return LabPriorSpec(folder)
 
 
+def learned_spec(
+    folder: str | os.PathLike,
+    controlnets: Sequence[str] = tuple(CONTROLNETS),
+    latent_sample: Literal["sample", "mean"] = "sample",
+) -> PriorSpec:
+    """The PriorSpec of an SD-layout lab prior folder: its own VAE, fp32 weights, the ``controlnets`` named
+    (of CONTROLNETS: "depth", "canny") from their subfolders."""
+    nets = {name: Path(folder) / CONTROLNETS[name] for name in controlnets}
+    return PriorSpec(folder, vae="", controlnets=nets, dtype=torch.float32, latent_sample=latent_sample)
+
+
 def load_learned(folder: Path) -> ScorePrior:
     """The learned prior through the production path, fp32 on the CPU, with its depth and canny ControlNets."""
-    import torch
+    from headstyle.priors.diffusers_prior import PriorLoadError
 
-    from headstyle.priors.diffusers_prior import DiffusersPrior, PriorLoadError
-
-    nets = {name: folder / sub for name, sub in CONTROLNETS.items()}
     try:
-        return DiffusersPrior.from_pretrained(folder, vae=None, controlnets=nets, device="cpu", dtype=torch.float32)
+        return load_prior(learned_spec(folder), "cpu")
     except PriorLoadError as exc:
         raise LabPriorError(f"--prior {folder}: {exc}") from None

@@ -10,7 +10,7 @@ resized to the prior's size) and 2x2 grids of raw renders. A grid comes with the
 control, and the lab prior models a grid as four independent views: p(grid) = prod_k p_tile(v_k),
 whose exact eps is the per-tile eps of an exemplar prior over raw renders. So ``LabPrior``
 holds two ExemplarPriors built from the same renders (single: SR-sized images; tile: raw
-images) and routes each branch by its control.
+images) and routes each noise query by its layout.
 
 ``build_lab_prior`` refuses identities closer than ``min_distance`` to any held-out identity:
 no term of the prior looks at the identities being evaluated.
@@ -30,7 +30,7 @@ from headstyle.distill.shaping import tile_2x2, untile_2x2
 from headstyle.lab.generator import LabGenerator
 from headstyle.lab.world import STYLES, sample_z, style_prompt
 from headstyle.priors.analytic import ExemplarPrior
-from headstyle.priors.base import Branch, PromptEmbeds
+from headstyle.priors.base import NoiseQuery, PromptEmbeds
 
 GRID_CONTROL = "depth"
 # Seeds naming the identity sets: evaluation (held out) and prior exemplars are disjoint draws.
@@ -114,6 +114,7 @@ class LabPrior:
 
     control_names = frozenset({GRID_CONTROL})
     takes_content = False
+    predicts_cond_only = False
 
     def __init__(self, single: ExemplarPrior, tile: ExemplarPrior, identities: Tensor, latent_scale: float) -> None:
         if single.components != tile.components:
@@ -126,6 +127,7 @@ class LabPrior:
         self.latent_channels = single.latent_channels
         self.image_shape = single.image_shape
         self.image_size = single.image_size
+        self.device = single.device
 
     def inference_timesteps(self, num_inference_steps: int) -> Tensor:
         return self.single.inference_timesteps(num_inference_steps)
@@ -142,26 +144,26 @@ class LabPrior:
     def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         return self.single.embed_prompts(prompt, negative_prompt)
 
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
-        """(eps_uncond, eps_cond) per branch: single views from ``single``; grids tile by tile from ``tile``.
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]:
+        """(eps_uncond, eps_cond) per query: single views from ``single``; grids tile by tile from ``tile``.
 
         Each sub-prior is evaluated once over all of its samples.
         """
-        singles = [b for b in branches if not _is_grid(b)]
-        grids = [b for b in branches if _is_grid(b)]
+        singles = [q for q in queries if not _is_grid(q)]
+        grids = [q for q in queries if _is_grid(q)]
         single_out = iter(self.single.predict_noise(singles))
-        tile_branches = [
-            Branch(
-                torch.cat(untile_2x2(b.x_t)),
-                b.t.reshape(-1).expand(len(b.x_t)).repeat(4),
-                _repeat(b.prompt, 4, len(b.x_t)),
+        tile_queries = [
+            NoiseQuery(
+                torch.cat(untile_2x2(q.x_t)),
+                q.t.reshape(-1).expand(len(q.x_t)).repeat(4),
+                _repeat(q.prompt, 4, len(q.x_t)),
             )
-            for b in grids
+            for q in grids
         ]
-        tile_out = iter(self.tile.predict_noise(tile_branches))
+        tile_out = iter(self.tile.predict_noise(tile_queries))
         out = []
-        for b in branches:
-            if not _is_grid(b):
+        for q in queries:
+            if not _is_grid(q):
                 out.append(next(single_out))
                 continue
             eps_u, eps_c = next(tile_out)
@@ -169,8 +171,8 @@ class LabPrior:
         return out
 
 
-def _is_grid(branch: Branch) -> bool:
-    return branch.layout == "grid"
+def _is_grid(query: NoiseQuery) -> bool:
+    return query.layout == "grid"
 
 
 def _repeat(prompt: PromptEmbeds, times: int, n: int) -> PromptEmbeds:

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import tile_2x2
 from headstyle.export import save_grid
 from headstyle.io import atomic_write_text
-from headstyle.lab.learned import SHIPPED
+from headstyle.lab.learned import learned_spec
 from headstyle.lab.prior import held_out_z, stratified_360_cameras
 from headstyle.lab.train_prior import (
     CONTROLNETS,
@@ -47,21 +48,14 @@ from headstyle.lab.train_prior import (
     single_view,
     stream,
 )
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
+from headstyle.priors.loading import load_prior
 
 CLASSIFIER_T = (101, 181, 281)
 CLASSIFIER_DRAWS = 4  # noise draws per t: the classifier averages its eps errors, as Li et al. do over many
 IMG2IMG_T = (281, 481)
 GUIDANCE = 5.0
 CONTROL_T = 681
-
-
-def load_prior(folder: Path = SHIPPED, controls: bool = True):
-    """The learned prior through the production path (DiffusersPrior.from_pretrained), fp32 on the CPU."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior
-
-    nets = {n: folder / f"controlnet-{n}" for n in CONTROLNETS} if controls else {}
-    return DiffusersPrior.from_pretrained(folder, vae=None, controlnets=nets, device="cpu", dtype=torch.float32)
 
 
 @dataclass
@@ -131,7 +125,7 @@ def eps_errors(
     n = latents.shape[0]
     out = torch.zeros(n, len(prompts), len(ts))
     embeds = [prior.embed_prompts(p).cond for p in prompts]
-    # predict_noise evaluates (uncond, cond) of a branch: two prompts per branch halve the UNet calls.
+    # predict_noise evaluates (uncond, cond) of a query: two prompts per query halve the UNet calls.
     pairs = [(i, min(i + 1, len(prompts) - 1)) for i in range(0, len(prompts), 2)]
     for j, t in [(j, t) for j, t in enumerate(ts) for _ in range(draws)]:
         eps = torch.randn(latents.shape, generator=gen)
@@ -140,8 +134,8 @@ def eps_errors(
         for s in range(0, n, batch):
             sl = slice(s, s + batch)
             ctl = None if control is None else Control(control.name, control.image[sl], control.scale)
-            branches = [Branch(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
-            for (a, b), (e_a, e_b) in zip(pairs, prior.predict_noise(branches), strict=True):
+            queries = [NoiseQuery(x_t[sl], tt, PromptEmbeds(embeds[a], embeds[b]), ctl) for a, b in pairs]
+            for (a, b), (e_a, e_b) in zip(pairs, prior.predict_noise(queries), strict=True):
                 # an odd prompt count pairs the last prompt with itself: count it once
                 for k, e in {a: e_a, b: e_b}.items():
                     out[sl, k, j] += (e - eps[sl]).square().flatten(1).mean(1) / draws
@@ -192,8 +186,8 @@ def ddim(
     abar = prior.alphas_cumprod.cpu()
     embeds = prior.embed_prompts(prompt)
     for i, t in enumerate(ts):
-        eps_u, eps_c = prior.predict_noise([Branch(x, torch.tensor([t]), embeds, control)])[0]
-        eps = eps_u + guidance * (eps_c - eps_u)
+        eps_u, eps_c = prior.predict_noise([NoiseQuery(x, torch.tensor([t]), embeds, control)])[0]
+        eps = guided_eps(eps_u, eps_c, guidance)
         a = abar[t]
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
@@ -291,7 +285,7 @@ def control_iou(prior, renders: Renders, t0: int = CONTROL_T, seed: int = 0, ste
 
 def measure(folder: Path, cfg: TrainPriorConfig, identities: int = 8, views: int = 4, samples: int = 8) -> dict:
     """Every figure of the card (see the module docstring)."""
-    prior = load_prior(folder)
+    prior = load_prior(learned_spec(folder), "cpu")
     held = held_out_truth(identities, views, cfg)
     train = training_truth(identities, views, cfg)
     single_acc, single_conf = classify(prior, held, grid=False)
@@ -353,7 +347,7 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         "# The lab's learned prior",
         "",
         "A tiny Stable-Diffusion-1.5-shaped latent diffusion model of the synthetic head world",
-        "(headstyle.lab.world), loaded by `DiffusersPrior.from_pretrained(folder, vae=None, controlnets=...)`.",
+        "(headstyle.lab.world), loaded by `load_prior(learned_spec(folder), device)` (headstyle.lab.learned).",
         "64 px images: single views (32 px raw render x2 bilinear) and 2x2 grids of 32 px raw renders;",
         f"AutoencoderKL with factor 4 -> 16x16x4 latents; a CLIPTextModel with its own vocabulary "
         f"({'trained with the UNet' if cfg.train_text else 'frozen at its random init'});",

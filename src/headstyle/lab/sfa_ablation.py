@@ -49,9 +49,12 @@ from headstyle.export import save_figure, save_grid
 from headstyle.io import atomic_write_text
 from headstyle.lab.evaluate import EvalSet, Views, make_eval_set, render_views, score
 from headstyle.lab.generator import LabGenerator
+from headstyle.lab.learned import learned_spec
 from headstyle.lab.prior import check_disjoint, held_out_z
 from headstyle.lab.world import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
 from headstyle.metrics.identity import colour_distance
+from headstyle.priors.diffusers_prior import DiffusersPrior
+from headstyle.priors.loading import load_prior
 from headstyle.progress import progress_bar
 from headstyle.sfa.config import SFATrainConfig
 from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, write_dataset
@@ -140,12 +143,9 @@ def lab_like() -> LabGenerator:
     return LabGenerator(resolution=32, sr_factor=2, residual=False).eval()
 
 
-def load_base_prior(folder: str):
+def load_base_prior(folder: str) -> DiffusersPrior:
     """The SD-layout lab prior through the production path, fp32 on the CPU, VAE posterior means."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior
-
-    return DiffusersPrior.from_pretrained(folder, vae=None, controlnets={}, device="cpu", dtype=torch.float32,
-                                          latent_sample="mean")  # fmt: skip
+    return load_prior(learned_spec(folder, controlnets=(), latent_sample="mean"), "cpu")
 
 
 def ensure_dataset(s: AblationSettings, out: Path, eval_z: Tensor, progress: bool) -> SFADataset:

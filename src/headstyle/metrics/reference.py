@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headstyle.distill.objectives import cfg
+from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import resize_to
 from headstyle.export import save_image, to_uint8
 from headstyle.input_files import InputError, read_image, read_json_object
 from headstyle.io import atomic_dir
-from headstyle.priors.base import Branch
+from headstyle.priors.base import NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 
 CONFIG_SUFFIXES = (".json", ".txt", ".yaml", ".yml")
@@ -88,8 +88,8 @@ def img2img(prior: DiffusersPrior, image: Tensor, settings: ReferenceSettings, g
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x = prior.add_noise(x0, eps, timesteps[:1])
     for t in timesteps:
-        eps_u, eps_c = prior.predict_noise([Branch(x, t.reshape(1), prompt)])[0]
-        x = prior.scheduler.step(cfg(eps_u, eps_c, settings.guidance_scale), t, x).prev_sample
+        eps_u, eps_c = prior.predict_noise([NoiseQuery(x, t.reshape(1), prompt)])[0]
+        x = prior.scheduler.step(guided_eps(eps_u, eps_c, settings.guidance_scale), t, x).prev_sample
     return prior.decode(x).cpu()
 
 

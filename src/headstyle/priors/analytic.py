@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from headstyle.priors.base import Branch, PromptEmbeds, add_noise, ddim_timesteps
+from headstyle.priors.base import NoiseQuery, PromptEmbeds, add_noise, ddim_timesteps
 
 UNCONDITIONAL = ""
 
@@ -47,6 +47,7 @@ class AnalyticPrior:
     steps_offset = 1
     control_names: frozenset[str] = frozenset()
     takes_content = False
+    predicts_cond_only = False
 
     def __init__(
         self,
@@ -148,20 +149,20 @@ class AnalyticPrior:
         score = self._log_density_and_score(x, abar, self._weights(embeds, x.shape[0]))[1]
         return ((x + (1.0 - abar)[:, None] * score) / abar.sqrt()[:, None]).reshape(x_t.shape)
 
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
-        """(eps_uncond, eps_cond) float32 per branch, from ONE evaluation over all branches stacked.
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]:
+        """(eps_uncond, eps_cond) float32 per query, from ONE evaluation over all queries stacked.
 
         Differentiable in x_t (objectives that differentiate through the denoiser, e.g. IDS, need it);
         wrap in torch.no_grad() otherwise.
         """
-        if not branches:
+        if not queries:
             return []
         xs, ts, ws = [], [], []
-        for b in branches:
-            n = b.x_t.shape[0]
-            xs.append(self._flat(b.x_t))
-            ts.append(self._abar(b.t, n))
-            ws.append((self._weights(b.prompt.uncond, n), self._weights(b.prompt.cond, n)))
+        for q in queries:
+            n = q.x_t.shape[0]
+            xs.append(self._flat(q.x_t))
+            ts.append(self._abar(q.t, n))
+            ws.append((self._weights(q.prompt.uncond, n), self._weights(q.prompt.cond, n)))
         x = torch.cat(xs)
         abar = torch.cat(ts)
         weights = torch.cat([torch.cat([w[0] for w in ws]), torch.cat([w[1] for w in ws])])
@@ -170,8 +171,8 @@ class AnalyticPrior:
         eps = (-(1.0 - abar2).sqrt()[:, None] * score).float()
         eps_u, eps_c = eps.chunk(2)
         out, start = [], 0
-        for b in branches:
-            n = b.x_t.shape[0]
+        for q in queries:
+            n = q.x_t.shape[0]
             shape = (n, *self.image_shape)
             out.append((eps_u[start : start + n].reshape(shape), eps_c[start : start + n].reshape(shape)))
             start += n

@@ -2,13 +2,14 @@
 
 Every distillation objective asks a prior the same question: given x_t at timestep t, what
 noise does it predict without (eps_uncond) and with (eps_cond) the prompt? The diffusers
-prior and the analytic priors answer it through this one interface.
+prior and the analytic priors answer it through this one interface; a prior that wraps another
+(Style Fusion Attention's) derives from DelegatingPrior.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -30,21 +31,21 @@ class PromptEmbeds:
 
 @dataclass
 class Control:
-    """A ControlNet input for one branch: which ControlNet, its image in [0, 1], its scale."""
+    """A ControlNet input for one noise query: which ControlNet, its image in [0, 1], its scale."""
 
     name: str
     image: Tensor
     scale: float = 1.0
 
 
-# What a branch's images are: single views, or 2x2 grids of four views (LD's grid denoising).
+# What a query's images are: single views, or 2x2 grids of four views (LD's grid denoising).
 Layout = Literal["view", "grid"]
 
 
 @dataclass
-class Branch:
-    """One group of samples sharing a control: x_t (N, C, h, w), t (N,), prompts, optional control,
-    and the layout of its images (a prior may model a grid as four views)."""
+class NoiseQuery:
+    """One group of x_t rows sharing a control, asked of the prior in one call: x_t (N, C, h, w), t (N,),
+    prompts, optional control, and the layout of its images (a prior may model a grid as four views)."""
 
     x_t: Tensor
     t: Tensor
@@ -57,13 +58,14 @@ class Branch:
 class ScorePrior(Protocol):
     """What objectives and the trainer may ask of a prior.
 
-    alphas_cumprod: (T,) float32 abar_t on the prior's device.
-    predict_noise evaluates the denoiser ONCE over all branches (uncond and cond stacked on the
-    batch axis) and returns float32 (eps_uncond, eps_cond) per branch, in branch order.
+    alphas_cumprod: (T,) float32 abar_t on the prior's device; device: where it computes.
+    predict_noise evaluates the denoiser ONCE over all queries (uncond and cond stacked on the
+    batch axis) and returns float32 (eps_uncond, eps_cond) per query, in query order.
 
     Declared capabilities: image_size, the side of the square images ``encode`` takes;
-    control_names, the ControlNets a branch may name; takes_content, whether the prior reads a
-    per-sample content reference (then it is a ContentReferencePrior).
+    control_names, the ControlNets a query may name; takes_content, whether the prior reads a
+    per-sample content reference (then it is a ContentReferencePrior); predicts_cond_only, whether
+    it predicts eps_cond alone at half the rows (then it is a CondOnlyPrior).
     """
 
     alphas_cumprod: Tensor
@@ -71,6 +73,8 @@ class ScorePrior(Protocol):
     image_size: int
     control_names: frozenset[str]
     takes_content: bool
+    predicts_cond_only: bool
+    device: torch.device
 
     def inference_timesteps(self, num_inference_steps: int) -> Tensor: ...
 
@@ -82,7 +86,7 @@ class ScorePrior(Protocol):
 
     def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds: ...
 
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]: ...
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]: ...
 
 
 @runtime_checkable
@@ -90,6 +94,81 @@ class ContentReferencePrior(ScorePrior, Protocol):
     """A prior whose predictions read a content reference (Style Fusion Attention's content bank)."""
 
     def set_content(self, latents: Tensor | None, images_per_group: int | None = None) -> None: ...
+
+
+@runtime_checkable
+class CondOnlyPrior(ScorePrior, Protocol):
+    """A prior that also predicts eps_cond alone (one call over the cond rows only: half predict_noise's rows),
+    for losses on the conditional prediction without guidance (a denoising loss)."""
+
+    def predict_noise_cond(self, queries: list[NoiseQuery]) -> list[Tensor]: ...
+
+
+class DelegatingPrior:
+    """A ScorePrior answering every member of the seam (ScorePrior, ContentReferencePrior, CondOnlyPrior) from
+    the prior it wraps, ``base``. Wrappers derive from it and override only what they change, so a member
+    added to the seam is forwarded here once and no wrapper can miss it."""
+
+    def __init__(self, base: ScorePrior) -> None:
+        self.base = base
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.base.alphas_cumprod
+
+    @property
+    def latent_channels(self) -> int:
+        return self.base.latent_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
+    @property
+    def control_names(self) -> frozenset[str]:
+        return self.base.control_names
+
+    @property
+    def takes_content(self) -> bool:
+        return self.base.takes_content
+
+    @property
+    def predicts_cond_only(self) -> bool:
+        return self.base.predicts_cond_only
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
+        return self.base.inference_timesteps(num_inference_steps)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.base.add_noise(x0, eps, t)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.base.encode(images)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.base.decode(latents)
+
+    def embed_prompts(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        return self.base.embed_prompts(prompt, negative_prompt)
+
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]:
+        return self.base.predict_noise(queries)
+
+    def predict_noise_cond(self, queries: list[NoiseQuery]) -> list[Tensor]:
+        """The base's eps_cond alone; only a base that declares predicts_cond_only has it."""
+        if not self.base.predicts_cond_only:
+            raise TypeError(f"{type(self.base).__name__} does not predict eps_cond alone (predicts_cond_only False)")
+        return cast(CondOnlyPrior, self.base).predict_noise_cond(queries)
+
+    def set_content(self, latents: Tensor | None, images_per_group: int | None = None) -> None:
+        """The base's content reference; only a base that declares takes_content reads one."""
+        if not self.base.takes_content:
+            raise TypeError(f"{type(self.base).__name__} reads no content reference (takes_content False)")
+        cast(ContentReferencePrior, self.base).set_content(latents, images_per_group)
 
 
 def add_noise(alphas_cumprod: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:

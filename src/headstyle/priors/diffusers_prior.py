@@ -2,8 +2,8 @@
 
 Defaults are the models of the likelihood-distillation paper (Realistic Vision v5.1 "noVAE" with
 the SD ft-MSE VAE, lllyasviel's SD 1.5 canny and depth ControlNets); every one may be a local
-folder. predict_noise evaluates the UNet once over [uncond; cond] of all branches; each branch's
-ControlNet runs on that branch's samples only and its residuals are placed at its rows (zeros
+folder. predict_noise evaluates the UNet once over [uncond; cond] of all noise queries; each query's
+ControlNet runs on that query's samples only and its residuals are placed at its rows (zeros
 elsewhere), so one call serves e.g. a canny-controlled view and a depth-controlled 2x2 grid.
 """
 
@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headstyle.input_files import read_json_object
-from headstyle.priors.base import Branch, Control, PromptEmbeds, add_noise
+from headstyle.priors.base import Control, NoiseQuery, PromptEmbeds, add_noise
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL, DEFAULT_VAE
 from headstyle.weight_files import load_diffusers, load_transformers
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def resolve_vae(model: str | os.PathLike, vae: str) -> str | None:
+def resolve_vae(model: str | os.PathLike, vae: str | os.PathLike) -> str | os.PathLike | None:
     """The VAE a run loads: "" = the model's own vae/ (None for from_pretrained); "auto" = the model's own when
     ``model`` is a local folder with a vae/, else sd-vae-ft-mse (the LD script's VAE, which the noVAE
     checkpoints need); anything else is a VAE folder or hub id."""
@@ -296,6 +296,7 @@ class DiffusersPrior:
         )  # fmt: skip
 
     takes_content = False
+    predicts_cond_only = True
 
     def with_unet(self, unet: torch.nn.Module) -> DiffusersPrior:
         """This prior with another UNet of the same architecture (e.g. one carrying a trained LoRA); the VAE,
@@ -371,37 +372,37 @@ class DiffusersPrior:
             image = image.to(self.dtype)
         return image.expand(n, -1, -1, -1)
 
-    def predict_noise(self, branches: list[Branch]) -> list[tuple[Tensor, Tensor]]:
-        """(eps_uncond, eps_cond) float32 per branch from ONE UNet call over [uncond; cond] of all branches.
+    def predict_noise(self, queries: list[NoiseQuery]) -> list[tuple[Tensor, Tensor]]:
+        """(eps_uncond, eps_cond) float32 per query from ONE UNet call over [uncond; cond] of all queries.
 
         Not wrapped in no_grad: objectives that differentiate through the UNet (IDS) can; others
         should call it under torch.no_grad().
         """
-        if not branches:
+        if not queries:
             return []
-        sizes = [b.x_t.shape[0] for b in branches]
-        eps = self._eps(branches, sizes, with_uncond=True)
+        sizes = [q.x_t.shape[0] for q in queries]
+        eps = self._eps(queries, sizes, with_uncond=True)
         total = sum(sizes)
         return list(zip(eps[:total].split(sizes), eps[total:].split(sizes), strict=True))
 
-    def predict_noise_cond(self, branches: list[Branch]) -> list[Tensor]:
-        """eps_cond float32 per branch from one UNet call over the cond rows only: for losses on the
+    def predict_noise_cond(self, queries: list[NoiseQuery]) -> list[Tensor]:
+        """eps_cond float32 per query from one UNet call over the cond rows only: for losses on the
         conditional prediction without guidance (a denoising loss), at half predict_noise's rows."""
-        if not branches:
+        if not queries:
             return []
-        sizes = [b.x_t.shape[0] for b in branches]
-        return list(self._eps(branches, sizes, with_uncond=False).split(sizes))
+        sizes = [q.x_t.shape[0] for q in queries]
+        return list(self._eps(queries, sizes, with_uncond=False).split(sizes))
 
-    def _eps(self, branches: list[Branch], sizes: list[int], with_uncond: bool) -> Tensor:
-        """The UNet's eps (float32) over [uncond; cond] of all branches, or over cond only."""
+    def _eps(self, queries: list[NoiseQuery], sizes: list[int], with_uncond: bool) -> Tensor:
+        """The UNet's eps (float32) over [uncond; cond] of all queries, or over cond only."""
         halves = 2 if with_uncond else 1
-        x = torch.cat([b.x_t.to(self.device, self.dtype) for b in branches])
-        t = torch.cat([b.t.to(self.device).long().reshape(-1).expand(n) for b, n in zip(branches, sizes, strict=True)])
-        prompts = [b.prompt.repeat(n) for b, n in zip(branches, sizes, strict=True)]
+        x = torch.cat([q.x_t.to(self.device, self.dtype) for q in queries])
+        t = torch.cat([q.t.to(self.device).long().reshape(-1).expand(n) for q, n in zip(queries, sizes, strict=True)])
+        prompts = [q.prompt.repeat(n) for q, n in zip(queries, sizes, strict=True)]
         text = [torch.cat([p.cond.to(self.device, self.dtype) for p in prompts])]
         if with_uncond:
             text.insert(0, torch.cat([p.uncond.to(self.device, self.dtype) for p in prompts]))
-        down, mid = self._control_residuals(branches, sizes, halves)
+        down, mid = self._control_residuals(queries, sizes, halves)
         return self.unet(
             x.repeat(halves, 1, 1, 1),
             t.repeat(halves),
@@ -411,36 +412,36 @@ class DiffusersPrior:
         ).sample.float()
 
     def _control_residuals(
-        self, branches: list[Branch], sizes: list[int], halves: int
+        self, queries: list[NoiseQuery], sizes: list[int], halves: int
     ) -> tuple[list[Tensor] | None, Tensor | None]:
-        """Run each branch's ControlNet on its own [uncond; cond] rows (halves 2) or cond rows (halves 1) and
+        """Run each query's ControlNet on its own [uncond; cond] rows (halves 2) or cond rows (halves 1) and
         scatter into the UNet's batch."""
-        if all(b.control is None for b in branches):
+        if all(q.control is None for q in queries):
             return None, None
         total = sum(sizes)
         down: list[Tensor] | None = None
         mid: Tensor | None = None
         start = 0
-        for b, n in zip(branches, sizes, strict=True):
-            if b.control is not None:
-                if b.control.name not in self.controlnets:
+        for q, n in zip(queries, sizes, strict=True):
+            if q.control is not None:
+                if q.control.name not in self.controlnets:
                     raise KeyError(
-                        f"no ControlNet named {b.control.name!r} loaded (have: {sorted(self.controlnets)}); "
+                        f"no ControlNet named {q.control.name!r} loaded (have: {sorted(self.controlnets)}); "
                         "pass it in controlnets= when loading the prior"
                     )
-                net = self.controlnets[b.control.name]
-                x = b.x_t.to(self.device, self.dtype)
-                t = b.t.to(self.device).long().reshape(-1).expand(n)
-                p = b.prompt.repeat(n)
+                net = self.controlnets[q.control.name]
+                x = q.x_t.to(self.device, self.dtype)
+                t = q.t.to(self.device).long().reshape(-1).expand(n)
+                p = q.prompt.repeat(n)
                 size = (x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor)
-                image = self._control_image(b.control, n, size)
+                image = self._control_image(q.control, n, size)
                 text = [p.uncond, p.cond] if halves == 2 else [p.cond]
                 res_down, res_mid = net(
                     x.repeat(halves, 1, 1, 1),
                     t.repeat(halves),
                     encoder_hidden_states=torch.cat(text).to(self.device, self.dtype),
                     controlnet_cond=image.repeat(halves, 1, 1, 1),
-                    conditioning_scale=b.control.scale,
+                    conditioning_scale=q.control.scale,
                     return_dict=False,
                 )
                 if down is None:

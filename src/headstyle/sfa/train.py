@@ -37,7 +37,7 @@ from headstyle.attention.config import StyleFusionConfig
 from headstyle.attention.prior import StyleFusionPrior
 from headstyle.distill.shaping import resize_to
 from headstyle.priors import controls
-from headstyle.priors.base import Branch, Control
+from headstyle.priors.base import Control, NoiseQuery
 from headstyle.sfa.config import SFATrainConfig, dumps
 from headstyle.sfa.dataset import Sample, SFADataset
 from headstyle.sfa.module import StyleAppearanceModule
@@ -102,7 +102,7 @@ def diffusion_loss(
                            seed=reference_seed, differentiable=differentiable)  # fmt: skip
     sfa.set_content(batch.content)
     x_t = prior.add_noise(batch.x0, eps, t.expand(batch.x0.shape[0]))
-    eps_cond = sfa.predict_noise_cond([Branch(x_t, t.reshape(1), prompt, batch.control)])[0]
+    eps_cond = sfa.predict_noise_cond([NoiseQuery(x_t, t.reshape(1), prompt, batch.control)])[0]
     return F.mse_loss(eps_cond.float(), eps.float())
 
 

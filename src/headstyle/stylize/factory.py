@@ -19,7 +19,7 @@ from headstyle.stylize.trainer import Stylizer, TrainResult
 
 def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
     """The ScorePrior named by cfg.model (the CLI's factory; lab code passes its own prior object)."""
-    from headstyle.priors.diffusers_prior import DiffusersPrior, resolve_vae
+    from headstyle.priors.loading import PriorSpec, load_prior
 
     m = cfg.model
     controlnets = {}
@@ -30,9 +30,8 @@ def build_prior(cfg: StylizeConfig, device: torch.device) -> ScorePrior:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.prior_dtype]
     if device.type == "cpu":
         dtype = torch.float32  # half-precision convolutions are slow or missing on CPU
-    prior = DiffusersPrior.from_pretrained(
-        m.prior, vae=resolve_vae(m.prior, m.vae), controlnets=controlnets, device=device, dtype=dtype
-    )
+    # model.prior is the SD model (PriorSpec.model) of the user's config
+    prior = load_prior(PriorSpec(m.prior, m.vae, controlnets, dtype=dtype), device)
     return style_fusion_prior(cfg, prior) if cfg.style.image else prior
 
 

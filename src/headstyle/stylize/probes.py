@@ -16,7 +16,7 @@ from torch import Tensor
 from headstyle import cameras
 from headstyle.distill import shaping
 from headstyle.generator.base import Generator
-from headstyle.priors.base import Branch, PromptEmbeds, ScorePrior
+from headstyle.priors.base import NoiseQuery, PromptEmbeds, ScorePrior
 from headstyle.stylize import stopping
 from headstyle.stylize.config import StylizeConfig
 from headstyle.training.seeds import rank_seed
@@ -66,5 +66,5 @@ class ClassifierProbes(NamedTuple):
         x0, t_all = x0.repeat(k, 1, 1, 1), self.t.repeat_interleave(n)
         prompts = PromptEmbeds(uncond=source, cond=style).repeat(k * n)
         x_t = prior.add_noise(x0, eps, t_all)
-        ((eps_src, eps_sty),) = prior.predict_noise([Branch(x_t, t_all, prompts)])
+        ((eps_src, eps_sty),) = prior.predict_noise([NoiseQuery(x_t, t_all, prompts)])
         return stopping.margin((eps_src - eps).square(), (eps_sty - eps).square())
