@@ -1,4 +1,4 @@
-"""LD's gradient-shaping constants for the lab's priors (headstyle.lab.shaping_calibration), as a table.
+"""LD's gradient-shaping constants for the lab's priors (headstyle.lab.prior.shaping_calibration), as a table.
 
 Per prior and style: the std of its latents over the lab's renders, the RMS and max of the raw LD
 gradient omega (eps_c - eps_u) w of the trainer's targets (held-out identities, canny single views +
@@ -17,10 +17,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from headstyle.lab.bench import LabSettings, new_generator
-from headstyle.lab.learned import EXEMPLAR, LabPriorError, resolve_prior
-from headstyle.lab.shaping_calibration import clamped_share, ld_scores, shaping_figures, shaping_scale
-from headstyle.lab.world import STYLES
+from headstyle.lab.experiments.bench import LabSettings, new_generator
+from headstyle.lab.prior.learned import EXEMPLAR, LabPriorError, resolve_prior
+from headstyle.lab.prior.shaping_calibration import clamped_share, ld_scores, shaping_figures, shaping_scale
+from headstyle.lab.world.heads import STYLES
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ from headstyle.distill.inject import inject
 from headstyle.distill.objectives import DistillTarget, ld
 from headstyle.distill.timesteps import sample_ddim_steps
 from headstyle.generator.checkpoint import RELEASED_INIT_KWARGS, GeneratorConfig, build_generator
-from headstyle.lab.generator import LabGenerator
+from headstyle.lab.world.generator import LabGenerator
 from headstyle.priors import controls
 from headstyle.priors.base import Control
 from headstyle.priors.diffusers_prior import DiffusersPrior

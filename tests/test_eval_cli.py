@@ -15,7 +15,7 @@ from headstyle.cli import app, main
 
 
 def test_eval_lab_reproduces_the_bench_row_of_a_run(tmp_path):
-    from headstyle.lab.bench import LabSettings, run_bench
+    from headstyle.lab.experiments.bench import LabSettings, run_bench
 
     settings = LabSettings(iterations=1, prior_identities=2, prior_views=2, eval_identities=2, eval_views=4,
                            prior="exemplar")
@@ -76,7 +76,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, message, tmp_p
 def test_ring_views_are_the_lab_bench_cameras():
     from headstyle.cameras import cameras
     from headstyle.cli.eval import ring_yaws
-    from headstyle.lab.evaluate import eval_cameras
+    from headstyle.lab.experiments.evaluate import eval_cameras
 
     for n in (4, 8):
         yaws = torch.tensor(ring_yaws(n))

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from headstyle.cli import main
 from headstyle.input_files import MAX_PIXELS, InputError, depth_problem, parse_toml, pixel_problem, read_image
 from headstyle.io import content_digest
-from headstyle.lab import learned
-from headstyle.lab.bench import LabSettings, _bench_record
+from headstyle.lab.experiments.bench import LabSettings, _bench_record
+from headstyle.lab.prior import learned
 from headstyle.sfa import dataset as sfa_dataset
 from headstyle.sfa import module as sfa_module
 from headstyle.weight_files import WeightsError, read_config_json
@@ -249,7 +249,7 @@ def test_a_resumed_runs_tampered_log_is_refused(name, text, message, tmp_path):
 
 
 def test_lab_prior_runs_with_deep_records_are_refused(tmp_path, monkeypatch, capsys):
-    from headstyle.lab.train_prior import DOMAINS, domain_name
+    from headstyle.lab.prior.recipe import DOMAINS, domain_name
 
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)

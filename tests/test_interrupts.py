@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from headstyle.lab.bench import SHORT_MARK, LabSettings, run_bench
-from headstyle.lab.demo import COMPARISONS
+from headstyle.lab.experiments.bench import SHORT_MARK, LabSettings, run_bench
+from headstyle.lab.experiments.demo import COMPARISONS
 from headstyle.training import checkpointing
 from headstyle.training.signals import STOP, Interrupted, resume_hint
 

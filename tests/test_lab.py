@@ -7,16 +7,10 @@ import torch
 
 from headstyle.cameras import cameras
 from headstyle.generator.base import Generator
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import (
-    GRID_CONTROL,
-    HELD_OUT_SEED,
-    LeakError,
-    build_lab_prior,
-    check_disjoint,
-    held_out_z,
-)
-from headstyle.lab.world import STYLES, sample_z
+from headstyle.lab.prior.exemplar import GRID_CONTROL, build_lab_prior
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import STYLES, sample_z
+from headstyle.lab.world.identities import HELD_OUT_SEED, LeakError, check_disjoint, held_out_z
 from headstyle.priors.base import Control, NoiseQuery
 
 RES = 16
@@ -102,8 +96,8 @@ def test_grid_branches_are_scored_tile_by_tile():
 def test_short_lab_training_moves_towards_the_ground_truth_style(tmp_path):
     """The unchanged trainer with the lab recipe (LD + mirror + grid + rank) on the lab generator and prior:
     after a few iterations the held-out identities are closer to their ground-truth stylised heads."""
-    from headstyle.lab.bench import LabSettings, new_generator, train_variant
-    from headstyle.lab.evaluate import evaluate, make_eval_set
+    from headstyle.lab.experiments.bench import LabSettings, new_generator, train_variant
+    from headstyle.lab.experiments.evaluate import evaluate, make_eval_set
 
     settings = LabSettings(iterations=8, lr=0.0005, resolution=RES, sr_factor=2)
     prior, _ = build_lab_prior(styles=("statue",), identities=3, views=8, resolution=RES, sr_factor=2)
@@ -133,8 +127,8 @@ def test_demo_writes_its_report(tmp_path):
 
     import imageio.v3 as iio
 
-    from headstyle.lab.bench import LabSettings
-    from headstyle.lab.demo import DEFINITIONS, run_demo
+    from headstyle.lab.experiments.bench import LabSettings
+    from headstyle.lab.experiments.demo import DEFINITIONS, run_demo
 
     settings = LabSettings(
         iterations=2, resolution=RES, prior_identities=2, prior_views=4, eval_identities=2, eval_views=3,

@@ -1,6 +1,6 @@
 """The lab bench's machinery: the prior choice, the optimisers and stopping rule of the trainer, the zero-gradient
-count, mean +- std over seeds, and LD's shaping figures (headstyle.lab.bench, .learned, .shaping_calibration,
-headstyle.stylize.trainer)."""
+count, mean +- std over seeds, and LD's shaping figures (headstyle.lab.experiments.bench, headstyle.lab.prior.learned,
+.shaping_calibration, headstyle.stylize.trainer)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstyle.lab import learned
-from headstyle.lab.bench import (
+from headstyle.lab.experiments.bench import (
     RUN_FIGURES,
     BenchResult,
     BenchResumeError,
@@ -27,9 +26,10 @@ from headstyle.lab.bench import (
     step_range,
     train_variant,
 )
-from headstyle.lab.evaluate import oracle
-from headstyle.lab.prior import build_lab_prior
-from headstyle.lab.world import UNSTYLED_PROMPT, style_prompt
+from headstyle.lab.experiments.evaluate import oracle
+from headstyle.lab.prior import learned
+from headstyle.lab.prior.exemplar import build_lab_prior
+from headstyle.lab.world.heads import UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.analytic import ExemplarPrior
 from headstyle.stylize import stopping
 from headstyle.stylize.config import OptimConfig, apply_overrides, load_config
@@ -339,7 +339,7 @@ def test_a_prior_folder_needs_both_controlnets_and_the_lab_size(tmp_path, tiny_s
 
 def test_shaping_figures_closed_form():
     """Latents of std s and a rank-1 score c * u v^T: std, RMS |c|, max |c|, all energy in the first rank."""
-    from headstyle.lab.shaping_calibration import clamped_share, shaping_figures, shaping_scale
+    from headstyle.lab.prior.shaping_calibration import clamped_share, shaping_figures, shaping_scale
 
     gen = torch.Generator().manual_seed(0)
     latents = 2.0 * torch.randn(64, 4, 8, 8, generator=gen)
@@ -357,7 +357,7 @@ def test_shaping_figures_closed_form():
 def test_ld_scores_are_the_trainers_targets(tmp_path):
     """ld_scores on the exemplar prior: a single-view and a grid gradient per identity, LD's omega (eps_c - eps_u) w:
     zero when omega is 0."""
-    from headstyle.lab.shaping_calibration import ld_scores
+    from headstyle.lab.prior.shaping_calibration import ld_scores
 
     prior, _ = build_lab_prior(styles=("statue",), identities=2, views=4, resolution=RES)
     G = new_generator(LabSettings(resolution=RES))

@@ -13,11 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from headstyle.cli import main
-from headstyle.lab import train_prior as tp
-from headstyle.lab.prior import LeakError, held_out_z
+from headstyle.lab.prior import data as lab_data
+from headstyle.lab.prior import models as lab_models
+from headstyle.lab.prior import recipe
+from headstyle.lab.prior import train as tp
+from headstyle.lab.world import identities
+from headstyle.lab.world.identities import LeakError, held_out_z
 from headstyle.training import checkpointing
 
-TINY = tp.CONFIGS["tiny"]
+TINY = recipe.CONFIGS["tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +34,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_batches_are_the_lab_images(run: Path) -> None:
     """Single views are raw x2 bilinear with their Canny; grids tile four distinct raw views of one identity."""
-    data = tp.load_data(run)
-    assert data.raw.shape == (len(tp.DOMAINS), TINY.identities * TINY.views, 3, TINY.resolution, TINY.resolution)
-    batch = tp.sample_batch(data, 12, 0.5, torch.Generator().manual_seed(1))
+    data = lab_data.load_data(run)
+    assert data.raw.shape == (len(recipe.DOMAINS), TINY.identities * TINY.views, 3, TINY.resolution, TINY.resolution)
+    batch = lab_data.sample_batch(data, 12, 0.5, torch.Generator().manual_seed(1))
     size = 2 * TINY.resolution
     assert batch.images.shape == batch.controls.shape == (12, 3, size, size)
     assert batch.grid.any() and (~batch.grid).any()
@@ -45,7 +49,7 @@ def test_batches_are_the_lab_images(run: Path) -> None:
             rows = [int(((raw[d] - t).abs().flatten(1).amax(1) == 0).nonzero()[0]) for t in tiles]
             assert len(set(rows)) == 4 and len({r // TINY.views for r in rows}) == 1
         else:
-            views = tp.single_view(raw[d])
+            views = lab_data.single_view(raw[d])
             i = next(i for i in range(len(views)) if torch.equal(batch.images[k], views[i]))
             # the Canny edges (0/1) of that view, as the trainer's canny control
             assert torch.equal(batch.controls[k], data.canny[d, i].float().expand(3, -1, -1))
@@ -53,21 +57,21 @@ def test_batches_are_the_lab_images(run: Path) -> None:
 
 
 def test_prior_identities_exclude_the_held_out_set() -> None:
-    z = tp.prior_identities(TINY)
+    z = lab_data.prior_identities(TINY)
     assert torch.cdist(z, held_out_z(16)).min() > 1e-3
     with pytest.raises(LeakError):
-        tp.check_disjoint(torch.cat([z, held_out_z(16)[3:4]]), held_out_z(16))
+        identities.check_disjoint(torch.cat([z, held_out_z(16)[3:4]]), held_out_z(16))
 
 
 def test_prompt_dropout_and_phrasings() -> None:
     """Dropped prompts are "" (index 0); kept ones are phrasings of the sample's own domain."""
-    table = tp.prompt_table()
-    domains = torch.arange(len(tp.DOMAINS)).repeat(400)
-    idx = tp.sample_prompts(domains, 0.15, torch.Generator().manual_seed(0))
+    table = recipe.prompt_table()
+    domains = torch.arange(len(recipe.DOMAINS)).repeat(400)
+    idx = lab_data.sample_prompts(domains, 0.15, torch.Generator().manual_seed(0))
     drop = idx == 0
     assert 0.12 < drop.float().mean() < 0.18
     for d, i in zip(domains[~drop].tolist(), idx[~drop].tolist(), strict=True):
-        assert table[i] in tp.PHRASINGS[tp.DOMAINS[d]]
+        assert table[i] in recipe.PHRASINGS[recipe.DOMAINS[d]]
 
 
 def _decreases(loss_fn, model, steps: int = 15, lr: float = 3e-3) -> tuple[float, float]:
@@ -86,30 +90,31 @@ def _decreases(loss_fn, model, steps: int = 15, lr: float = 3e-3) -> tuple[float
 def test_each_stage_loss_decreases_on_a_fixed_batch(run: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    data = tp.load_data(run)
-    batch = tp.sample_batch(data, 4, 0.5, torch.Generator().manual_seed(2))
-    abar = tp.ddim_scheduler().alphas_cumprod.float()
-    text = tp.embed_prompts(run / "model", tp.prompt_table())[tp.sample_prompts(batch.domains, 0.0, torch.Generator())]
+    data = lab_data.load_data(run)
+    batch = lab_data.sample_batch(data, 4, 0.5, torch.Generator().manual_seed(2))
+    abar = lab_models.ddim_scheduler().alphas_cumprod.float()
+    prompts = lab_data.sample_prompts(batch.domains, 0.0, torch.Generator())
+    text = lab_models.embed_prompts(run / "model", recipe.prompt_table())[prompts]
 
-    vae = tp.build_vae(TINY, 2 * TINY.resolution)
-    before, after = _decreases(lambda g: tp.vae_loss(vae, batch.images, g, TINY.kl_weight), vae)
+    vae = lab_models.build_vae(TINY, 2 * TINY.resolution)
+    before, after = _decreases(lambda g: lab_models.vae_loss(vae, batch.images, g, TINY.kl_weight), vae)
     assert after < 0.8 * before
 
     trained_vae = tp._load_vae(run)
-    latents = tp.encode_latents(trained_vae, batch.images, torch.Generator().manual_seed(3))
-    unet = tp.build_unet(TINY, latents.shape[-1])
-    before, after = _decreases(lambda g: tp.eps_loss(unet, latents, text, abar, g), unet)
+    latents = lab_models.encode_latents(trained_vae, batch.images, torch.Generator().manual_seed(3))
+    unet = lab_models.build_unet(TINY, latents.shape[-1])
+    before, after = _decreases(lambda g: lab_models.eps_loss(unet, latents, text, abar, g), unet)
     assert after < 0.9 * before
 
     frozen = UNet2DConditionModel.from_pretrained(run / "model" / "unet").requires_grad_(False)
-    net = tp.build_controlnet(TINY, frozen, "depth")
+    net = lab_models.build_controlnet(TINY, frozen, "depth")
 
     def cn_loss(g: torch.Generator) -> torch.Tensor:
         def residuals(x_t, t):
             down, mid = net(x_t, t, encoder_hidden_states=text, controlnet_cond=batch.controls, return_dict=False)
             return list(down), mid
 
-        return tp.eps_loss(frozen, latents, text, abar, g, residuals)
+        return lab_models.eps_loss(frozen, latents, text, abar, g, residuals)
 
     before, after = _decreases(cn_loss, net)
     assert after < 0.95 * before
@@ -118,23 +123,23 @@ def test_each_stage_loss_decreases_on_a_fixed_batch(run: Path) -> None:
 
 def test_resume_is_bitwise_exact(tmp_path: Path, run: Path) -> None:
     """A stage interrupted after a checkpoint and resumed ends with the weights of an uninterrupted run."""
-    data = tp.load_data(run)
+    data = lab_data.load_data(run)
     vae = tp._load_vae(run)
-    text = tp.embed_prompts(run / "model", tp.prompt_table())
-    abar = tp.ddim_scheduler().alphas_cumprod.float()
+    text = lab_models.embed_prompts(run / "model", recipe.prompt_table())
+    abar = lab_models.ddim_scheduler().alphas_cumprod.float()
     cfg = replace(TINY, checkpoint_seconds=0.0)
 
     def train(out: Path, stop_at: int | None) -> dict[str, torch.Tensor]:
-        unet = tp.build_unet(cfg, 2 * cfg.resolution // 4)
+        unet = lab_models.build_unet(cfg, 2 * cfg.resolution // 4)
         calls = []
 
         def loss_fn(gen: torch.Generator) -> torch.Tensor:
             calls.append(1)
             if stop_at is not None and len(calls) > stop_at:
                 raise KeyboardInterrupt
-            b = tp.sample_batch(data, 4, 0.5, gen)
-            prompts = tp.sample_prompts(b.domains, 0.15, gen)
-            return tp.eps_loss(unet, tp.encode_latents(vae, b.images, gen), text[prompts], abar, gen)
+            b = lab_data.sample_batch(data, 4, 0.5, gen)
+            prompts = lab_data.sample_prompts(b.domains, 0.15, gen)
+            return lab_models.eps_loss(unet, lab_models.encode_latents(vae, b.images, gen), text[prompts], abar, gen)
 
         tp.run_stage(out, "unet", unet, loss_fn, 6, 1e-3, cfg, False, seed=7)
         return unet.state_dict()
@@ -158,22 +163,22 @@ def test_output_loads_as_a_stable_diffusion_folder(run: Path) -> None:
 
     model = run / "model"
     prior = DiffusersPrior.from_pretrained(
-        model, vae=None, controlnets={n: model / f"controlnet-{n}" for n in tp.CONTROLNETS}, device="cpu"
+        model, vae=None, controlnets={n: model / f"controlnet-{n}" for n in recipe.CONTROLNETS}, device="cpu"
     )
     assert prior.image_size == 2 * TINY.resolution
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert prior.scheduler.config.beta_schedule == "scaled_linear" and prior.scheduler.config.beta_end == 0.012
-    words = tp.prompt_words()
+    words = lab_models.prompt_words()
     ids = prior.tokenizer(words, add_special_tokens=False).input_ids
     assert all(len(i) == 1 for i in ids)
 
-    data = tp.load_data(run)
-    batch = tp.sample_batch(data, 32, 0.5, torch.Generator().manual_seed(4))
+    data = lab_data.load_data(run)
+    batch = lab_data.sample_batch(data, 32, 0.5, torch.Generator().manual_seed(4))
     with torch.no_grad():
         latents = prior.encode(batch.images, generator=torch.Generator().manual_seed(0))
         assert 0.6 < float(latents.std()) < 1.5
         x_t = prior.add_noise(latents[:2], torch.randn_like(latents[:2]), torch.tensor([500]))
-        prompt = prior.embed_prompts(tp.PHRASINGS["statue"][0])
+        prompt = prior.embed_prompts(recipe.PHRASINGS["statue"][0])
         plain = prior.predict_noise([NoiseQuery(x_t, torch.tensor([500]), prompt)])[0][1]
         control = Control("depth", batch.controls[:2])
         with_depth = prior.predict_noise([NoiseQuery(x_t, torch.tensor([500]), prompt, control)])[0][1]
@@ -234,7 +239,7 @@ def test_pooled_prompt_reaches_the_unet_without_cross_attention(pooled: bool) ->
     """text_pool: with every cross-attention output zeroed the prompt still changes eps (it enters the timestep
     embedding of every ResNet block); without it, cross-attention is the prompt's only way in."""
     cfg = replace(TINY, text_pool=pooled)
-    unet = tp.build_unet(cfg, 8).eval()
+    unet = lab_models.build_unet(cfg, 8).eval()
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             module.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
@@ -262,12 +267,12 @@ def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run
     prior = DiffusersPrior.from_pretrained(model, vae=None, controlnets={"depth": model / "controlnet-depth"})
     assert prior.unet.config.addition_embed_type == "text"
     assert prior.controlnets["depth"].config.addition_embed_type == "text"
-    batch = tp.sample_batch(tp.load_data(out), 2, 1.0, torch.Generator().manual_seed(4))
+    batch = lab_data.sample_batch(lab_data.load_data(out), 2, 1.0, torch.Generator().manual_seed(4))
     with torch.no_grad():
         latents = prior.encode(batch.images, generator=torch.Generator().manual_seed(0))
         x_t = prior.add_noise(latents, torch.randn_like(latents), torch.tensor([200]))
         t, control = torch.tensor([200]), Control("depth", batch.controls)
-        eps = [prior.predict_noise([NoiseQuery(x_t, t, prior.embed_prompts(tp.PHRASINGS[d][0]), control)])[0][1]
+        eps = [prior.predict_noise([NoiseQuery(x_t, t, prior.embed_prompts(recipe.PHRASINGS[d][0]), control)])[0][1]
                for d in ("statue", "gold")]  # fmt: skip
     assert torch.isfinite(eps[0]).all() and not torch.equal(*eps)
 
@@ -275,14 +280,14 @@ def test_pooled_prompt_unet_and_controlnet_load_as_a_stable_diffusion_folder(run
 def test_eps_errors_do_not_depend_on_the_prompts_order(run: Path) -> None:
     """The diffusion classifier's errors per prompt are the same whatever the order (and an odd prompt count,
     whose last prompt shares a UNet call with itself, counts it once)."""
-    from headstyle.lab import prior_card as pc
-    from headstyle.lab.learned import learned_spec
+    from headstyle.lab.prior import card as pc
+    from headstyle.lab.prior.learned import learned_spec
     from headstyle.priors.loading import load_prior
 
     prior = load_prior(learned_spec(run / "model"), "cpu")
-    images = tp.sample_batch(tp.load_data(run), 3, 0.0, torch.Generator().manual_seed(2)).images
+    images = lab_data.sample_batch(lab_data.load_data(run), 3, 0.0, torch.Generator().manual_seed(2)).images
     latents = pc.encode(prior, images)
-    prompts = [tp.PHRASINGS[d][0] for d in tp.DOMAINS]
+    prompts = [recipe.PHRASINGS[d][0] for d in recipe.DOMAINS]
     forward = pc.eps_errors(prior, latents, prompts, (101, 281), seed=0, draws=2)
     backward = pc.eps_errors(prior, latents, prompts[::-1], (101, 281), seed=0, draws=2).flip(1)
     assert torch.allclose(forward, backward, rtol=1e-5, atol=1e-7)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstyle.lab import prior_card as pc
-from headstyle.lab.learned import SHIPPED, learned_spec
-from headstyle.lab.train_prior import CONFIGS, DOMAINS, PHRASINGS, domain_name
+from headstyle.lab.prior import card as pc
+from headstyle.lab.prior.learned import SHIPPED, learned_spec
+from headstyle.lab.prior.recipe import CONFIGS, DOMAINS, PHRASINGS, domain_name
 from headstyle.priors.loading import load_prior
 
 MODEL = Path(os.environ.get("HEADSTYLE_LAB_PRIOR", SHIPPED))
@@ -89,7 +89,7 @@ def test_img2img_from_the_truth_comes_back_near_it(prior, held_out) -> None:
 
 def test_prompts_are_the_lab_prompts(prior) -> None:
     """The lab's own prompts are the first phrasing of each domain and encode to distinct embeddings."""
-    from headstyle.lab.world import STYLES, style_prompt
+    from headstyle.lab.world.heads import STYLES, style_prompt
 
     assert [PHRASINGS[d][0] for d in DOMAINS] == [style_prompt(None), *(style_prompt(s) for s in STYLES)]
     embeds = torch.stack([prior.embed_prompts(PHRASINGS[d][0]).cond[0] for d in DOMAINS])

@@ -20,8 +20,8 @@ from headstyle.generator.checkpoint import save_generator
 from headstyle.generator.latents import latents_from_seeds
 from headstyle.generator.renderer import crop_mask, ray_march
 from headstyle.geometry import project
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.world import sample_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import sample_z
 from headstyle.mesh import (
     EmptySurfaceError,
     MeshSettings,

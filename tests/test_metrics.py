@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from headstyle.cameras import cameras
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.world import sample_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import sample_z
 from headstyle.metrics.consistency import multiview_consistency, warp_error
 from headstyle.metrics.diversity import diversity, mean_pairwise_distance
 from headstyle.metrics.identity import identity_preservation

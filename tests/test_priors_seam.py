@@ -117,7 +117,7 @@ def test_every_wrapper_in_the_package_is_listed():
 
 
 def test_analytic_and_lab_priors_declare_the_seam():
-    from headstyle.lab.prior import build_lab_prior
+    from headstyle.lab.prior.exemplar import build_lab_prior
 
     gauss = GaussianPrior({"photo": torch.zeros(1, 2, 2)})
     exemplar = ExemplarPrior({"photo": torch.zeros(2, 1, 2, 2)})

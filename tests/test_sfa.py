@@ -22,8 +22,8 @@ from headstyle.attention.prior import StyleFusionPrior
 from headstyle.cli import UserError, app
 from headstyle.export import to_uint8
 from headstyle.generator.latents import z_from_seed
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import held_out_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.identities import held_out_z
 from headstyle.priors.base import NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.sfa.config import SFATrainConfig
@@ -369,8 +369,8 @@ def test_app_loads_a_trained_module(dataset, prior, tmp_path):
 def test_ablation_scores_know_the_input_and_the_truth():
     """The ablation's scores on the two known answers: the unstylised input is at distance 0 from itself with
     stylisation 0, the ground truth has rgb error 0 and stylisation 1; and the unseen style must stay unseen."""
-    from headstyle.lab.evaluate import make_eval_set
-    from headstyle.lab.sfa_ablation import AblationSettings, lab_like, scores
+    from headstyle.lab.experiments.evaluate import make_eval_set
+    from headstyle.lab.experiments.sfa_ablation import AblationSettings, lab_like, scores
 
     ev = make_eval_set("gold", lab_like(), identities=2, views=2)
     before, truth = scores(ev.before, ev), scores(ev.truth, ev)

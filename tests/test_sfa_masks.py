@@ -1,4 +1,4 @@
-"""Style masks from the lab world's own region labels (headstyle.lab.world.region_masks) and their effect on
+"""Style masks from the lab world's own region labels (headstyle.lab.world.heads.region_masks) and their effect on
 Style Fusion Attention: per-image masks of the content and style banks."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from headstyle.attention.install import install_style_fusion
 from headstyle.attention.processors import StyleFusionState, fuse_keys_values, mask_tokens
 from headstyle.cameras import cameras
 from headstyle.cli import UserError, app
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.sfa_ablation import REGION_FLOOR, world_masks
-from headstyle.lab.world import REGIONS, params_from_z, region_masks, region_select, sample_z
+from headstyle.lab.experiments.sfa_ablation import REGION_FLOOR, world_masks
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import REGIONS, params_from_z, region_masks, region_select, sample_z
 from headstyle.sfa.dataset import REFERENCE_YAWS
 from headstyle.testing import CROSS_ATTENTION_DIM
 
@@ -169,8 +169,8 @@ def test_region_masks_in_the_unet(unet):
 def test_masked_ablation_scores_and_settings(tiny_sd, tmp_path):
     """outside_distance is 0 for the input itself and positive for the ground truth (the style changes the
     outside of the hair too); an unknown region is one line naming the known ones."""
-    from headstyle.lab.evaluate import make_eval_set
-    from headstyle.lab.sfa_ablation import AblationSettings, lab_like, scores
+    from headstyle.lab.experiments.evaluate import make_eval_set
+    from headstyle.lab.experiments.sfa_ablation import AblationSettings, lab_like, scores
 
     ev = make_eval_set("gold", lab_like(), identities=2, views=2)
     inside = world_masks(ev.z, ev.cams, ("hair",))

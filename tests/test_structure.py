@@ -59,6 +59,20 @@ def test_imports_run_down_the_floors(path: Path) -> None:
     assert not upward, f"{path.relative_to(SRC)} imports from a higher floor: {upward}"
 
 
+LAB_ROOMS = ("world", "prior", "experiments")
+
+
+@pytest.mark.parametrize("path", sorted((SRC / "lab").rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_the_lab_rooms_import_downwards(path: Path) -> None:
+    """lab/world <- lab/prior <- lab/experiments: no room imports from one above it."""
+    parts = path.relative_to(SRC / "lab").parts
+    if len(parts) == 1:
+        return
+    own = LAB_ROOMS.index(parts[0])
+    rooms = [m.split(".")[2] for m in _imports(path) if m.startswith("headstyle.lab.")]
+    assert all(LAB_ROOMS.index(r) <= own for r in rooms), f"{path.relative_to(SRC)} imports {rooms}"
+
+
 def _defined(path: Path, name: str) -> bool:
     """Whether ``name`` (a function, a class, or Class.method) is defined at the top of ``path``."""
     tree = ast.parse(path.read_text())

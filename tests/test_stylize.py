@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from headstyle import settings
 from headstyle.distill.objectives import SDSParams
-from headstyle.lab.generator import LabGenerator
+from headstyle.lab.world.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
 from headstyle.stylize.branches import BRANCHES, Grid, SingleView, build_branches, register_branch
 from headstyle.stylize.config import (

@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 
 from headstyle import cameras
 from headstyle.generator.checkpoint import load_generator
-from headstyle.lab.generator import LabGenerator
+from headstyle.lab.world.generator import LabGenerator
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.stylize.config import StylizeConfig, apply_overrides
 from headstyle.stylize.trainer import Stylizer

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from headstyle.cli import app
 from headstyle.generator.checkpoint import RELEASED_INIT_KWARGS, GeneratorConfig, build_generator, save_generator
-from headstyle.lab.generator import LabGenerator
+from headstyle.lab.world.generator import LabGenerator
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.stylize.config import StylizeConfig, apply_overrides
 from headstyle.stylize.trainer import Stylizer

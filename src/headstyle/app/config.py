@@ -95,7 +95,7 @@ class LabSection:
     training iterations offered by default, how its results are rendered, and a Style Appearance Module
     trained for the learned lab prior (style_module, "" = none) for its Style image. prior: what lab styles
     train on: "" = the shipped learned lab prior, "exemplar" = the analytic exemplar prior, or an SD folder
-    (headstyle.lab.learned)."""
+    (headstyle.lab.prior.learned)."""
 
     resolution: int = param(32, at_least=1)
     sr_factor: int = param(2, at_least=1)

@@ -21,7 +21,7 @@ from headstyle.generator.base import Generator
 from headstyle.runtime import resolve_device
 
 if TYPE_CHECKING:
-    from headstyle.lab.generator import LabGenerator
+    from headstyle.lab.world.generator import LabGenerator
 
 # PanoHead's projector renders with ray_start 2.35 (the generator's own 2.25 elsewhere).
 PROJECTION_RAY_START = 2.35
@@ -199,12 +199,12 @@ class Lab:
 
     def styles(self) -> dict[str, str]:
         """Trained lab styles (name -> generator.safetensors), then each ground-truth style (name -> "")."""
-        from headstyle.lab.world import STYLES
+        from headstyle.lab.world.heads import STYLES
 
         return {**trained_styles(self.styles_dir), **{f"{s}{GROUND_TRUTH}": "" for s in STYLES}}
 
     def new_generator(self, seed: int = 0, style: str | None = None, residual: bool = True) -> LabGenerator:
-        from headstyle.lab.generator import LabGenerator
+        from headstyle.lab.world.generator import LabGenerator
 
         lab = self.settings
         return LabGenerator(resolution=lab.resolution, sr_factor=lab.sr_factor, seed=seed, style=style,
@@ -236,7 +236,7 @@ class Lab:
 
     def sfa_reason(self) -> str | None:
         """None when the learned lab prior (an SD-shaped diffusers model) is there for Style Fusion Attention."""
-        from headstyle.lab.learned import SHIPPED
+        from headstyle.lab.prior.learned import SHIPPED
 
         if (SHIPPED / "model_index.json").is_file():
             return None
@@ -246,7 +246,7 @@ class Lab:
     def sfa_prior(self):
         """The learned lab prior for Style Fusion Attention (fp32 on the CPU, VAE posterior means), with its depth
         ControlNet when it has one."""
-        from headstyle.lab.learned import CONTROLNETS, SHIPPED, learned_spec
+        from headstyle.lab.prior.learned import CONTROLNETS, SHIPPED, learned_spec
         from headstyle.priors.loading import load_prior
 
         reason = self.sfa_reason()

@@ -341,7 +341,7 @@ class Page:
         with gr.Row():
             with gr.Column():
                 if world == "lab":
-                    from headstyle.lab.world import STYLES
+                    from headstyle.lab.world.heads import STYLES
 
                     gr.Markdown("Stylise the lab's generator towards one of its styles with the paper's recipe "
                                 "(LD + mirror + grid + rank re-weighting) and the lab's prior.")

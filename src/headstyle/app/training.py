@@ -63,10 +63,10 @@ def _every(iterations: int) -> int:
 
 
 def lab_spec(lab: LabSection, style: str, iterations: int, run_dir: Path, seed: int = 0) -> TrainSpec:
-    """The lab recipe (headstyle.lab.bench.lab_config: the paper's LD with mirror, grid and rank
+    """The lab recipe (headstyle.lab.experiments.bench.lab_config: the paper's LD with mirror, grid and rank
     re-weighting) for a ground-truth style of the lab world."""
-    from headstyle.lab.bench import LabSettings, lab_config
-    from headstyle.lab.world import STYLES
+    from headstyle.lab.experiments.bench import LabSettings, lab_config
+    from headstyle.lab.world.heads import STYLES
     from headstyle.stylize.config import ConfigError, to_dict
 
     if style not in STYLES:
@@ -153,8 +153,8 @@ def resume_spec(run_dir: Path, iterations: int, lab: LabSection | None) -> Train
 
 
 def _lab_prior_spec(lab: LabSection):
-    """lab.prior resolved (headstyle.lab.learned.resolve_prior), its problem as an AppError."""
-    from headstyle.lab.learned import LabPriorError, resolve_prior
+    """lab.prior resolved (headstyle.lab.prior.learned.resolve_prior), its problem as an AppError."""
+    from headstyle.lab.prior.learned import LabPriorError, resolve_prior
 
     try:
         return resolve_prior(lab.prior)
@@ -165,7 +165,7 @@ def _lab_prior_spec(lab: LabSection):
 def lab_prior(lab: LabSection):
     """The prior lab styles are trained with (lab.prior): the learned lab prior through DiffusersPrior by default,
     the analytic exemplar prior with "exemplar", or an SD folder."""
-    from headstyle.lab.learned import LabPriorError
+    from headstyle.lab.prior.learned import LabPriorError
 
     try:
         return _lab_prior_spec(lab).load(lab.resolution, lab.sr_factor, lab.prior_identities, lab.prior_views)[0]
@@ -185,7 +185,7 @@ def train(spec: TrainSpec) -> tuple[str, int, str]:
 
         trainer = build_from_config(cfg)
     else:
-        from headstyle.lab.generator import LabGenerator
+        from headstyle.lab.world.generator import LabGenerator
         from headstyle.stylize.trainer import Stylizer
 
         lab = spec.lab

@@ -4,7 +4,7 @@ Renders I identities at V views with both generators (the same ws: the base gene
 optionally makes DiffStyle360's SD img2img reference set of the base views (cached), scores every
 metric whose weights are given (headstyle.metrics.suite) and writes metrics.json, metrics.md and
 views.png (rows per identity: base, stylised, reference). With ``--lab STYLE`` the base is the lab's
-unedited head world and the lab bench's ground-truth figures (headstyle.lab.evaluate.score) are added,
+unedited head world and the lab bench's ground-truth figures (headstyle.lab.experiments.evaluate.score) are added,
 for the bench's held-out identities and cameras, so a bench run can be re-scored from its saved
 generator.
 """
@@ -24,7 +24,7 @@ from headstyle.cli.common import UserError, app
 if TYPE_CHECKING:
     import torch
 
-    from headstyle.lab.generator import LabGenerator
+    from headstyle.lab.world.generator import LabGenerator
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import Renders, Scorers
     from headstyle.priors.loading import PriorSpec
@@ -36,11 +36,11 @@ def ring_yaws(views: int) -> list[float]:
 
 def load_lab_generator(path: str, device: torch.device) -> LabGenerator:
     """A stylised lab generator saved by a `lab bench`/`demo` run (its folder or generator.safetensors),
-    rebuilt at the bench's sizes (headstyle.lab.bench.LabSettings)."""
+    rebuilt at the bench's sizes (headstyle.lab.experiments.bench.LabSettings)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from headstyle.lab.bench import LabSettings, new_generator
+    from headstyle.lab.experiments.bench import LabSettings, new_generator
 
     file = Path(path) / "generator.safetensors" if Path(path).is_dir() else Path(path)
     if not file.is_file():
@@ -112,7 +112,7 @@ def eval_command(
     if (lab is None) == (base is None):
         raise UserError("give --base G (a PanoHead generator) or --lab STYLE (a lab run), exactly one")
     if lab is not None:
-        from headstyle.lab.world import STYLES
+        from headstyle.lab.world.heads import STYLES
 
         if lab not in STYLES:
             raise UserError(f"--lab {lab!r} is not a lab style; choose one of {', '.join(STYLES)}")
@@ -206,10 +206,10 @@ class EvalJob:
 
 def render_lab(job: EvalJob, cams: torch.Tensor) -> tuple[Renders, Renders, dict[str, float]]:
     """Base (the unedited head world) and stylised renders of the bench's held-out identities, and the
-    bench's ground-truth figures of the stylised generator (headstyle.lab.evaluate)."""
-    from headstyle.lab.evaluate import REFERENCE_SEED, EvalSet, oracle, render_views, score
-    from headstyle.lab.prior import held_out_z
-    from headstyle.lab.world import sample_z
+    bench's ground-truth figures of the stylised generator (headstyle.lab.experiments.evaluate)."""
+    from headstyle.lab.experiments.evaluate import REFERENCE_SEED, EvalSet, oracle, render_views, score
+    from headstyle.lab.world.heads import sample_z
+    from headstyle.lab.world.identities import held_out_z
     from headstyle.metrics.suite import Renders
 
     G = load_lab_generator(job.stylized, job.device)
@@ -258,7 +258,7 @@ def run_eval(job: EvalJob, scorers: Scorers, out: Path, progress: bool) -> None:
 
     from headstyle.cameras import cameras
     from headstyle.cli.common import load_diffusers_prior
-    from headstyle.lab.evaluate import eval_cameras
+    from headstyle.lab.experiments.evaluate import eval_cameras
     from headstyle.metrics.reference import model_fingerprint, reference_set
     from headstyle.metrics.suite import SCORE_STEPS, score, views_sheet, write_report
     from headstyle.progress import progress_bar
@@ -297,7 +297,8 @@ def run_eval(job: EvalJob, scorers: Scorers, out: Path, progress: bool) -> None:
         report = score(base, styl, cams, scorers, job.prompt, reference, lambda: bar.update(score_task, advance=1))
     if lab_figures is not None:
         report.metrics["lab"] = lab_figures
-        report.weights["lab"] = {"model": f"the lab's ground truth of style {job.lab!r} (headstyle.lab.evaluate)"}
+        truth = f"the lab's ground truth of style {job.lab!r} (headstyle.lab.experiments.evaluate)"
+        report.weights["lab"] = {"model": truth}
     report.settings = job.settings()
     paths = write_report(report, views_sheet(base, styl, reference), out)
     for group, values in report.metrics.items():

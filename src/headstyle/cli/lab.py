@@ -13,7 +13,7 @@ PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, thro
 
 def _lab_prior(prior: str):
     """The resolved --prior (folders checked, nothing loaded yet)."""
-    from headstyle.lab.learned import LabPriorError, resolve_prior
+    from headstyle.lab.prior.learned import LabPriorError, resolve_prior
 
     try:
         return resolve_prior(prior)
@@ -63,10 +63,10 @@ def demo(
     """Stylise the synthetic head lab with the paper's recipe and with SDS on a CPU, scored against ground truth."""
     from pathlib import Path
 
-    from headstyle.lab.bench import LabSettings
-    from headstyle.lab.demo import run_demo
-    from headstyle.lab.learned import LabPriorError
-    from headstyle.lab.world import STYLES
+    from headstyle.lab.experiments.bench import LabSettings
+    from headstyle.lab.experiments.demo import run_demo
+    from headstyle.lab.prior.learned import LabPriorError
+    from headstyle.lab.world.heads import STYLES
 
     if style not in STYLES:
         raise UserError(f"--style {style!r} is not a lab style; choose one of {', '.join(STYLES)}")
@@ -139,9 +139,16 @@ def lab_bench(
     import math
     from pathlib import Path
 
-    from headstyle.lab.bench import OPTIMIZERS, VARIANTS, BenchResumeError, LabSettings, format_row, run_bench
-    from headstyle.lab.learned import LabPriorError
-    from headstyle.lab.world import STYLES
+    from headstyle.lab.experiments.bench import (
+        OPTIMIZERS,
+        VARIANTS,
+        BenchResumeError,
+        LabSettings,
+        format_row,
+        run_bench,
+    )
+    from headstyle.lab.prior.learned import LabPriorError
+    from headstyle.lab.world.heads import STYLES
 
     style_list = _names(styles, tuple(STYLES), "--styles")
     variant_list = _names(objectives, tuple(VARIANTS), "--objectives")
@@ -195,7 +202,8 @@ def lab_train_prior(
 
     import torch
 
-    from headstyle.lab.train_prior import CONFIGS, STAGES, train_prior
+    from headstyle.lab.prior.recipe import CONFIGS
+    from headstyle.lab.prior.train import STAGES, train_prior
 
     if stage not in (*STAGES, "all"):
         raise UserError(f"--stage {stage!r} is unknown; choose one of {', '.join(STAGES)} or all")
@@ -229,8 +237,9 @@ def lab_prior_card(
 
     import torch
 
-    from headstyle.lab.prior_card import write_card
-    from headstyle.lab.train_prior import CONFIGS, STAGES, TrainPriorConfig, copy_model, stage_done
+    from headstyle.lab.prior.card import write_card
+    from headstyle.lab.prior.recipe import CONFIGS, TrainPriorConfig
+    from headstyle.lab.prior.train import STAGES, copy_model, stage_done
 
     folder = Path(run)
     try:

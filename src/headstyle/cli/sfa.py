@@ -83,7 +83,7 @@ def sfa_dataset(
         raise UserError(f"style names {bad or names} must be distinct letters/digits/_-. (name them with NAME=PATH)")
     for name, path in specs:
         if path.startswith(LAB_STYLE):
-            from headstyle.lab.world import STYLES
+            from headstyle.lab.world.heads import STYLES
 
             if not is_lab:
                 raise UserError(f"--stylized {path}: lab styles go with --base lab")
@@ -115,7 +115,7 @@ def sfa_dataset(
     style_config = generator_config or (None if is_lab else base)
     styled = {name: _stylised(path, is_lab, dev, style_config) for name, path in specs}
     if is_lab:
-        from headstyle.lab.prior import held_out_z
+        from headstyle.lab.world.identities import held_out_z
 
         held_out = held_out_z(LAB_HELD_OUT)
     else:
@@ -132,8 +132,8 @@ def sfa_dataset(
 
 
 def _lab_world(device: torch.device) -> nn.Module:
-    from headstyle.lab.bench import LabSettings
-    from headstyle.lab.generator import LabGenerator
+    from headstyle.lab.experiments.bench import LabSettings
+    from headstyle.lab.world.generator import LabGenerator
 
     s = LabSettings()
     return LabGenerator(resolution=s.resolution, sr_factor=s.sr_factor, residual=False).to(device).eval()
@@ -148,8 +148,8 @@ def _generator(path: str, device: torch.device, config: str | None) -> nn.Module
 def _stylised(path: str, is_lab: bool, device: torch.device, config: str | None) -> nn.Module:
     """A lab ground-truth style or lab run (with --base lab), else a PanoHead-compatible stylised generator."""
     if path.startswith(LAB_STYLE):
-        from headstyle.lab.bench import LabSettings
-        from headstyle.lab.generator import LabGenerator
+        from headstyle.lab.experiments.bench import LabSettings
+        from headstyle.lab.world.generator import LabGenerator
 
         s = LabSettings()
         style = path.removeprefix(LAB_STYLE)
@@ -311,8 +311,8 @@ def lab_sfa_ablation(
     import torch
 
     from headstyle.cli.common import check_out_dir
-    from headstyle.lab.learned import SHIPPED
-    from headstyle.lab.sfa_ablation import AblationSettings, run_ablation
+    from headstyle.lab.experiments.sfa_ablation import AblationSettings, run_ablation
+    from headstyle.lab.prior.learned import SHIPPED
     from headstyle.sfa.dataset import DatasetError, read_manifest
 
     folder = Path(prior) if prior else SHIPPED

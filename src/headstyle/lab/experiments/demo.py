@@ -2,13 +2,13 @@
 
 Stylises the lab generator to one style with the paper's recipe (LD + mirror + grid + rank
 re-weighting) and, for the same budget and seed, with SDS, both through the unchanged trainer and
-the lab's prior (the learned lab prior through DiffusersPrior by default; headstyle.lab.learned);
+the lab's prior (the learned lab prior through DiffusersPrior by default; headstyle.lab.prior.learned);
 then writes to ``out``:
 
 - ``turntables/identity_K.gif``: for 4 held-out identities, a turn around the head with four
   panels: before | LD (paper recipe) | SDS | ground truth;
 - ``views.png``: per identity, rows before / LD / SDS / ground truth at yaw -90, -30, 0, 30, 90, 180;
-- ``metrics.json``: every figure of headstyle.lab.evaluate for untrained, LD and SDS, with definitions;
+- ``metrics.json``: every figure of headstyle.lab.experiments.evaluate for untrained, LD and SDS, with definitions;
 - ``summary.html`` and ``summary.png``: a one-page comparison (table + views).
 """
 
@@ -29,8 +29,8 @@ from torch import Tensor
 from headstyle import export
 from headstyle.cameras import cameras, turntable_cameras
 from headstyle.io import atomic_write_text
-from headstyle.lab import evaluate as lab_eval
-from headstyle.lab.bench import (
+from headstyle.lab.experiments import evaluate as lab_eval
+from headstyle.lab.experiments.bench import (
     COLUMNS,
     RUN_FIGURES,
     SHORT_MARK,
@@ -40,9 +40,9 @@ from headstyle.lab.bench import (
     short_of_budget,
     train_variant,
 )
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.learned import LabPriorSpec, resolve_prior
-from headstyle.lab.world import STYLES
+from headstyle.lab.prior.learned import LabPriorSpec, resolve_prior
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import STYLES
 from headstyle.training.lock import folder_lock
 
 SHEET_YAWS_DEGREES = (-90, -30, 0, 30, 90, 180)

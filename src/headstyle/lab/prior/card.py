@@ -33,21 +33,19 @@ from headstyle.distill.objectives import guided_eps
 from headstyle.distill.shaping import tile_2x2
 from headstyle.export import save_grid
 from headstyle.io import atomic_write_text
-from headstyle.lab.learned import learned_spec
-from headstyle.lab.prior import held_out_z, stratified_360_cameras
-from headstyle.lab.train_prior import (
+from headstyle.lab.prior.data import prior_identities, render_domain, single_view
+from headstyle.lab.prior.learned import learned_spec
+from headstyle.lab.prior.recipe import (
     CONTROLNETS,
     DOMAINS,
     IDENTITY_SEED,
     PHRASINGS,
     TrainPriorConfig,
     domain_name,
-    prior_identities,
-    read_stages,
-    render_domain,
-    single_view,
     stream,
 )
+from headstyle.lab.prior.train import read_stages
+from headstyle.lab.world.identities import held_out_z, stratified_360_cameras
 from headstyle.priors.base import Control, NoiseQuery
 from headstyle.priors.loading import load_prior
 
@@ -347,7 +345,8 @@ def _card_text(figures: dict, stages: dict, counts: dict, cfg: TrainPriorConfig,
         "# The lab's learned prior",
         "",
         "A tiny Stable-Diffusion-1.5-shaped latent diffusion model of the synthetic head world",
-        "(headstyle.lab.world), loaded by `load_prior(learned_spec(folder), device)` (headstyle.lab.learned).",
+        "(headstyle.lab.world.heads), loaded by `load_prior(learned_spec(folder), device)`",
+        "(headstyle.lab.prior.learned).",
         "64 px images: single views (32 px raw render x2 bilinear) and 2x2 grids of 32 px raw renders;",
         f"AutoencoderKL with factor 4 -> 16x16x4 latents; a CLIPTextModel with its own vocabulary "
         f"({'trained with the UNet' if cfg.train_text else 'frozen at its random init'});",

@@ -33,212 +33,73 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headstyle import settings
-from headstyle.distill.shaping import tile_2x2
 from headstyle.input_files import read_json_object
 from headstyle.io import atomic_dir, atomic_path, atomic_write_text
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import check_disjoint, held_out_z, stratified_360_cameras
-from headstyle.lab.world import STYLES, sample_z, style_prompt
-from headstyle.priors.controls import canny_control, depth_control
-from headstyle.priors.sd_folder import write_clip_tokenizer, write_model_index
+from headstyle.lab.prior.data import load_data, prior_identities, render_domain, sample_batch, sample_prompts
+from headstyle.lab.prior.models import (
+    build_controlnet,
+    build_text,
+    build_unet,
+    build_vae,
+    ddim_scheduler,
+    embed_prompts,
+    encode_latents,
+    eps_loss,
+    vae_loss,
+)
+from headstyle.lab.prior.recipe import (
+    CONTROLNETS,
+    DOMAINS,
+    IDENTITY_SEED,
+    RUN_HINT,
+    TrainPriorConfig,
+    domain_name,
+    prompt_table,
+    stream,
+)
+from headstyle.lab.world.identities import stratified_360_cameras
+from headstyle.priors.sd_folder import write_model_index
 from headstyle.progress import progress_bar
 from headstyle.training import checkpointing, runner
 from headstyle.training.gradients import GradientStep
 from headstyle.training.signals import STOP
 
-# The prior's identities: a new seed, disjoint from HELD_OUT_SEED (checked) and the exemplar prior's.
-IDENTITY_SEED = 3_000
-TRUNCATION_PSI = 0.75  # as the lab trainer and evaluation map identities
-DOMAINS: tuple[str | None, ...] = (None, *STYLES)
 STAGES = ("data", "vae", "decoder", "unet", "controlnet")
 # What each stage reads: the decoder fine-tune leaves the encoder (and so every latent) unchanged,
 # so it may run beside the UNet stage.
 NEEDS = {"data": (), "vae": ("data",), "decoder": ("vae",), "unet": ("vae",), "controlnet": ("unet",)}
-CONTROLNETS = ("depth", "canny")  # depth: on 2x2 grids (the grid branch); canny: on single views
-# What a damaged run folder's refusal suggests.
-RUN_HINT = "the run folder was changed by hand: start again in a new --out"
-# A run's random streams: cfg.seed + the offset of each (the data's cameras, a model's initial weights, a stage's
-# training draws, the VAE's latent-scale estimate); a ControlNet's init and training streams add its index.
-STREAM_OFFSETS = {"cameras": 1, "init.text": 10, "init.vae": 11, "init.unet": 12, "init.controlnet": 13,
-                  "train.vae": 21, "vae.scale": 22, "train.decoder": 23, "train.unet": 31, "train.controlnet": 41}
-# Several phrasings per domain; the first is the lab's prompt (world.style_prompt).
-PHRASINGS: dict[str | None, tuple[str, ...]] = {
-    None: (style_prompt(None), "a head", "a photo of a person"),
-    "statue": (style_prompt("statue"), "a statue", "a stone sculpture of a head"),
-    "zombie": (style_prompt("zombie"), "a zombie head", "a photo of a zombie"),
-    "toon": (style_prompt("toon"), "a cartoon head", "a toon character with big eyes"),
-    "gold": (style_prompt("gold"), "a gold statue", "a head made of gold"),
-}
-SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "prediction_type": "epsilon",
-}
 
 
-@dataclass(frozen=True)
-class TrainPriorConfig:
-    """Sizes, steps and seeds of every stage (see CONFIGS)."""
-
-    identities: int = 240
-    views: int = 8
-    resolution: int = 32  # raw renders; single views are x2 (64 px), grids 2x2 raw (64 px)
-    seed: int = 0
-    vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 800
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    decoder_steps: int = 1500  # decoder fine-tune, encoder frozen (as SD's ft-MSE VAE)
-    decoder_lr: float = 1e-3
-    text_width: int = 64
-    text_layers: int = 2
-    train_text: bool = False  # train the text encoder with the UNet (else it stays frozen at its random init)
-    # The pooled prompt added to the timestep embedding (diffusers' addition_embed_type="text", as DeepFloyd IF's
-    # UNet): every ResNet block then sees the prompt, not only the cross-attention layers.
-    text_pool: bool = False
-    unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_steps: int = 1800
-    unet_horizon: int = 2400  # the cosine schedule's length; training stops at unet_steps (lr then 0.25 x peak)
-    unet_batch: int = 16
-    unet_lr: float = 1e-3
-    prompt_dropout: float = 0.15
-    grid_share: float = 0.5
-    controlnet_channels: tuple[int, ...] = (16, 32, 32)
-    controlnet_steps: int = 200
-    controlnet_batch: int = 16
-    controlnet_lr: float = 5e-4
-    warmup: int = 100
-    checkpoint_seconds: float = 180.0
-    log_every: int = 10
-    render_chunk: int = 64
-    scale_samples: int = 512  # images whose latents set the VAE's scaling factor
-
-    @classmethod
-    def read(cls, out: Path) -> TrainPriorConfig:
-        """The config a run saved in out/config.json (JSON lists back to tuples); ValueError in one line when that
-        is not a JSON object of this config's fields."""
-        values = read_json_object(out / "config.json", ValueError, RUN_HINT)
-        if unknown := sorted(set(values) - {f.name for f in fields(cls)}):
-            raise ValueError(f"{out / 'config.json'}: unknown field {unknown[0]!r}; {RUN_HINT}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-CONFIGS: dict[str, TrainPriorConfig] = {
-    "full": TrainPriorConfig(),
-    # The frozen random text encoder left "a zombie", "a golden sculpture of a head" and the unstyled prompt
-    # nearly interchangeable for the UNet after 1800 steps: train it with the UNet, to the schedule's end.
-    "full-text": TrainPriorConfig(train_text=True, unet_steps=2400),
-    # Against full-text's unstyled-for-zombie confusion (classifier 0.82 of single views, 4 draws): the pooled
-    # prompt in the timestep embedding of every ResNet block did not help (0.83 after 2400 steps, the same
-    # confusion); 2.5x the UNet steps did (0.70 at step 2453, 0.975 at 3800, 0.988 at 6000). The shipped prior.
-    "full-long": TrainPriorConfig(train_text=True, unet_steps=6000, unet_horizon=8000, controlnet_steps=400),
-    "full-pooled": TrainPriorConfig(train_text=True, text_pool=True, unet_steps=2400),
-    # Tests: a few steps of every stage on tiny models.
-    "tiny": TrainPriorConfig(
-        identities=2,
-        views=4,
-        resolution=16,
-        vae_channels=(8, 8, 8),
-        vae_steps=6,
-        decoder_steps=4,
-        vae_batch=4,
-        text_width=16,
-        text_layers=1,
-        unet_channels=(8, 16, 16),
-        unet_steps=6,
-        unet_horizon=6,
-        unet_batch=4,
-        controlnet_channels=(8, 8, 8),
-        controlnet_steps=4,
-        controlnet_batch=4,
-        warmup=2,
-        log_every=2,
-        render_chunk=16,
-        scale_samples=16,
-    ),
-}
 
 
-def stream(cfg: TrainPriorConfig, name: str) -> int:
-    """The seed of the run's random stream ``name`` (STREAM_OFFSETS)."""
-    return cfg.seed + STREAM_OFFSETS[name]
 
 
-def domain_name(domain: str | None) -> str:
-    return "unstyled" if domain is None else domain
 
 
-def prompt_table() -> list[str]:
-    """Every prompt the model is trained on: "" (the unconditional prompt) first, then each domain's phrasings."""
-    return ["", *(p for d in DOMAINS for p in PHRASINGS[d])]
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class LabData:
-    """The cached renders: per domain (DOMAINS order) raw views (D, N, 3, r, r) and depth controls
-    (D, N, 1, r, r) as uint8 levels, Canny edges of the single view (D, N, 1, 2r, 2r) as uint8 0/1;
-    N = identities * views (identity-major)."""
-
-    raw: Tensor
-    depth: Tensor
-    canny: Tensor
-    views: int
-
-    @property
-    def identities(self) -> int:
-        return self.raw.shape[1] // self.views
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """[0, 1] -> uint8 (rounded)."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def single_view(raw: Tensor) -> Tensor:
-    """The lab generator's SR image of raw renders: bilinear x2 (headstyle.lab.generator.Upsample)."""
-    return F.interpolate(raw, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-@torch.no_grad()
-def render_domain(z: Tensor, cams: Tensor, domain: str | None, resolution: int, chunk: int) -> Iterator[dict]:
-    """Render identities z (M, P) at cams (M * V, 25) in ``domain``, chunk by chunk: uint8 raw, depth, canny."""
-    views = len(cams) // len(z)
-    ws = TRUNCATION_PSI * z.repeat_interleave(views, dim=0).unsqueeze(1)
-    oracle = LabGenerator(resolution=resolution, sr_factor=1, num_ws=1, style=domain, residual=False)
-    for i in range(0, len(ws), chunk):
-        out = oracle.synthesis(ws[i : i + chunk], cams[i : i + chunk], render_sr=False)
-        raw = out.image_raw.clamp(-1, 1)
-        yield {
-            "raw": to_uint8((raw + 1) / 2),
-            "depth": to_uint8(depth_control(out.depth, out.mask)[:, :1]),
-            "canny": canny_control(single_view(raw))[:, :1].to(torch.uint8),
-        }
 
 
-def prior_identities(cfg: TrainPriorConfig) -> Tensor:
-    """The prior's identities z (M, P); raises LeakError if any is a held-out identity."""
-    z = sample_z(cfg.identities, IDENTITY_SEED + cfg.seed)
-    check_disjoint(z, held_out_z(16))
-    return z
 
 
 def stage_data(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
@@ -270,202 +131,38 @@ def stage_data(out: Path, cfg: TrainPriorConfig, progress: bool) -> None:
     _finish_stage(out, "data", {"renders": len(cams) * len(DOMAINS), "identities": cfg.identities})
 
 
-def load_data(out: Path) -> LabData:
-    """The cached renders of stage_data."""
-    from safetensors.torch import load_file
-
-    parts = [load_file(str(out / "data" / f"{domain_name(d)}.safetensors")) for d in DOMAINS]
-    views = parts[0]["cams"].shape[0] // parts[0]["z"].shape[0]
-    return LabData(*(torch.stack([p[k] for p in parts]) for k in ("raw", "depth", "canny")), views=views)
 
 
-@dataclass
-class Batch:
-    """Training images in [-1, 1] (B, 3, 64, 64), their controls in [0, 1] (B, 3, 64, 64: depth for grids,
-    Canny for single views), domain indices (B,) and which samples are 2x2 grids (B,)."""
-
-    images: Tensor
-    controls: Tensor
-    domains: Tensor
-    grid: Tensor
 
 
-def sample_batch(data: LabData, n: int, grid_share: float, gen: torch.Generator) -> Batch:
-    """n random samples: single views (raw x2 with their Canny) or 2x2 grids of four distinct raw views of one
-    identity in one domain (with the tiled depth controls), each with probability ``grid_share``."""
-    d_count, n_views = data.raw.shape[0], data.raw.shape[1]
-    domains = torch.randint(d_count, (n,), generator=gen)
-    grid = torch.rand(n, generator=gen) < grid_share
-    index = torch.randint(n_views, (n,), generator=gen)
-    picks = torch.stack([torch.randperm(data.views, generator=gen)[:4] for _ in range(n)])
-    images, controls = [], []
-    for k in range(n):
-        d = int(domains[k])
-        if grid[k]:
-            rows = (int(index[k]) // data.views) * data.views + picks[k]
-            raw = data.raw[d, rows].float() / 127.5 - 1
-            images.append(tile_2x2(list(raw.unsqueeze(1))))
-            controls.append(tile_2x2(list(data.depth[d, rows].float().unsqueeze(1) / 255)))
-        else:
-            raw = data.raw[d, index[k : k + 1]].float() / 127.5 - 1
-            images.append(single_view(raw))
-            controls.append(data.canny[d, index[k : k + 1]].float())
-    return Batch(torch.cat(images), torch.cat(controls).expand(-1, 3, -1, -1), domains, grid)
 
 
-def sample_prompts(domains: Tensor, dropout: float, gen: torch.Generator) -> Tensor:
-    """Indices into prompt_table(): a random phrasing of each sample's domain, or "" (index 0) with prob. dropout."""
-    per = len(PHRASINGS[None])
-    phrase = torch.randint(per, domains.shape, generator=gen)
-    drop = torch.rand(domains.shape, generator=gen) < dropout
-    return torch.where(drop, torch.zeros_like(domains), 1 + domains * per + phrase)
 
 
 # ---------------------------------------------------------------------------------------------- models
 
 
-def build_vae(cfg: TrainPriorConfig, image_size: int) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream(cfg, "init.vae"))
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=cfg.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=min(8, cfg.vae_channels[0]),
-            sample_size=image_size,
-        )
 
 
-def build_unet(cfg: TrainPriorConfig, latent_size: int) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream(cfg, "init.unet"))
-        return UNet2DConditionModel(
-            sample_size=latent_size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=cfg.unet_channels,
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=cfg.text_width,
-            attention_head_dim=8,
-            norm_num_groups=min(8, cfg.unet_channels[0]),
-            addition_embed_type="text" if cfg.text_pool else None,
-            addition_embed_type_num_heads=8,
-        )
 
 
-def build_controlnet(cfg: TrainPriorConfig, unet: nn.Module, name: str) -> nn.Module:
-    """ControlNetModel.from_unet (encoder copied from the trained UNet, zero convolutions at zero)."""
-    from diffusers import ControlNetModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream(cfg, "init.controlnet") + CONTROLNETS.index(name))
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cfg.controlnet_channels)
-        if cfg.text_pool:
-            # from_unet leaves the pooling's head count at ControlNetModel's default: give it the UNet's, so
-            # the copied pooled-prompt embedding computes what the UNet's does.
-            weights, heads = net.state_dict(), unet.config.addition_embed_type_num_heads
-            net = ControlNetModel.from_config(net.config, addition_embed_type_num_heads=heads)
-            net.load_state_dict(weights)
-        return net
 
 
-def prompt_words() -> list[str]:
-    """The words of every phrasing, in first-seen order (commas split off, as CLIP's pre-tokeniser does)."""
-    words = (w for p in prompt_table() for w in p.replace(",", " ").split())
-    return list(dict.fromkeys(words))
 
 
-def build_text(folder: Path, cfg: TrainPriorConfig) -> None:
-    """Write tokenizer/ and a frozen random text_encoder/ into the model folder."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with atomic_dir(folder / "tokenizer") as tmp:
-        vocab_size = write_clip_tokenizer(tmp, prompt_words())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream(cfg, "init.text"))
-        encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=cfg.text_width,
-                intermediate_size=2 * cfg.text_width,
-                num_hidden_layers=cfg.text_layers,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
-    with atomic_dir(folder / "text_encoder") as tmp:
-        encoder.save_pretrained(tmp)
 
 
-@torch.no_grad()
-def embed_prompts(folder: Path, prompts: list[str]) -> Tensor:
-    """Last hidden states (P, 77, D) of the saved tokenizer + text encoder (what DiffusersPrior feeds the UNet)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    enc = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return enc(ids.input_ids)[0]
 
 
-def ddim_scheduler() -> Any:
-    """DDIM with Stable Diffusion 1.5's configuration."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**SCHEDULER_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def vae_loss(vae: nn.Module, images: Tensor, gen: torch.Generator, kl_weight: float) -> Tensor:
-    """MSE of the reconstruction from a posterior sample + kl_weight * KL(q(z|x) || N(0, I)) (per latent element)."""
-    post = vae.encode(images).latent_dist
-    recon = vae.decode(post.sample(generator=gen)).sample
-    kl = post.kl().mean() / post.mean[0].numel()
-    return F.mse_loss(recon.float(), images.float()) + kl_weight * kl
 
 
-@torch.no_grad()
-def encode_latents(vae: nn.Module, images: Tensor, gen: torch.Generator) -> Tensor:
-    """scaling_factor * a posterior sample (what SD trained its UNet on)."""
-    return vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor
 
 
-def eps_loss(
-    unet: nn.Module,
-    latents: Tensor,
-    text: Tensor,
-    alphas_cumprod: Tensor,
-    gen: torch.Generator,
-    residuals: Callable[[Tensor, Tensor], tuple[list[Tensor], Tensor]] | None = None,
-) -> Tensor:
-    """E_t,eps || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, text) ||^2, t ~ U{0..999}.
-
-    residuals(x_t, t): ControlNet residuals added to the UNet (the controlnet stage).
-    """
-    t = torch.randint(len(alphas_cumprod), (latents.shape[0],), generator=gen)
-    eps = torch.randn(latents.shape, generator=gen)
-    abar = alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * eps
-    down, mid = residuals(x_t, t) if residuals is not None else (None, None)
-    pred = unet(
-        x_t, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid
-    ).sample
-    return F.mse_loss(pred.float(), eps)
 
 
 # ---------------------------------------------------------------------------------------------- stage loop

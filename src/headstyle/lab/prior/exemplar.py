@@ -18,30 +18,24 @@ no term of the prior looks at the identities being evaluated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from rich.progress import track
 from torch import Tensor
 
-from headstyle.cameras import cameras
 from headstyle.distill.shaping import tile_2x2, untile_2x2
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.world import STYLES, sample_z, style_prompt
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import STYLES, sample_z, style_prompt
+from headstyle.lab.world.identities import check_disjoint, held_out_z, stratified_360_cameras
 from headstyle.priors.analytic import ExemplarPrior
 from headstyle.priors.base import NoiseQuery, PromptEmbeds
 
 GRID_CONTROL = "depth"
-# Seeds naming the identity sets: evaluation (held out) and prior exemplars are disjoint draws.
-HELD_OUT_SEED = 1_000
 PRIOR_SEED = 2_000
 LATENT_SCALE = 1.0
 
 
-def held_out_z(n: int) -> Tensor:
-    """The lab's evaluation identities (never seen by the prior)."""
-    return sample_z(n, HELD_OUT_SEED)
 
 
 @dataclass
@@ -54,28 +48,10 @@ class ExemplarData:
     raw: dict[str | None, Tensor]
 
 
-class LeakError(ValueError):
-    """An exemplar identity coincides with a held-out identity."""
 
 
-def check_disjoint(z: Tensor, held_out: Tensor, min_distance: float = 1e-3) -> None:
-    """Raise LeakError if any row of z lies within ``min_distance`` of a held-out identity."""
-    if held_out.numel() == 0:
-        return
-    d = torch.cdist(z.float(), held_out.float())
-    if (d < min_distance).any():
-        i, j = (d < min_distance).nonzero()[0].tolist()
-        raise LeakError(f"prior identity {i} equals held-out identity {j}: the prior must not see evaluation heads")
 
 
-def stratified_360_cameras(identities: int, views: int, generator: torch.Generator) -> Tensor:
-    """(identities * views, 25) random cameras, per identity one in each of ``views`` equal yaw sectors of
-    [-pi, pi) and alternating pitch halves of [-pi/6, pi/6]: random, but covering every pose."""
-    u = torch.rand(identities, views, 2, generator=generator)
-    sector = torch.arange(views, dtype=torch.float32)
-    yaw = -math.pi + (sector + u[..., 0]) * (2 * math.pi / views)
-    pitch = (u[..., 1] * 0.5 + (sector % 2) * 0.5 - 0.5) * (math.pi / 3)
-    return cameras(yaw.reshape(-1), pitch.reshape(-1))
 
 
 @torch.no_grad()
@@ -105,7 +81,7 @@ def render_exemplars(
 class LabPrior:
     """ScorePrior over single views (``single``) and 2x2 grids of raw views (``tile``, per tile).
 
-    Prompts are the style prompts of headstyle.lab.world plus UNSTYLED_PROMPT; "" is the pooled
+    Prompts are the style prompts of headstyle.lab.world.heads plus UNSTYLED_PROMPT; "" is the pooled
     mixture. ``identities`` holds the z of every identity the exemplars were rendered from.
     Latents are images times ``latent_scale`` (default 1: images are the latents; SD's VAE has its
     0.18215); the sub-priors hold scaled exemplars. A smaller scale brings the exemplars closer

@@ -33,9 +33,9 @@ from headstyle import cameras
 from headstyle.distill.objectives import DistillTarget, ld
 from headstyle.distill.shaping import resize_to
 from headstyle.distill.timesteps import sample_ddim_steps
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import held_out_z
-from headstyle.lab.world import style_prompt
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import style_prompt
+from headstyle.lab.world.identities import held_out_z
 from headstyle.priors import controls
 from headstyle.priors.base import Control, ScorePrior
 from headstyle.stylize.branches import grid_image

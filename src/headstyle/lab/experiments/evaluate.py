@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from headstyle.cameras import cameras
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.prior import held_out_z
-from headstyle.lab.world import sample_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import sample_z
+from headstyle.lab.world.identities import held_out_z
 from headstyle.metrics.consistency import multiview_consistency
 from headstyle.metrics.diversity import diversity
 from headstyle.metrics.identity import identity_preservation

@@ -26,7 +26,7 @@ from headstyle.priors.base import ScorePrior
 from headstyle.priors.loading import PriorSpec, load_prior
 
 EXEMPLAR = "exemplar"
-# The shipped learned prior (its card and figures: headstyle.lab.prior_card).
+# The shipped learned prior (its card and figures: headstyle.lab.prior.card).
 SHIPPED = Path(__file__).with_name("learned_prior")
 CONTROLNETS = {"depth": "controlnet-depth", "canny": "controlnet-canny"}  # grid branch, single branch
 
@@ -53,7 +53,7 @@ class PriorProfile:
 # The exemplar prior's latents are its images (3 channels, std 0.745); its historical /10 (raw LD gradient RMS
 # 6-22, max up to 290: the clamp cuts 5-18% of the entries, benchmarks/lab_shaping.py).
 EXEMPLAR_SHAPING = (10.0, (1.0, 0.75, 0.5))
-# The shipped learned prior, measured by headstyle.lab.shaping_calibration (benchmarks/lab_shaping.py, 8 held-out
+# The shipped learned prior, measured by headstyle.lab.prior.shaping_calibration (benchmarks/lab_shaping.py, 8 held-out
 # identities x 4 styles): latent std 1.015 (SD's convention, 1), so the script's divisor is 1000 * 1.015 ~ 1000;
 # raw LD gradient RMS 0.86-1.61, max 11.4 (the clamp never cuts); 4 latent channels whose score ranks hold
 # 75-83% / 15-22% / 1-2% / about 1% of the energy: the script's 4 weights.
@@ -91,7 +91,7 @@ class LabPriorSpec:
         """(prior, profile) for a lab generator of raw ``resolution`` and ``sr_factor``; the exemplar prior is
         built from ``identities`` x ``views`` renders, the learned one must work at the lab's render sizes."""
         if self.folder is None:
-            from headstyle.lab.prior import build_lab_prior
+            from headstyle.lab.prior.exemplar import build_lab_prior
 
             prior, _ = build_lab_prior(
                 identities=identities, views=views, resolution=resolution, sr_factor=sr_factor, progress=progress

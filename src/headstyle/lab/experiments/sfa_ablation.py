@@ -12,7 +12,7 @@ Rows, each on the lab's held-out identities and a style that no training pair sh
 Generation: img2img (DDIM, ``strength`` of ``steps``, CFG ``guidance``) of each identity's base renders at
 the lab's evaluation cameras, the content bank written from the identity's front and back base renders and
 the style bank from a cross-identity exemplar's front and back in the unseen style: the pairs as the dataset
-makes them (headstyle.sfa.dataset). Scores (headstyle.lab.evaluate.score against the unseen style's truth of
+makes them (headstyle.sfa.dataset). Scores (headstyle.lab.experiments.evaluate.score against the unseen style's truth of
 the same identities): stylisation and style_fd (the colour/texture statistics of the style, identity-free;
 the lab's FID), rgb_error (to the ground-truth stylised head of the same identity), id_accuracy_appearance
 (which truth is nearest), input_distance (colour distance to the identity's own unstylised render: the
@@ -20,7 +20,7 @@ paper's ID axis, lower = more like the input) and mv_warp_error (multi-view cons
 geometry, which img2img keeps). Mean +- std over seeds; each seed trains its own modules and draws its own
 sampling noise.
 
-``mask_regions`` restricts Style Fusion Attention to named regions of the world (headstyle.lab.world.REGIONS):
+``mask_regions`` restricts Style Fusion Attention to named regions of the world (headstyle.lab.world.heads.REGIONS):
 each content view's and each style exemplar view's own region mask (world.region_masks) masks its bank's
 tokens, and the runs gain outside_distance, the colour distance to the input outside the regions of each
 evaluation view (what the mask should keep).
@@ -47,11 +47,11 @@ from headstyle.attention.views import stylize_image
 from headstyle.cameras import cameras
 from headstyle.export import save_figure, save_grid
 from headstyle.io import atomic_write_text
-from headstyle.lab.evaluate import EvalSet, Views, make_eval_set, render_views, score
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.learned import learned_spec
-from headstyle.lab.prior import check_disjoint, held_out_z
-from headstyle.lab.world import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
+from headstyle.lab.experiments.evaluate import EvalSet, Views, make_eval_set, render_views, score
+from headstyle.lab.prior.learned import learned_spec
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import STYLES, check_regions, params_from_z, region_masks, region_select, sample_z
+from headstyle.lab.world.identities import check_disjoint, held_out_z
 from headstyle.metrics.identity import colour_distance
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.priors.loading import load_prior
@@ -65,7 +65,7 @@ from headstyle.training.signals import STOP
 
 # The unseen style's exemplar identity: drawn apart from the evaluation (1000) and reference (3000) sets.
 EXEMPLAR_SEED = 5_000
-TRUNCATION_PSI = 0.75  # the lab's evaluation renders (headstyle.lab.evaluate.render_views)
+TRUNCATION_PSI = 0.75  # the lab's evaluation renders (headstyle.lab.experiments.evaluate.render_views)
 REGION_FLOOR = 0.05  # region coverage below this counts as none (see world_masks)
 # (key, header, format, higher is better)
 COLUMNS = (
@@ -249,7 +249,7 @@ def generate(
 
 
 def scores(pred: Views, ev: EvalSet, inside: Tensor | None = None) -> dict[str, float]:
-    """headstyle.lab.evaluate.score plus input_distance, and outside_distance when ``inside`` (I, V, h, w),
+    """headstyle.lab.experiments.evaluate.score plus input_distance, and outside_distance when ``inside`` (I, V, h, w),
     the evaluation views' region masks, is given (see the module docstring)."""
     out = score(pred, ev)
     b = ev.before

@@ -3,7 +3,7 @@
 A variant is a change of the lab recipe's config, made with dataclasses.replace (``lab_config``: the
 paper's LD with mirror, grid and rank re-weighting at the lab's sizes: 64 px single views = 32 px raw
 renders x2, 2x2 grids of 32 px raw renders, and LD's gradient shaping for the prior's latents, see
-headstyle.lab.learned.PriorProfile); an optimiser is a change of its optim section (the paper's Adam,
+headstyle.lab.prior.learned.PriorProfile); an optimiser is a change of its optim section (the paper's Adam,
 SGD with momentum, and the diffusion-classifier stopping rule). The trainer (headstyle.stylize.trainer.Stylizer)
 runs unchanged on the lab generator and the prior, the learned lab prior by default.
 
@@ -37,10 +37,10 @@ from headstyle.distill.objectives import DDSParams, IDSParams, NFSDParams, Objec
 from headstyle.export import save_figure
 from headstyle.input_files import check_fields, read_json_object, read_text
 from headstyle.io import atomic_write_text
-from headstyle.lab.evaluate import EvalSet, evaluate, make_eval_set
-from headstyle.lab.generator import LabGenerator
-from headstyle.lab.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
-from headstyle.lab.world import STYLES, UNSTYLED_PROMPT, style_prompt
+from headstyle.lab.experiments.evaluate import EvalSet, evaluate, make_eval_set
+from headstyle.lab.prior.learned import EXEMPLAR, EXEMPLAR_SHAPING, LabPriorSpec, PriorProfile
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
 from headstyle.settings import SEED_END
 from headstyle.stylize import stopping
@@ -121,7 +121,7 @@ CURVE_METRICS = (("stylisation", "stylisation"), ("id_accuracy_appearance", "ide
 class LabSettings:
     """Sizes, prior and budget shared by the demo and the bench.
 
-    prior: "" = the shipped learned lab prior, "exemplar", or an SD folder (headstyle.lab.learned);
+    prior: "" = the shipped learned lab prior, "exemplar", or an SD folder (headstyle.lab.prior.learned);
     t_range: the objective's timesteps (low, high), inclusive, or None for the recipe's DDIM steps 35-49
     (t in 1..281 for SD's schedule); curve_every: evaluate LD and SDS runs every so many iterations (0 = off).
     """
@@ -461,7 +461,7 @@ def run_bench(
     the finished runs in ``out`` (same prior and settings, bench.json) are kept and only the missing or failed ones
     run. ``on_run`` sees every finished row (progress output).
     """
-    from headstyle.lab.learned import resolve_prior
+    from headstyle.lab.prior.learned import resolve_prior
 
     unknown = ([s for s in styles if s not in STYLES] + [v for v in variants if v not in VARIANTS]
                + [o for o in optimizers if o not in OPTIMIZERS])  # fmt: skip

@@ -1,7 +1,7 @@
 """The lab generator: procedural heads behind PanoHead's generator interface.
 
 - ``mapping(z, c, psi, cutoff)``: ws = psi * z broadcast to ``num_ws`` (w_avg = 0; z ~ N(0, I)
-  is the identity code of headstyle.lab.world, the camera is ignored as in c_scale = 0).
+  is the identity code of headstyle.lab.world.heads, the camera is ignored as in c_scale = 0).
 - ``synthesis(ws, c)``: identity parameters from ws[:, 0]; rays from headstyle's ray_sampler;
   at each sample the FROZEN procedural field (world.head_field, the "pretrained" part) plus
   a trainable residual field; composited by headstyle's ray_march onto a white background.
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from headstyle.generator.base import FieldSampler, RenderOutput, select_parameters
 from headstyle.generator.renderer import ray_march, ray_sampler, sample_from_trigrid
-from headstyle.lab.world import NUM_PARAMS, REGIONS, SHADING_BAND, head_field, params_from_z
+from headstyle.lab.world.heads import NUM_PARAMS, REGIONS, SHADING_BAND, head_field, params_from_z
 
 LAB_RENDERING_KWARGS: dict[str, Any] = {
     "ray_start": 2.25,

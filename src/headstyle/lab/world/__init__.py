@@ -1,0 +1,1 @@
+"""The synthetic world: identities, their fields and styles (heads), the identity sets, the lab generator."""
