@@ -49,12 +49,12 @@ def test_config_file_overrides_and_the_reasons_each_tab_gives(tmp_path, parity_d
     reasons = tab_reasons(cfg, cfg.styles)
     # The only style is missing: photo and generate say which; SD-based tabs name the setting to fill in.
     assert "styles.old" in reasons["photo"] and "gone.pth does not exist" in reasons["photo"]
-    assert reasons["style_image"] == reasons["train"] == "set models.sd_model (an SD 1.5-family diffusers folder) in " \
+    assert reasons["style_image"] == reasons["train"] == "set models.prior (an SD 1.5-family diffusers folder) in " \
         "the app config"
     (tmp_path / "gone.pth").write_bytes(b"")
     assert tab_reasons(cfg, cfg.styles)["generate"] is None
     # A hub id never downloaded is not offered (the app works offline).
-    cfg = load_app_config(None, [f"models.generator={parity_dir}", "models.sd_model=nobody/not-cached-model"])
+    cfg = load_app_config(None, [f"models.generator={parity_dir}", "models.prior=nobody/not-cached-model"])
     assert "nobody/not-cached-model is neither a local path nor in the Hugging Face cache" in \
         tab_reasons(cfg, {})["train"]  # fmt: skip
     assert "models.generator" in tab_reasons(AppConfig(), {})["photo"]
@@ -279,7 +279,7 @@ def test_run_names_and_a_torn_log_line(tmp_path):
 
 
 def test_a_run_of_the_configured_models_is_a_checked_stylize_config(cfg, tmp_path, parity_dir):
-    cfg = load_app_config(None, [f"models.generator={parity_dir}", "models.sd_model=/models/sd",
+    cfg = load_app_config(None, [f"models.generator={parity_dir}", "models.prior=/models/sd",
                                  "models.depth_controlnet=/models/depth"])  # fmt: skip
     spec = training.models_spec(cfg, tmp_path / "wolf", 12, preset="werewolf")
     c = spec.config

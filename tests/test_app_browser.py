@@ -108,7 +108,7 @@ def test_the_page_in_chromium(served):
             pg.goto(url)
             availability = pg.inner_text("#availability")
             assert "Photo: ready" in availability
-            assert "Style image: unavailable: set models.sd_model" in availability
+            assert "Style image: unavailable: set models.prior" in availability
             assert pg.get_by_role("tab", name="Style image").first.is_disabled()
 
             # The lab: train a style for two iterations, then generate with it.

@@ -140,7 +140,7 @@ def hostile(tmp_path_factory, tiny_sd, clip_dir, depth_dir, parity_dir) -> dict[
     out = str(root / "out")
     parity = str(parity_dir)
     views = ["style-views", "--generator", parity, "--style-image", str(root / "crop.png"), "--out", out]
-    prior = ["--model", str(tiny_sd.model), "--vae", "", "--controlnet-depth", ""]
+    prior = ["--prior", str(tiny_sd.model), "--vae", "", "--controlnet-depth", ""]
     evaluate = ["eval", "--base", parity, "--stylized", parity, "--out", out, "--no-dlib"]
     project = ["project", "--generator", parity, "--image", str(root / "crop.png"), "--out", out]
     return {
@@ -154,8 +154,8 @@ def hostile(tmp_path_factory, tiny_sd, clip_dir, depth_dir, parity_dir) -> dict[
         "clip layers": ([*evaluate, "--clip", str(clip_big)], clip_big),
         "clip shapes": ([*evaluate, "--clip", str(clip_wide)], clip_wide),
         "depth anything": ([*evaluate, "--depth-anything", str(depth_big)], depth_big),
-        "sd model": ([*views, "--model", str(sd_wide), "--vae", "", "--controlnet-depth", ""], sd_wide / "unet"),
-        "sd missing weight": ([*views, "--model", str(sd_missing), "--vae", "", "--controlnet-depth", ""],
+        "sd model": ([*views, "--prior", str(sd_wide), "--vae", "", "--controlnet-depth", ""], sd_wide / "unet"),
+        "sd missing weight": ([*views, "--prior", str(sd_missing), "--vae", "", "--controlnet-depth", ""],
                               sd_missing / "unet"),
         "lora rank": ([*views, *prior, "--style-module", str(rank)], rank),
         "lora pattern": ([*views, *prior, "--style-module", str(pattern)], pattern),

@@ -312,7 +312,7 @@ def test_cli_dataset_train_resume_and_style_views(tiny_sd, parity_dir, tmp_path)
                               "--views", "2", "--out", str(data), "--no-progress"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert len(SFADataset(data)) == 3
-    train = ["sfa", "train", "--data", str(data), "--model", str(tiny_sd.model), "--vae", "", "--views", "2",
+    train = ["sfa", "train", "--data", str(data), "--prior", str(tiny_sd.model), "--vae", "", "--views", "2",
              "--held-out", "1", "--lr", "0.001", "--no-progress"]  # fmt: skip
     res = runner.invoke(app, [*train, "--out", str(tmp_path / "zero"), "--iterations", "0"])
     assert res.exit_code == 0, res.output
@@ -329,7 +329,7 @@ def test_cli_dataset_train_resume_and_style_views(tiny_sd, parity_dir, tmp_path)
 
     style = tmp_path / "style.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(style)
-    views = ["style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--vae", "",
+    views = ["style-views", "--generator", str(parity_dir), "--prior", str(tiny_sd.model), "--vae", "",
              "--controlnet-depth", "", "--style-image", str(style), "--yaws", "0", "--steps", "4",
              "--strength", "0.5", "--raw-only"]  # fmt: skip
     pngs = {}

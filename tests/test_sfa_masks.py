@@ -331,7 +331,7 @@ def test_style_views_masks_views_by_their_parsed_regions(tiny_sd, parity_dir, tm
     style = tmp_path / "style.png"
     Image.fromarray((np.mgrid[0:48, 0:48][1] // 6 % 2 * 255).astype(np.uint8)).convert("RGB").save(style)
     base = [
-        "style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--controlnet-depth", "",
+        "style-views", "--generator", str(parity_dir), "--prior", str(tiny_sd.model), "--controlnet-depth", "",
         "--style-image", str(style), "--seeds", "0", "--yaws", "30", "--steps", "4", "--strength", "0.5",
         "--device", "cpu", "--raw-only", "--neural-rendering-resolution", "16", "--depth-samples", "6",
         "--content", "view",

@@ -85,7 +85,7 @@ def test_style_views_cli_writes_views_sheet_and_turntable(tiny_sd, parity_dir, t
     mask = ((yy < 24) * 255).astype(np.uint8)
     out = tmp_path / "out"
     args = [
-        "style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model),
+        "style-views", "--generator", str(parity_dir), "--prior", str(tiny_sd.model),
         "--controlnet-depth", str(tiny_sd.controlnets["depth"]),
         "--style-image", _write_png(tmp_path / "style.png", stripes),
         "--style-image-2", _write_png(tmp_path / "style2.png", dots), "--alpha", "0.3",
@@ -139,7 +139,7 @@ def test_content_bank_is_the_heads_front_and_back_renders(tiny_sd, parity_dir, t
     yy, xx = np.mgrid[0:48, 0:48]
     front = _write_png(tmp_path / "front.png", np.stack([(xx // 6 % 2) * 255] * 3, -1).astype(np.uint8))
     back = _write_png(tmp_path / "back.png", np.stack([yy * 5] * 3, -1).astype(np.uint8))
-    base = ["style-views", "--generator", str(parity_dir), "--model", str(tiny_sd.model), "--vae", "",
+    base = ["style-views", "--generator", str(parity_dir), "--prior", str(tiny_sd.model), "--vae", "",
             "--controlnet-depth", "", "--style-image", front, "--seeds", "0", "--yaws", "45", "--steps", "2",
             "--strength", "0.5", "--device", "cpu", "--raw-only", "--neural-rendering-resolution", "16",
             "--depth-samples", "6"]  # fmt: skip

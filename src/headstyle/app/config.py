@@ -2,7 +2,7 @@
 
     [models]                       # paths or hub ids; "" = not configured
     generator = "easy-khair-180-gpc0.8-trans10-025000.pkl"
-    sd_model = "models/realistic-vision"
+    prior = "models/realistic-vision"
     depth_controlnet = "models/sd-controlnet-depth"
     vgg16 = "models/vgg16.pt"
 
@@ -34,15 +34,15 @@ TAB_TITLES = {"photo": "Photo", "generate": "Generate", "style_image": "Style im
 @dataclass
 class ModelsSection:
     """Model paths or hub ids ("" = none). generator: the base PanoHead (.pkl, .pth, .safetensors or a
-    folder); generator_config: the base config of a bare .pth; sd_model: an SD 1.5-family diffusers folder
+    folder); generator_config: the base config of a bare .pth; prior: an SD 1.5-family diffusers folder
     (Style image, Train a style); vae: "auto", "" (the model's own) or a path; vgg16 / lpips_lin: the
     projector's LPIPS-VGG16 (without them it uses a Laplacian-pyramid L1 and says so); lpips_alexnet /
     lpips_linear: stylize's Tweedie LPIPS (optional); style_module: a trained Style Appearance Module for
-    Style image (`headstyle sfa train`'s module/ folder, trained for sd_model)."""
+    Style image (`headstyle sfa train`'s module/ folder, trained for prior)."""
 
     generator: str = ""
     generator_config: str = ""
-    sd_model: str = ""
+    prior: str = ""
     vae: str = "auto"
     canny_controlnet: str = ""
     depth_controlnet: str = ""
@@ -199,7 +199,7 @@ def tab_reasons(cfg: AppConfig, styles: Mapping[str, str]) -> dict[str, str | No
     ``styles``: the stylised generators on offer (name -> path), configured and trained here.
     """
     generator = _need(cfg, "generator", "the base PanoHead generator")
-    sd = _need(cfg, "sd_model", "an SD 1.5-family diffusers folder")
+    sd = _need(cfg, "prior", "an SD 1.5-family diffusers folder")
     no_style = None if styles else "no stylised generator yet: add one under [styles] or train one in 'Train a style'"
     broken = [f"styles.{name}: {problem}" for name, path in styles.items() if (problem := model_missing(path))]
     style_problem = no_style or (broken[0] if len(broken) == len(styles) else None)

@@ -161,10 +161,10 @@ class Models:
         from headstyle.priors.loading import PriorSpec, load_prior
 
         m = self.cfg.models
-        if not m.sd_model:
-            raise AppError("no SD model: set models.sd_model in the app config")
+        if not m.prior:
+            raise AppError("no SD model: set models.prior in the app config")
         nets = {"depth": m.depth_controlnet} if m.depth_controlnet else {}
-        spec = PriorSpec(m.sd_model, m.vae, nets, latent_sample="mean")
+        spec = PriorSpec(m.prior, m.vae, nets, latent_sample="mean")
 
         def load():
             try:
@@ -172,7 +172,7 @@ class Models:
             except PriorLoadError as exc:
                 raise AppError(str(exc)) from None
 
-        return self._cache.get(("sd", m.sd_model, m.vae, m.depth_controlnet), load)
+        return self._cache.get(("sd", m.prior, m.vae, m.depth_controlnet), load)
 
     def sfa_parts(self, prior) -> tuple[Any, nn.Module | None, nn.Module | None]:
         """The configured Style Appearance Module's (prior, content UNet, style UNet) for ``prior`` (None: its

@@ -109,7 +109,7 @@ def models_spec(
         run_cfg = resolve_config(preset or None)
         run_cfg = replace(
             run_cfg,
-            model=replace(run_cfg.model, generator=m.generator, prior=m.sd_model, vae=m.vae,
+            model=replace(run_cfg.model, generator=m.generator, prior=m.prior, vae=m.vae,
                           canny_controlnet=m.canny_controlnet, depth_controlnet=m.depth_controlnet),
             run=replace(run_cfg.run, out=str(run_dir), iterations=int(iterations), sample_every=every,
                         checkpoint_every=every, device=cfg.server.device),

@@ -124,7 +124,7 @@ class ViewsModelConfig:
 
     generator: str = ""
     generator_config: str = ""
-    model: str = DEFAULT_MODEL
+    prior: str = DEFAULT_MODEL
     vae: str = "auto"
     controlnet_depth: str = DEFAULT_CONTROLNETS["depth"]
     device: str = ""

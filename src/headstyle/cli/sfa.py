@@ -23,7 +23,8 @@ app.add_typer(sfa_app, name="sfa")
 
 LAB = "lab"
 LAB_STYLE = "lab:"
-# A lab dataset keeps the lab's first LAB_HELD_OUT held-out identities (lab.prior.held_out_z) out of every pair.
+# A lab dataset keeps the lab's first LAB_HELD_OUT held-out identities (lab.world.identities.held_out_z) out of
+# every pair.
 LAB_HELD_OUT = 64
 
 
@@ -165,7 +166,7 @@ def _stylised(path: str, is_lab: bool, device: torch.device, config: str | None)
 def sfa_train(
     data: str | None = typer.Option(None, help="Dataset folder (`headstyle sfa dataset`)."),
     out: str | None = typer.Option(None, help="Run folder: config.toml, logs, checkpoints/, module/ (the result)."),
-    model: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (the base the module is "
+    prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (the base the module is "
                                      "trained for; default Realistic Vision 5.1)."),
     vae: str | None = typer.Option(None, help="VAE: 'auto', '' (the model's own) or a folder / hub id."),
     controlnet_depth: str | None = typer.Option(None, help="Depth ControlNet fed the views' depth ('' = none)."),
@@ -193,7 +194,7 @@ def sfa_train(
     from headstyle.sfa.config import SFATrainConfig, dumps
 
     flags = {
-        "data.path": data, "data.held_out_per_style": held_out, "run.out": out, "model.model": model,
+        "data.path": data, "data.held_out_per_style": held_out, "run.out": out, "model.prior": prior,
         "model.vae": vae, "model.controlnet_depth": controlnet_depth, "model.device": device, "train.role": role,
         "train.lora_rank": lora_rank,
         "train.iterations": iterations, "train.lr": lr, "train.views": views, "train.seed": seed,
@@ -263,7 +264,7 @@ def run_sfa_train(cfg, resume: str | None, threads: int, progress: bool) -> None
         m = cfg.model
         nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
         # latent_sample="mean": the VAE posterior mean, so a run is a function of its seed
-        spec = PriorSpec(m.model, m.vae, nets, dtype=torch.float32, latent_sample="mean")
+        spec = PriorSpec(m.prior, m.vae, nets, dtype=torch.float32, latent_sample="mean")
         prior = load_diffusers_prior(spec, dev)
         try:
             trainer = SFATrainer(cfg, prior, dataset)

@@ -46,7 +46,7 @@ def style_views(
     pairing: str | None = typer.Option(None, help="Value pairing: paper (K_hat-V_s, tau K_s-V_c) or matched."),
     layers: str | None = typer.Option(None, help="Self-attention layers with style fusion: all or decoder."),
     reference: str | None = typer.Option(None, help="Reference latents for the appearance pass: noised or clean."),
-    model: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (default Realistic "
+    prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (default Realistic "
                                      "Vision 5.1)."),
     vae: str | None = typer.Option(None, help="VAE: 'auto' (the model folder's vae/ when it has one, else "
                                    "sd-vae-ft-mse), '' (the model's own) or a folder / hub id."),
@@ -74,7 +74,7 @@ def style_views(
     from headstyle.attention.config import StyleViewsConfig
 
     flags = {
-        "model.generator": generator, "model.generator_config": generator_config, "model.model": model,
+        "model.generator": generator, "model.generator_config": generator_config, "model.prior": prior,
         "model.vae": vae, "model.controlnet_depth": controlnet_depth, "model.device": device,
         "model.neural_rendering_resolution": neural_rendering_resolution, "model.depth_samples": depth_samples,
         "model.style_module": style_module,
@@ -148,7 +148,7 @@ def run_style_views(cfg: StyleViewsConfig, alpha_given: bool = False) -> None:
                        m.depth_samples or None)  # fmt: skip
     # latent_sample="mean": the VAE posterior mean, so a run is a function of its seeds
     nets = {"depth": m.controlnet_depth} if m.controlnet_depth else {}
-    prior = load_diffusers_prior(PriorSpec(m.model, m.vae, nets, latent_sample="mean"), dev)
+    prior = load_diffusers_prior(PriorSpec(m.prior, m.vae, nets, latent_sample="mean"), dev)
     content_unet = style_unet = None
     if m.style_module:
         prior, content_unet, style_unet = load_style_module(m.style_module, prior)

@@ -35,7 +35,7 @@ class ModelSection:
     """The SD 1.5-family model whose UNet the banks feed (paths or hub ids); controlnet_depth "" = none;
     vae as style-views ("auto", "" or a path); device "" = cuda when available."""
 
-    model: str = DEFAULT_MODEL
+    prior: str = DEFAULT_MODEL
     vae: str = "auto"
     controlnet_depth: str = ""
     device: str = ""

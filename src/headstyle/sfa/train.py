@@ -222,7 +222,7 @@ class SFATrainer(runner.Task):
 
     def save_module(self) -> Path:
         meta = {
-            "base_model": self.cfg.model.model,
+            "base_model": self.cfg.model.prior,
             "dataset": str(self.dataset.root),
             "styles": self.dataset.styles,
             "iterations": self.iteration,

@@ -88,7 +88,7 @@ class EvalSet:
 
 
 def make_eval_set(style: str, like: LabGenerator, identities: int = 4, views: int = 8, reference: int = 4) -> EvalSet:
-    """Held-out identities (lab.prior.held_out_z), their before/truth renders and a reference set."""
+    """Held-out identities (lab.world.identities.held_out_z), their before/truth renders and a reference set."""
     z = held_out_z(identities)
     cams = eval_cameras(views)
     return EvalSet(

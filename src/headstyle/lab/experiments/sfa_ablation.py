@@ -175,7 +175,7 @@ def train_module(
         return StyleAppearanceModule.load(module_dir, prior.unet)
     cfg = SFATrainConfig()
     cfg.data.path, cfg.data.held_out_per_style = str(ds.root), s.held_out_per_style
-    cfg.model.model = s.prior
+    cfg.model.prior = s.prior
     cfg.fusion.pairing = s.pairing
     t = cfg.train
     t.role, t.iterations, t.lr, t.views, t.seed = role, s.iterations, s.lr, s.train_views, seed

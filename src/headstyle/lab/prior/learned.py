@@ -4,7 +4,7 @@
   loaded through the production path, load_prior (``learned_spec``), with its depth ControlNet on
   the grid and its canny ControlNet on the single view. The shipped one lives in
   headstyle/lab/learned_prior/; ``--prior PATH`` takes any such folder;
-- ``exemplar``: the analytic exemplar prior of headstyle.lab.prior (the closed-form test bed).
+- ``exemplar``: the analytic exemplar prior of headstyle.lab.prior.exemplar (the closed-form test bed).
 
 ``LabPriorSpec`` is resolved from the option text with cheap checks only (folders exist), so bad
 input fails before any model loads; ``load`` builds the prior and its ``PriorProfile``: the image
