@@ -81,8 +81,11 @@ def test_overrides_typed_and_errors_name_the_field():
         apply_overrides(cfg, ["objective.weighting=fantasia3d"])  # an SDS weighting while the objective is LD
     with pytest.raises(ConfigError, match="max_step_index"):
         apply_overrides(cfg, ["objective.max_step_index=50"])
-    with pytest.raises(ConfigError, match="lpips_alexnet"):
-        apply_overrides(cfg, ["regularisers.lpips=0.05"])
+    with pytest.raises(ConfigError, match=r"cameras: pivot must be 3 numbers within \[-1, 1\]"):
+        apply_overrides(cfg, ["cameras.pivot=[0, 0]"])
+    mirrored = apply_overrides(StylizeConfig(), ["single.mirror=true"])
+    with pytest.raises(ConfigError, match=r"cameras\.pivot = \[0\.1, 0\.0, 0\.0\] lies off the plane x = 0"):
+        apply_overrides(mirrored, ["cameras.pivot=[0.1, 0, 0]"])
 
 
 @dataclass
@@ -139,7 +142,7 @@ def test_stylize_fields_carry_their_ranges_choices_and_units():
     assert "cond_yaw = 0.0  # degrees, 0 = front\n" in text
     assert "scale = 1000.0  # divisor of every latent gradient\n" in text
     assert "lr = 0.0001  # learning rate (Adam; SGD: step = lr * velocity)\n" in text
-    assert len(settings.units(cfg)) == 11 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
+    assert len(settings.units(cfg)) == 12 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
 
 
 def test_branches_register_under_their_config_sections_in_step_order():
@@ -173,7 +176,9 @@ def test_defaults_follow_the_script():
     assert (cfg.shaping.scale, cfg.shaping.clamp) == (1000.0, 1.0)
     assert cfg.optim.lr == 1e-4 and cfg.optim.train_modules == ("backbone.synthesis", "superresolution")
     assert cfg.optim.train_biases is False and cfg.regularisers.relative_distance == 1.0
-    assert (cfg.regularisers.tweedie_mse, cfg.regularisers.lpips) == (0.1, 0.0)  # LPIPS needs local weights
+    assert (cfg.regularisers.tweedie_mse, cfg.regularisers.lpips) == (0.1, 0.05)
+    assert cfg.cameras.pivot == (0.0, 0.0, 0.0) and cfg.model.vae == ""  # every camera looks at the origin; pipe.vae
+    assert (cfg.model.prior_dtype, cfg.model.vae_dtype) == ("fp16", "fp16")
 
 
 def test_presets_and_resolution_order(tmp_path):
