@@ -178,7 +178,7 @@ def measure(
         raise SystemExit(f"stylize ({precision}) exited {child.returncode}: {' '.join(command)}")
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     seconds = [float(e["seconds"]) for e in lines if "seconds" in e]
-    cuda = float("nan") if accelerate else json.loads(stdout.strip().splitlines()[-1])["cuda_peak_mib"]
+    cuda = None if accelerate else json.loads(stdout.strip().splitlines()[-1])["cuda_peak_mib"]
     return {
         "precision": precision + (" (accelerate launch)" if accelerate else ""), "iterations": len(seconds),
         "first_s": seconds[0],
@@ -244,8 +244,9 @@ def main() -> None:
     print(f"\n{kind} size on {args.device} ({threads} threads), {args.iterations} iterations a run:")
     print("| precision | first iteration | s/iteration | peak RSS | CUDA peak |\n|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['precision']} | {r['first_s']:.1f} s | {r['s_per_it']:.1f} s | {r['peak_rss_mib']:.0f} MiB | "
-              f"{r['cuda_peak_mib']:.0f} MiB |")
+        cuda = "-" if r["cuda_peak_mib"] is None else f"{r['cuda_peak_mib']:.0f} MiB"
+        rss = f"{r['peak_rss_mib']:.0f} MiB"
+        print(f"| {r['precision']} | {r['first_s']:.1f} s | {r['s_per_it']:.1f} s | {rss} | {cuda} |")
     (out / "results.json").write_text(json.dumps({"kind": kind, "device": args.device, "runs": results}, indent=2))
     print(f"wrote {out / 'results.json'}")
 

@@ -26,12 +26,16 @@ from headstyle.stylize.trainer import Stylizer, TrainResult
 # How a deviation from the script is told: one line of text.
 Note = Callable[[str], None]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEPTH_ANYTHING = "depth-anything/Depth-Anything-V2-Base-hf"
+DEPTH_ANYTHING = controls.MonocularDepth.HUB_ID
 
 
 def print_note(text: str) -> None:
     """A deviation from the script, as one line on stderr."""
     print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def _silent(text: str) -> None:
+    """A note of a process other than the main one: the main process tells it."""
 
 
 def check_local_files(cfg: StylizeConfig) -> None:
@@ -141,10 +145,6 @@ def build_from_config(cfg: StylizeConfig, accelerator: Any = None, note: Note = 
         depth_estimator=build_depth_estimator(cfg, prior, dev, note),
         generator_digest=content_digest(cfg.model.generator),
     )
-
-
-def _silent(text: str) -> None:
-    """A note of a process other than the main one: the main process tells it."""
 
 
 def run_stylize(cfg: StylizeConfig, resume: str | Path | None = None, progress: bool = True) -> TrainResult:
