@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of this exact version is provisioned here; other specs pull CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean lab-prior lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-long lab-matrix-exemplar \
+.PHONY: install demo test lint bench bench-full-size clean lab-prior lab-matrix lab-matrix-paper lab-matrix-fast lab-matrix-optim lab-matrix-long lab-matrix-exemplar \
 	lab-stop lab-stop-paper lab-stop-fast \
 	lab-sfa-ablation
 
@@ -35,7 +35,13 @@ test: $(STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do [ "$$b" = benchmarks/full_size.py ] && continue; echo "== $$b"; \
+		OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
+
+# One stylize iteration at real size (full-size SD 1.5 + the released PanoHead, random weights built locally):
+# several GB of memory and minutes an iteration on CPU. On a GPU: bash benchmarks/gpu_check.sh (under 5 minutes).
+bench-full-size: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/full_size.py --precision fp32,bf16
 
 # The shipped learned lab prior from scratch (seed 0, config full-long; about 3 h of one thread), then its card
 # (and a copy of the model) in runs/lab-prior/card; copy that folder to src/headstyle/lab/learned_prior to ship it.

@@ -141,8 +141,8 @@ def test_separate_vae_folder_gives_the_same_latents(prior, tiny_sd):
 
 
 def test_load_prior_loads_what_the_spec_names(prior, tiny_sd):
-    """load_prior(PriorSpec, device) is from_pretrained of the spec, its vae read as the configs read it ("auto":
-    the folder's own vae/; "": the model's own; else a VAE folder), and it declares the whole seam."""
+    """load_prior(PriorSpec, device) is from_pretrained of the spec, its vae read as the configs read it ("", the
+    default: the model's own; "auto": the folder's own vae/; else a VAE folder), and it declares the whole seam."""
     spec = PriorSpec(tiny_sd.model, controlnets=tiny_sd.controlnets, dtype=torch.float32, latent_sample="mean")
     loaded = load_prior(spec, "cpu")
     assert isinstance(loaded, ScorePrior) and isinstance(loaded, CondOnlyPrior) and loaded.predicts_cond_only
@@ -155,7 +155,7 @@ def test_load_prior_loads_what_the_spec_names(prior, tiny_sd):
         for (eu, ec), (ru, rc) in zip(loaded.predict_noise(queries), prior.predict_noise(queries), strict=True):
             assert torch.equal(eu, ru) and torch.equal(ec, rc)
         latents = prior.encode(images)
-        for vae in ("", tiny_sd.vae):
+        for vae in ("auto", tiny_sd.vae):
             other = load_prior(replace(spec, vae=vae, controlnets={}), "cpu")
             assert other.control_names == frozenset()
             torch.testing.assert_close(other.encode(images), latents)
@@ -200,7 +200,7 @@ def test_clear_errors_for_missing_offline_and_wrong_models(tiny_sd, tmp_path):
     with pytest.raises(PriorLoadError, match=r"HF_HUB_OFFLINE.*hf download SG161222/Realistic_Vision_V5\.1_noVAE"):
         DiffusersPrior.from_pretrained(DEFAULT_MODEL, vae=None, controlnets={})
     with pytest.raises(PriorLoadError, match=r"hf download stabilityai/sd-vae-ft-mse"):
-        DiffusersPrior.from_pretrained(tiny_sd.model, controlnets={})
+        DiffusersPrior.from_pretrained(tiny_sd.model, vae="stabilityai/sd-vae-ft-mse")
     weights = next((tiny_sd.model / "unet").glob("*.safetensors"))
     with pytest.raises(PriorLoadError, match="is a file"):
         DiffusersPrior.from_pretrained(weights, vae=None, controlnets={})

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import types
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from headstyle import settings
+from headstyle import cameras, settings
 from headstyle.distill.objectives import SDSParams
 from headstyle.lab.world.generator import LabGenerator
 from headstyle.priors.analytic import GaussianPrior
@@ -23,6 +24,7 @@ from headstyle.stylize.config import (
     apply_overrides,
     dumps,
     load_config,
+    load_saved_config,
     save_config,
 )
 from headstyle.stylize.factory import build_lpips
@@ -81,8 +83,10 @@ def test_overrides_typed_and_errors_name_the_field():
         apply_overrides(cfg, ["objective.weighting=fantasia3d"])  # an SDS weighting while the objective is LD
     with pytest.raises(ConfigError, match="max_step_index"):
         apply_overrides(cfg, ["objective.max_step_index=50"])
-    with pytest.raises(ConfigError, match="lpips_alexnet"):
-        apply_overrides(cfg, ["regularisers.lpips=0.05"])
+    with pytest.raises(ConfigError, match=r"cameras: pivot must be 3 numbers within \[-1, 1\]"):
+        apply_overrides(cfg, ["cameras.pivot=[0, 0]"])
+    with pytest.raises(ConfigError, match=r"cameras\.pivot = \[0\.1, 0\.0, 0\.0\] lies off the plane x = 0"):
+        apply_overrides(StylizeConfig(), ["cameras.pivot=[0.1, 0, 0]"])  # the mirror is on by default
 
 
 @dataclass
@@ -139,7 +143,7 @@ def test_stylize_fields_carry_their_ranges_choices_and_units():
     assert "cond_yaw = 0.0  # degrees, 0 = front\n" in text
     assert "scale = 1000.0  # divisor of every latent gradient\n" in text
     assert "lr = 0.0001  # learning rate (Adam; SGD: step = lr * velocity)\n" in text
-    assert len(settings.units(cfg)) == 11 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
+    assert len(settings.units(cfg)) == 12 and settings.units(cfg)["run.sample_yaws"] == "degrees, 0 = front"
 
 
 def test_branches_register_under_their_config_sections_in_step_order():
@@ -173,7 +177,9 @@ def test_defaults_follow_the_script():
     assert (cfg.shaping.scale, cfg.shaping.clamp) == (1000.0, 1.0)
     assert cfg.optim.lr == 1e-4 and cfg.optim.train_modules == ("backbone.synthesis", "superresolution")
     assert cfg.optim.train_biases is False and cfg.regularisers.relative_distance == 1.0
-    assert (cfg.regularisers.tweedie_mse, cfg.regularisers.lpips) == (0.1, 0.0)  # LPIPS needs local weights
+    assert (cfg.regularisers.tweedie_mse, cfg.regularisers.lpips) == (0.1, 0.05)
+    assert cfg.cameras.pivot == (0.0, 0.0, 0.0) and cfg.model.vae == ""  # every camera looks at the origin; pipe.vae
+    assert (cfg.model.prior_dtype, cfg.model.vae_dtype) == ("fp16", "fp16")
 
 
 def test_presets_and_resolution_order(tmp_path):
@@ -188,6 +194,19 @@ def test_presets_and_resolution_order(tmp_path):
     assert cfg.prompt.prompt == "from file" and cfg.run.iterations == 30 and cfg.run.checkpoint_every == 250
     with pytest.raises(ConfigError, match="unknown preset 'anime'"):
         resolve_config("anime")
+
+
+def test_a_config_saved_before_a_field_existed_reads_as_its_run_ran(tmp_path):
+    """A run saved before cameras.pivot and model.vae_dtype looked at PanoHead's pivot and kept an fp32 VAE under
+    fp16 weights: resuming it keeps doing so (a user's partial config file still fills in today's defaults)."""
+    text = dumps(StylizeConfig())
+    old = re.sub(r"\[cameras\]\n(.*\n)*?\n", "", text.replace('vae_dtype = "fp16"\n', ""))
+    assert "[cameras]" not in old and "vae_dtype" not in old
+    (tmp_path / "config.toml").write_text(old)
+    saved = load_saved_config(tmp_path / "config.toml")
+    assert saved.cameras.pivot == cameras.PIVOT and saved.model.vae_dtype == "fp32"
+    assert dataclasses.replace(saved, cameras=StylizeConfig().cameras, model=StylizeConfig().model) == StylizeConfig()
+    assert load_config(tmp_path / "config.toml").cameras.pivot == cameras.LD_PIVOT
 
 
 def test_relative_distance_closed_form():

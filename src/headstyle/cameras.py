@@ -4,17 +4,24 @@ A camera label ``c`` is ``[cam2world (4x4, row-major, 16 values), intrinsics (3x
 with OpenCV axes (x right, y down, z forward) and normalised intrinsics (cx = cy = 0.5).
 "yaw" and "pitch" are offsets from pi/2 as in PanoHead's scripts: yaw 0 faces the front,
 yaw +-pi the back of the head, and a positive pitch moves the camera downwards (-y).
+
+Two look-at points: ``PIVOT`` (0, 0, 0.2), the checkpoint's ``avg_camera_pivot`` (EG3D's FFHQ value,
+which PanoHead's rendering kwargs carry), the default of every function here; and ``LD_PIVOT`` (0, 0, 0),
+where every camera of the LD scripts (train_LD.py, infer_LD.py) looks, as do PanoHead's gen_samples.py,
+projector.py and gen_videos.py --cfg Head.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 RADIUS = 2.7
 PIVOT = (0.0, 0.0, 0.2)
+LD_PIVOT = (0.0, 0.0, 0.0)
 FOV_DEGREES = 18.837
 # Yaw 0, pitch 0.2: the camera the LD script conditions the mapping network on.
 COND_YAW, COND_PITCH = 0.0, 0.2
@@ -48,7 +55,7 @@ def look_at_pose(
     yaw: Tensor | float,
     pitch: Tensor | float,
     radius: float = RADIUS,
-    lookat: tuple[float, float, float] = PIVOT,
+    lookat: Sequence[float] = PIVOT,
 ) -> Tensor:
     """PanoHead's LookAtPoseSampler at horizontal = pi/2 + yaw, vertical = pi/2 + pitch, zero stddev.
 
@@ -81,9 +88,9 @@ def camera_label(cam2world: Tensor, intrinsics: Tensor | None = None) -> Tensor:
     return torch.cat([cam2world.reshape(n, 16), intr], dim=1)
 
 
-def cameras(yaw: Tensor | float, pitch: Tensor | float, **kwargs: float) -> Tensor:
-    """(N, 25) camera labels for broadcast yaws and pitches (radians)."""
-    return camera_label(look_at_pose(yaw, pitch, **kwargs))
+def cameras(yaw: Tensor | float, pitch: Tensor | float, lookat: Sequence[float] = PIVOT) -> Tensor:
+    """(N, 25) camera labels for broadcast yaws and pitches (radians), looking at ``lookat``."""
+    return camera_label(look_at_pose(yaw, pitch, lookat=lookat))
 
 
 def conditioning_camera(batch: int = 1) -> Tensor:
@@ -107,30 +114,32 @@ def sample_front_cameras(
     generator: torch.Generator | None = None,
     yaw_range: float = math.pi / 3,
     pitch_range: float = math.pi / 6,
+    lookat: Sequence[float] = PIVOT,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Single-view cameras of the LD script: yaw ~ U[-pi/3, pi/3], pitch ~ U[-pi/6, pi/6].
+    """Single-view cameras of the LD script: yaw ~ U[-pi/3, pi/3], pitch ~ U[-pi/6, pi/6], looking at ``lookat``.
 
     Returns (c, yaw, pitch).
     """
     yaw = _uniform(n, -yaw_range, yaw_range, generator)
     pitch = _uniform(n, -pitch_range, pitch_range, generator)
-    return cameras(yaw, pitch), yaw, pitch
+    return cameras(yaw, pitch, lookat=lookat), yaw, pitch
 
 
 def sample_360_cameras(
     n: int,
     generator: torch.Generator | None = None,
     pitch_range: float = math.pi / 6,
+    lookat: Sequence[float] = PIVOT,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """360-degree cameras (the grid's views): yaw ~ U[-pi, pi], pitch ~ U[-pi/6, pi/6]."""
-    return sample_front_cameras(n, generator, yaw_range=math.pi, pitch_range=pitch_range)
+    return sample_front_cameras(n, generator, yaw_range=math.pi, pitch_range=pitch_range, lookat=lookat)
 
 
-def turntable_cameras(frames: int, pitch: float = 0.0) -> Tensor:
+def turntable_cameras(frames: int, pitch: float = 0.0, lookat: Sequence[float] = PIVOT) -> Tensor:
     """(frames, 25) cameras evenly spaced over a full turn, starting at the front (yaw 0)."""
     yaw = torch.arange(frames, dtype=torch.float32) * (2 * math.pi / frames)
     yaw = torch.remainder(yaw + math.pi, 2 * math.pi) - math.pi
-    return cameras(yaw, torch.full_like(yaw, pitch))
+    return cameras(yaw, torch.full_like(yaw, pitch), lookat=lookat)
 
 
 def parse_angles_degrees(text: str) -> list[float]:

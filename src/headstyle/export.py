@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from headstyle.cameras import cameras, turntable_cameras
+from headstyle.cameras import PIVOT, cameras, turntable_cameras
 from headstyle.generator.base import Generator, RenderOutput
 from headstyle.generator.latents import Latent
 from headstyle.io import atomic_path
@@ -183,9 +183,11 @@ def export_renders(
     render_sr: bool = True,
     depth: bool = False,
     show_progress: bool = True,
+    lookat: Sequence[float] = PIVOT,
 ) -> list[Path]:
     """Write, per latent, a PNG per yaw (radians) at ``pitch``, a sheet of those views, optional depth
-    PNGs, and a turntable GIF (+ MP4 with ffmpeg) of ``turntable`` frames. Returns the paths written.
+    PNGs, and a turntable GIF (+ MP4 with ffmpeg) of ``turntable`` frames, every camera looking at ``lookat``.
+    Returns the paths written.
 
     Images are the super-resolved ``image`` or, with render_sr=False, the raw neural render.
     """
@@ -202,7 +204,7 @@ def export_renders(
         for latent in latents:
             views = []
             for yaw in yaws:
-                r = render_view(G, latent, cameras(yaw, pitch), render_sr)
+                r = render_view(G, latent, cameras(yaw, pitch, lookat), render_sr)
                 img = r.image if render_sr else r.image_raw
                 stem = out / view_name(latent, yaw, pitch)
                 written.append(save_image(img[0], stem.with_suffix(".png")))
@@ -214,7 +216,7 @@ def export_renders(
                 written.append(save_grid(torch.cat(views), out / f"{latent.name}_views.png", cols=len(views)))
             if turntable:
                 frames = []
-                for c in turntable_cameras(turntable, pitch):
+                for c in turntable_cameras(turntable, pitch, lookat):
                     r = render_view(G, latent, c[None], render_sr)
                     frames.append(to_uint8((r.image if render_sr else r.image_raw)[0]))
                     advance()

@@ -35,7 +35,7 @@ TAB_TITLES = {"photo": "Photo", "generate": "Generate", "style_image": "Style im
 class ModelsSection:
     """Model paths or hub ids ("" = none). generator: the base PanoHead (.pkl, .pth, .safetensors or a
     folder); generator_config: the base config of a bare .pth; prior: an SD 1.5-family diffusers folder
-    (Style image, Train a style); vae: "auto", "" (the model's own) or a path; vgg16 / lpips_lin: the
+    (Style image, Train a style); vae: "" (the model's own), "auto" or a path; vgg16 / lpips_lin: the
     projector's LPIPS-VGG16 (without them it uses a Laplacian-pyramid L1 and says so); lpips_alexnet /
     lpips_linear: stylize's Tweedie LPIPS (optional); style_module: a trained Style Appearance Module for
     Style image (`headstyle sfa train`'s module/ folder, trained for prior)."""
@@ -43,7 +43,7 @@ class ModelsSection:
     generator: str = ""
     generator_config: str = ""
     prior: str = ""
-    vae: str = "auto"
+    vae: str = ""
     canny_controlnet: str = ""
     depth_controlnet: str = ""
     vgg16: str = ""

@@ -115,8 +115,8 @@ class ViewsConfig:
 class ViewsModelConfig:
     """Where the generator and the SD 1.5-family model come from (paths or hub ids).
 
-    generator_config: the base config of a bare .pth ("" = released PanoHead). vae: "auto" (the model
-    folder's vae/ when it has one, else sd-vae-ft-mse), "" (the model's own) or a path.
+    generator_config: the base config of a bare .pth ("" = released PanoHead). vae: "" (the model's own
+    vae/, the default), "auto" (the model folder's vae/ when it has one, else sd-vae-ft-mse) or a path.
     controlnet_depth: "" = none. device: "" = cuda when available, else cpu.
     neural_rendering_resolution / depth_samples: 0 = the generator's own. style_module: a trained Style
     Appearance Module folder (`headstyle sfa train`'s module/; "" = the model's own UNet writes both banks).
@@ -125,7 +125,7 @@ class ViewsModelConfig:
     generator: str = ""
     generator_config: str = ""
     prior: str = DEFAULT_MODEL
-    vae: str = "auto"
+    vae: str = ""
     controlnet_depth: str = DEFAULT_CONTROLNETS["depth"]
     device: str = ""
     neural_rendering_resolution: int = 0

@@ -85,6 +85,14 @@ def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
         raise UserError(f"{option}: {exc}") from None
 
 
+def parse_pivot(text: str, option: str = "--pivot") -> tuple[float, float, float]:
+    """'0,0,0.2' -> (0.0, 0.0, 0.2): a look-at point of three numbers within [-1, 1]."""
+    values = parse_numbers(text, float, option)
+    if len(values) != 3 or not all(abs(v) <= 1 for v in values):
+        raise UserError(f"{option} {text!r}: give the look-at point as x,y,z within [-1, 1], e.g. 0,0,0")
+    return values[0], values[1], values[2]
+
+
 def pick_device(name: str | None) -> torch.device:
     """headstyle.runtime.resolve_device, its error as a UserError about --device."""
     from headstyle.runtime import resolve_device

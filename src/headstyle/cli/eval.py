@@ -85,7 +85,7 @@ def eval_command(
     depth_anything: str | None = typer.Option(None, help="Local transformers Depth Anything folder (Delta D)."),
     prior: str | None = typer.Option(None, help="SD 1.x diffusers folder (or hub id) for DiffStyle360's img2img "
                                      "reference set; needs --prompt."),
-    vae: str = typer.Option("auto", help="VAE of --prior: 'auto', '' (the model's own) or a folder / hub id."),
+    vae: str = typer.Option("", help="VAE of --prior: '' (the model's own), 'auto' or a folder / hub id."),
     negative_prompt: str = typer.Option("", help="Negative prompt of the reference img2img."),
     reference_steps: int = typer.Option(50, help="DDIM steps of the reference schedule."),
     reference_start: int = typer.Option(25, help="Schedule index the unedited views are noised to (25 of 50)."),

@@ -18,6 +18,8 @@ def render(
                                      "refused, not cut: its ws belong to another network's layers."),
     yaws: str = typer.Option("-90,-30,0,30,90", help="View yaws in degrees (0 = front)."),
     pitch: float = typer.Option(0.0, help="View pitch in degrees (offset from pi/2, as in PanoHead's scripts)."),
+    pivot: str = typer.Option("0,0,0.2", help="Look-at point x,y,z of every camera: PanoHead's avg_camera_pivot "
+                              "(the default); 0,0,0 renders as infer_LD.py and PanoHead's gen_samples.py do."),
     turntable: int = typer.Option(0, help="Frames of a 360-degree turntable GIF (+ MP4); 0 = none."),
     fps: float = typer.Option(24.0, help="Turntable frames per second."),
     truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
@@ -35,12 +37,21 @@ def render(
     """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
     import math
 
-    from headstyle.cli.common import check_heads, check_out_dir, heads, load_generator, parse_yaws, pick_device
+    from headstyle.cli.common import (
+        check_heads,
+        check_out_dir,
+        heads,
+        load_generator,
+        parse_pivot,
+        parse_yaws,
+        pick_device,
+    )
     from headstyle.cli.mesh import check_mesh_flags, write_meshes
     from headstyle.export import export_renders
 
     seed_list = check_heads(seeds, w_npz)
     yaw_list = parse_yaws(yaws)
+    lookat = parse_pivot(pivot)
     if turntable < 0 or (turntable == 0 and not yaw_list):
         raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
     if not (math.isfinite(fps) and fps >= 1e-3):
@@ -54,7 +65,7 @@ def render(
     G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
     latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
-                           render_sr=not raw_only, depth=depth)
+                           render_sr=not raw_only, depth=depth, lookat=lookat)
     if mesh_formats:
         paths += write_meshes(G, latents, out, mesh_formats, mesh_resolution)
     typer.echo(f"wrote {len(paths)} files to {out}")

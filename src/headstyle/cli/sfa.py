@@ -168,7 +168,7 @@ def sfa_train(
     out: str | None = typer.Option(None, help="Run folder: config.toml, logs, checkpoints/, module/ (the result)."),
     prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (the base the module is "
                                      "trained for; default Realistic Vision 5.1)."),
-    vae: str | None = typer.Option(None, help="VAE: 'auto', '' (the model's own) or a folder / hub id."),
+    vae: str | None = typer.Option(None, help="VAE: '' (the model's own, the default), 'auto' or a folder / hub id."),
     controlnet_depth: str | None = typer.Option(None, help="Depth ControlNet fed the views' depth ('' = none)."),
     role: str | None = typer.Option(None, help="style: a Style Appearance Module beside the frozen content module "
                                     "(the paper); shared: one fine-tuned module writes both banks."),

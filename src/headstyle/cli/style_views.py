@@ -48,8 +48,8 @@ def style_views(
     reference: str | None = typer.Option(None, help="Reference latents for the appearance pass: noised or clean."),
     prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id (default Realistic "
                                      "Vision 5.1)."),
-    vae: str | None = typer.Option(None, help="VAE: 'auto' (the model folder's vae/ when it has one, else "
-                                   "sd-vae-ft-mse), '' (the model's own) or a folder / hub id."),
+    vae: str | None = typer.Option(None, help="VAE: '' (the model's own, the default), 'auto' (the model "
+                                   "folder's vae/ when it has one, else sd-vae-ft-mse) or a folder / hub id."),
     controlnet_depth: str | None = typer.Option(None, help="Depth ControlNet folder or hub id ('' = none)."),
     control_scale: float | None = typer.Option(None, help="Depth ControlNet conditioning scale."),
     seed: int | None = typer.Option(None, help="Seed of the img2img and reference noise."),

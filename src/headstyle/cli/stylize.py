@@ -19,9 +19,13 @@ def stylize(
     generator: str | None = typer.Option(None, help="Generator to stylise: PanoHead .pkl, .pth, our .safetensors "
                                          "(+ .json) or a fixture folder."),
     prior: str | None = typer.Option(None, help="SD 1.5-family diffusers folder or hub id."),
-    vae: str | None = typer.Option(None, help="Separate VAE folder or hub id ('' = the model's own)."),
+    vae: str | None = typer.Option(None, help="VAE folder or hub id; '' (the default) = the model's own vae/, as the "
+                                   "LD script."),
     canny_controlnet: str | None = typer.Option(None, help="Canny ControlNet for the single view ('' = none)."),
     depth_controlnet: str | None = typer.Option(None, help="Depth ControlNet for the 2x2 grid ('' = none)."),
+    depth_estimator: str | None = typer.Option(None, help="Local Depth Anything folder (transformers, e.g. "
+                                               "Depth-Anything-V2-Base-hf) for the grid's depth control, as the LD "
+                                               "script; default: the generator's rendered depth."),
     out: str | None = typer.Option(None, help="Run folder: config, logs, samples, checkpoints, final generator."),
     style_image: str | None = typer.Option(None, help="Style IMAGE as the target (Style Fusion Attention); needs "
                                            "--set objective.name=sds --set objective.weighting=sds."),
@@ -45,6 +49,7 @@ def stylize(
         raise UserError("--resume continues a run and --overwrite clears one: give one of them")
     flags = {"prompt.prompt": prompt, "model.generator": generator, "model.prior": prior, "model.vae": vae,
              "model.canny_controlnet": canny_controlnet, "model.depth_controlnet": depth_controlnet,
+             "model.depth_estimator": depth_estimator,
              "run.out": out, "run.iterations": iterations, "run.seed": seed, "run.device": device,
              "run.mixed_precision": mixed_precision, "style.image": style_image}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(set_)
@@ -60,6 +65,7 @@ def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: st
     from headstyle.cli.common import check_image, check_out_dir, pick_device
     from headstyle.stylize import stopping
     from headstyle.stylize.config import ConfigError, dumps
+    from headstyle.stylize.factory import check_local_files
     from headstyle.stylize.presets import resolve_config
     from headstyle.training import checkpointing
 
@@ -82,6 +88,10 @@ def _stylize(resume: str | None, overwrite: bool, preset: str | None, config: st
             check_image(path, option)
     if cfg.run.device:
         pick_device(cfg.run.device)
+    try:
+        check_local_files(cfg)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     check_out_dir(cfg.run.out)
     # The one writer of the run folder from here on, --overwrite and --resume included (checked before any model
     # loads); under accelerate the main process holds it.

@@ -1,10 +1,11 @@
 """Stable Diffusion 1.x-family score prior with ControlNets, through diffusers.
 
-Defaults are the models of the likelihood-distillation paper (Realistic Vision v5.1 "noVAE" with
-the SD ft-MSE VAE, lllyasviel's SD 1.5 canny and depth ControlNets); every one may be a local
-folder. predict_noise evaluates the UNet once over [uncond; cond] of all noise queries; each query's
-ControlNet runs on that query's samples only and its residuals are placed at its rows (zeros
-elsewhere), so one call serves e.g. a canny-controlled view and a depth-controlled 2x2 grid.
+The default model is the likelihood-distillation script's (Realistic Vision v5.1 "noVAE", its own vae/ as
+the script's pipeline encodes with); ControlNets are the caller's (the script's: lllyasviel's SD 1.5 canny
+and depth, priors.defaults); every one may be a local folder. predict_noise evaluates the UNet once over
+[uncond; cond] of all noise queries; each query's ControlNet runs on that query's samples only and its
+residuals are placed at its rows (zeros elsewhere), so one call serves e.g. a canny-controlled view and a
+depth-controlled 2x2 grid.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def resolve_vae(model: str | os.PathLike, vae: str | os.PathLike) -> str | os.PathLike | None:
-    """The VAE a run loads: "" = the model's own vae/ (None for from_pretrained); "auto" = the model's own when
-    ``model`` is a local folder with a vae/, else sd-vae-ft-mse (the LD script's VAE, which the noVAE
-    checkpoints need); anything else is a VAE folder or hub id."""
+    """The VAE a run loads: "" = the model's own vae/ (None for from_pretrained; the LD script's, pipe.vae);
+    "auto" = the model's own when ``model`` is a local folder with a vae/, else sd-vae-ft-mse (the VAE the
+    noVAE single-file checkpoints are meant to be paired with); anything else is a VAE folder or hub id."""
     if vae == "auto":
         return None if (Path(model) / "vae").is_dir() else DEFAULT_VAE
     return vae or None
@@ -232,7 +233,7 @@ class DiffusersPrior:
     def from_pretrained(
         cls,
         model: str | os.PathLike = DEFAULT_MODEL,
-        vae: str | os.PathLike | None = DEFAULT_VAE,
+        vae: str | os.PathLike | None = None,
         controlnets: Mapping[str, str | os.PathLike] | None = None,
         *,
         device: torch.device | str | None = None,
@@ -243,8 +244,9 @@ class DiffusersPrior:
         """Load from hub ids or local folders (see module defaults).
 
         model: an SD 1.x diffusers folder/repo (unet/, text_encoder/, tokenizer/, scheduler/, vae/).
-        vae: a separate AutoencoderKL folder/repo; None uses the model's own vae/.
-        controlnets: name -> ControlNet folder/repo; None loads DEFAULT_CONTROLNETS, {} loads none.
+        vae: a separate AutoencoderKL folder/repo; None (the default) uses the model's own vae/.
+        controlnets: name -> ControlNet folder/repo; None (the default) loads none. So a complete SD folder loads
+        offline with nothing else given.
         The scheduler is a DDIMScheduler built from the model's scheduler config. device, dtype,
         vae_dtype and options (latent_sample, channels_last, offload_text_encoder): as DiffusersPrior().
         """
@@ -252,7 +254,7 @@ class DiffusersPrior:
         from transformers import AutoModel, CLIPTextConfig, CLIPTokenizer
 
         device, dtype, vae_dtype = _resolve_precision(device, dtype, vae_dtype)
-        controlnets = DEFAULT_CONTROLNETS if controlnets is None else controlnets
+        controlnets = controlnets or {}
         src, local = _resolve(model, "model", "model")
         if local:
             _check_model_folder(Path(src), vae_given=vae is not None)

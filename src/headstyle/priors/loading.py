@@ -21,8 +21,8 @@ class PriorSpec:
     """Which SD 1.x-family prior to load, independent of the device it runs on.
 
     model: the SD model, a diffusers folder or hub id (unet/, text_encoder/, tokenizer/, scheduler/,
-    vae/). vae: "auto" (the model folder's own vae/ when it has one, else sd-vae-ft-mse), "" (the
-    model's own) or a VAE folder or hub id (diffusers_prior.resolve_vae). controlnets: name ->
+    vae/). vae: "" (the model's own, the default), "auto" (the model folder's own vae/ when it has one, else
+    sd-vae-ft-mse) or a VAE folder or hub id (diffusers_prior.resolve_vae). controlnets: name ->
     ControlNet folder or hub id ({} = none). dtype: weights of UNet, ControlNets and text encoder
     (None: fp16 on CUDA, fp32 on CPU); vae_dtype: the VAE's (None: fp32 under fp16 weights).
     latent_sample, channels_last, offload_text_encoder: as DiffusersPrior. Further conditioning
@@ -30,7 +30,7 @@ class PriorSpec:
     """
 
     model: str | os.PathLike
-    vae: str | os.PathLike = "auto"
+    vae: str | os.PathLike = ""
     controlnets: Mapping[str, str | os.PathLike] = field(default_factory=dict)
     dtype: torch.dtype | None = None
     vae_dtype: torch.dtype | None = None

@@ -33,10 +33,10 @@ class DataSection:
 @dataclass
 class ModelSection:
     """The SD 1.5-family model whose UNet the banks feed (paths or hub ids); controlnet_depth "" = none;
-    vae as style-views ("auto", "" or a path); device "" = cuda when available."""
+    vae as style-views ("" = its own, "auto" or a path); device "" = cuda when available."""
 
     prior: str = DEFAULT_MODEL
-    vae: str = "auto"
+    vae: str = ""
     controlnet_depth: str = ""
     device: str = ""
 

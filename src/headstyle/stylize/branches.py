@@ -171,7 +171,8 @@ class SingleView(StepBranch):
         when something reads it (the canny control, a DDS/IDS source or content reference)."""
         ctx, cfg, n = self.ctx, self.ctx.cfg, identities.ws.shape[0]
         s = cfg.single
-        c, _, _ = cameras.sample_front_cameras(n, ctx.rng, math.radians(s.yaw_range), math.radians(s.pitch_range))
+        yaw, pitch = math.radians(s.yaw_range), math.radians(s.pitch_range)
+        c = cameras.sample_front_cameras(n, ctx.rng, yaw, pitch, lookat=cfg.cameras.pivot)[0]
         k = 2 if s.mirror else 1
         cams = torch.stack([c, cameras.mirror(c)], 1).flatten(0, 1) if s.mirror else c
         kw = ctx.render_kwargs
@@ -260,7 +261,8 @@ class Grid(StepBranch):
         and MV-NRS (with SR only for a monocular depth estimator)."""
         ctx, cfg, size = self.ctx, self.ctx.cfg, self.ctx.image_size
         pitch_range = math.radians(cfg.grid.pitch_range)
-        cams = cameras.sample_360_cameras(4 * identities.ws.shape[0], ctx.rng, pitch_range)[0].to(ctx.device)
+        n = 4 * identities.ws.shape[0]
+        cams = cameras.sample_360_cameras(n, ctx.rng, pitch_range, lookat=cfg.cameras.pivot)[0].to(ctx.device)
         ws4, kw = identities.ws_per_camera(4), ctx.render_kwargs
         out = ctx.G.synthesis(ws4, cams, noise_mode="const", render_sr=False, planes=identities.planes, **kw)
         with torch.no_grad():

@@ -35,19 +35,23 @@ class ModelConfig:
     generator: str = ""
     # An SD 1.5-family diffusers folder or hub id (code using other priors passes them to Stylizer).
     prior: str = DEFAULT_MODEL
-    # "auto" = the model folder's own vae/ when it has one, else sd-vae-ft-mse; "" = the model's own.
-    vae: str = "auto"
+    # "" = the model's own vae/, as the scripts (pipe.vae); "auto" = the model folder's own vae/ when it has one,
+    # else sd-vae-ft-mse; or a VAE folder or hub id.
+    vae: str = ""
     canny_controlnet: str = DEFAULT_CONTROLNETS["canny"]  # "" = no ControlNet on the single view
     depth_controlnet: str = DEFAULT_CONTROLNETS["depth"]  # "" = no ControlNet on the grid
-    # A local Depth Anything checkpoint for the grid's depth control; "" uses the frozen generator's depth.
+    # A local Depth Anything folder (transformers) for the grid's depth control, as the script's Depth Anything V2
+    # ViT-B; "" uses the frozen generator's rendered depth (the run prints that it deviates from the script).
     depth_estimator: str = ""
     # Renders are resized to this size before prior.encode; 0 = the prior's own (SD 1.5: 512).
     prior_image_size: int = 0
     # The script renders without PanoHead's background network (synthesis(..., generate_background=False));
     # passed to generators whose synthesis takes that argument.
     background: bool = False
-    # Weights dtype of the prior's UNet/ControlNets: fp32, fp16 or bf16 (the VAE stays fp32).
+    # Weights dtype of the prior's UNet/ControlNets/text encoder and of its VAE on a GPU (the script: fp16 for
+    # all); on CPU both run in fp32.
     prior_dtype: str = param("fp16", choices=("fp32", "fp16", "bf16"))
+    vae_dtype: str = param("fp16", choices=("fp32", "fp16", "bf16"))
 
 
 @dataclass
@@ -57,6 +61,19 @@ class PromptConfig:
     guidance_scale: float = param(7.5, low=0.0, high=100.0, unit="omega, diffusers CFG form")
     # What the frozen renders show: DDS and IDS use it as the source prompt y_src.
     source_prompt: str = "a photo of a face"
+
+
+@dataclass
+class CameraConfig:
+    """Where every camera of a run looks: the single view and its mirror, the grid, the mapping's conditioning
+    camera, the stopping rule's probes, previews and turntables. The LD scripts look at (0, 0, 0)
+    (cameras.LD_PIVOT); (0, 0, 0.2) is PanoHead's avg_camera_pivot (cameras.PIVOT, the lab's cameras)."""
+
+    pivot: tuple[float, ...] = param(cameras.LD_PIVOT, unit="look-at point (x, y, z), world units")
+
+    def __post_init__(self) -> None:
+        if len(self.pivot) != 3 or not all(abs(v) <= 1 for v in self.pivot):  # written so that NaN is refused
+            raise ValueError(f"pivot must be 3 numbers within [-1, 1] (x, y, z), got {list(self.pivot)}")
 
 
 @dataclass
@@ -132,9 +149,11 @@ class RegulariserConfig:
     relative_distance: float = param(1.0, low=0.0)
     # The script's 0.1 * MSE(Tweedie target x0_hat of the single view, render); 0 turns it off.
     tweedie_mse: float = param(0.1, low=0.0)
-    # The script's 0.05 * LPIPS-alex(Tweedie target, render); needs local weights: a torchvision
-    # AlexNet state dict and the lpips package's weights/v0.1/alex.pth (.pth or .safetensors).
-    lpips: float = param(0.0, low=0.0)
+    # The script's 0.05 * LPIPS-alex(Tweedie target, render), from local weights: lpips_alexnet (a torchvision
+    # AlexNet state dict), else torchvision's file in the torch hub cache; lpips_linear (the lpips package's
+    # weights/v0.1/alex.pth), else the installed lpips package's own (.pth or .safetensors). Without them the
+    # run prints that it deviates from the script and trains without the term.
+    lpips: float = param(0.05, low=0.0)
     lpips_alexnet: str = ""
     lpips_linear: str = ""
 
@@ -221,6 +240,7 @@ class StyleImageConfig:
 class StylizeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    cameras: CameraConfig = field(default_factory=CameraConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
@@ -233,8 +253,14 @@ class StylizeConfig:
 
 
 def conditioning_camera(cfg: StylizeConfig) -> Tensor:
-    """The (1, 25) camera label the frozen mapping is conditioned on (latent.cond_yaw / cond_pitch, degrees)."""
-    return cameras.cameras(math.radians(cfg.latent.cond_yaw), math.radians(cfg.latent.cond_pitch))
+    """The (1, 25) camera label the frozen mapping is conditioned on (latent.cond_yaw / cond_pitch, degrees), looking
+    at cameras.pivot."""
+    return view_cameras(cfg, math.radians(cfg.latent.cond_yaw), math.radians(cfg.latent.cond_pitch))
+
+
+def view_cameras(cfg: StylizeConfig, yaw: Tensor | float, pitch: Tensor | float) -> Tensor:
+    """(N, 25) labels of the run's cameras at ``yaw`` / ``pitch`` (radians), looking at cameras.pivot."""
+    return cameras.cameras(yaw, pitch, lookat=cfg.cameras.pivot)
 
 
 def to_dict(cfg: StylizeConfig) -> dict[str, dict[str, Any]]:
@@ -304,11 +330,10 @@ def validate(cfg: StylizeConfig) -> None:
         )
     if not (cfg.single.enabled or cfg.grid.enabled):
         raise ConfigError("single.enabled and grid.enabled are both false: nothing to distil; enable one of them")
-    r = cfg.regularisers
-    if r.lpips > 0 and not (r.lpips_alexnet and r.lpips_linear):
+    if cfg.single.mirror and cfg.cameras.pivot[0] != 0:
         raise ConfigError(
-            "regularisers.lpips > 0 needs local LPIPS weights: set regularisers.lpips_alexnet (a torchvision AlexNet "
-            "state dict) and regularisers.lpips_linear (lpips' weights/v0.1/alex.pth), or use lpips=0"
+            f"cameras.pivot = {list(cfg.cameras.pivot)} lies off the plane x = 0 that single.mirror mirrors the "
+            "camera in (x -> -x): set its x to 0 or single.mirror=false"
         )
     if cfg.style.image_2 and not cfg.style.image:
         raise ConfigError("style.image_2 is set without style.image: give the first style image too")
@@ -373,3 +398,21 @@ def save_config(cfg: StylizeConfig, path: str | Path) -> None:
 def load_config(path: str | Path, base: StylizeConfig | None = None) -> StylizeConfig:
     """Load a TOML or JSON config (partial files fill in from ``base`` or the defaults)."""
     return from_dict(settings.read_file(path), base)
+
+
+def _earlier_runs(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a run saved before cameras.pivot and model.vae_dtype existed did: PanoHead's pivot, and the VAE in fp32
+    under fp16 weights (else in the weights' dtype)."""
+    model = data.get("model")
+    prior_dtype = model.get("prior_dtype", "fp16") if isinstance(model, dict) else "fp16"
+    return {"cameras": {"pivot": list(cameras.PIVOT)},
+            "model": {"vae_dtype": "fp32" if prior_dtype == "fp16" else prior_dtype}}  # fmt: skip
+
+
+def load_saved_config(path: str | Path) -> StylizeConfig:
+    """A run's saved config.toml; a field it lacks (saved before the field existed) reads as that run ran."""
+    data = settings.read_file(path)
+    for section, values in _earlier_runs(data).items():
+        if isinstance(data.setdefault(section, {}), dict):
+            data[section] = {**values, **data[section]}
+    return from_dict(data)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from headstyle import cameras, export
 from headstyle.generator.base import Generator
-from headstyle.stylize.config import StylizeConfig, conditioning_camera
+from headstyle.stylize.config import StylizeConfig, conditioning_camera, view_cameras
 
 # The previews' identities: the run seed plus this, a stream apart from the training streams.
 PREVIEW_STREAM = 12_345
@@ -37,7 +37,7 @@ class Previews:
     def _sample_cameras(self) -> Tensor:
         r = self.cfg.run
         yaws = torch.tensor([math.radians(y) for y in r.sample_yaws])
-        return cameras.cameras(yaws, torch.full((len(r.sample_yaws),), math.radians(r.sample_pitch)))
+        return view_cameras(self.cfg, yaws, torch.full((len(r.sample_yaws),), math.radians(r.sample_pitch)))
 
     @torch.no_grad()
     def _render_views(self, G: Generator, ws: Tensor, cams: Tensor) -> Tensor:
@@ -86,7 +86,7 @@ class Previews:
         paths: list[Path] = []
         with self._fork_rng():
             ws = self._sample_ws(r.turntable_identities)
-            cams = cameras.turntable_cameras(r.turntable_frames, pitch=math.radians(r.sample_pitch))
+            cams = cameras.turntable_cameras(r.turntable_frames, math.radians(r.sample_pitch), self.cfg.cameras.pivot)
             for i in range(len(ws)):
                 frames = self._render_views(self.G, ws[i : i + 1], cams)
                 paths += export.save_turntable(frames, self.run_dir / "turntable" / f"identity_{i}")

@@ -1,8 +1,9 @@
 """Presets for the LD paper's six styles: the prompts and settings a user starts a run from.
 
-The paper does not print its prompts; its training script's default prompt is "Portrait of a
-werewolf", and the other five follow that form. Everything else is the script's defaults
-(config.py) with 10,000 iterations and a checkpoint every 250.
+The paper does not print its prompts; its training command (the script's README) passes "Portrait of a
+werewolf" (train_LD.py's own --prompt default is empty), and the other five follow that form. Everything
+else is the script's defaults (config.py; README, "Fidelity to the LD scripts") with 10,000 iterations and a
+checkpoint every 250.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import dataclasses
 import time
 from pathlib import Path
 
-from headstyle.stylize.config import ConfigError, StylizeConfig, apply_overrides, load_config, resume_differences
+from headstyle.stylize.config import (
+    ConfigError,
+    StylizeConfig,
+    apply_overrides,
+    load_config,
+    load_saved_config,
+    resume_differences,
+)
 from headstyle.training.checkpointing import resolve_checkpoint, run_folder
 
 PROMPTS: dict[str, str] = {
@@ -57,7 +65,7 @@ def resolve_config(
     cfg = saved = StylizeConfig()
     if resume is not None:
         ckpt_dir = resolve_checkpoint(resume)
-        saved = load_config(ckpt_dir / "config.toml")
+        saved = load_saved_config(ckpt_dir / "config.toml")
         cfg = dataclasses.replace(saved, run=dataclasses.replace(saved.run, out=str(run_folder(ckpt_dir))))
     if preset_name:
         try:

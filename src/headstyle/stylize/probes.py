@@ -45,7 +45,7 @@ class ClassifierProbes(NamedTuple):
         z = torch.randn(n, frozen.z_dim, generator=gen).to(device)
         ws = frozen.mapping(z, c_cond.expand(n, -1).to(device), cfg.latent.truncation_psi, cfg.latent.truncation_cutoff)
         yaw, pitch = math.radians(cfg.single.yaw_range), math.radians(cfg.single.pitch_range)
-        cams = cameras.sample_front_cameras(n, gen, yaw, pitch)[0].to(device)
+        cams = cameras.sample_front_cameras(n, gen, yaw, pitch, lookat=cfg.cameras.pivot)[0].to(device)
         o = cfg.objective
         index = torch.linspace(o.min_step_index, o.max_step_index, PROBE_TIMESTEPS).round().long().unique()
         return cls(ws, cams, timesteps[index].to(device), int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -106,6 +107,35 @@ class LPIPS(nn.Module):
             ny = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + F.conv2d((nx - ny).pow(2), lin).mean(dim=(1, 2, 3))
         return total
+
+
+# torchvision's AlexNet weights as torch.hub caches them (the lpips package's first use downloads this file).
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+# The linear layers the lpips package ships, inside its package folder.
+LPIPS_LINEAR_FILE = Path("weights", "v0.1", "alex.pth")
+
+
+def cached_alexnet() -> Path:
+    """Where torch.hub caches torchvision's AlexNet weights (TORCH_HOME/hub/checkpoints/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+def installed_lpips_linear() -> Path | None:
+    """The linear layers of an installed lpips package (found without importing it), None when it is not installed."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / LPIPS_LINEAR_FILE
+
+
+def find_lpips_weights(alexnet: str, linear: str) -> tuple[Path | None, Path | None]:
+    """(AlexNet, linear layers) of LPIPS-alex: the files named, else the torch hub cache's AlexNet and the installed
+    lpips package's linear layers; None for one that is not there."""
+    found = []
+    for named, default in ((alexnet, cached_alexnet()), (linear, installed_lpips_linear())):
+        path = Path(named) if named else default
+        found.append(path if path is not None and path.is_file() else None)
+    return found[0], found[1]
 
 
 def _alexnet_shapes() -> dict[str, tuple[int, ...]]:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from headstyle import cameras
 from headstyle.distill.objectives import DDSParams, IDSParams, NFSDParams, ObjectiveParams, SDSParams
 from headstyle.export import save_figure
 from headstyle.input_files import check_fields, read_json_object, read_text
@@ -44,7 +45,7 @@ from headstyle.lab.world.heads import STYLES, UNSTYLED_PROMPT, style_prompt
 from headstyle.priors.base import ScorePrior
 from headstyle.settings import SEED_END
 from headstyle.stylize import stopping
-from headstyle.stylize.config import OptimConfig, StylizeConfig, load_config, resume_differences, validate
+from headstyle.stylize.config import OptimConfig, StylizeConfig, load_saved_config, resume_differences, validate
 from headstyle.training import checkpointing
 from headstyle.training.lock import folder_lock
 from headstyle.training.log import read_log
@@ -163,14 +164,20 @@ def lab_config(
 ) -> StylizeConfig:
     """The lab recipe for ``style`` (LD + mirror + grid + rank re-weighting) for a prior described by ``profile``
     (the exemplar prior's when None) and DDIM step indices ``steps`` (the recipe's when None), changed by
-    ``variant``; ConfigError when the result is not a valid config."""
+    ``variant``; ConfigError when the result is not a valid config.
+
+    Its cameras look at PanoHead's avg_camera_pivot (0, 0, 0.2), not at the LD scripts' (0, 0, 0): the lab's prior
+    was trained on, and its truth is scored at, the lab world's renders from those cameras. The lab loads its prior
+    itself (fp32 on CPU, no LPIPS weights): the config says so (model.vae_dtype, regularisers.lpips)."""
     profile = profile or PriorProfile(EXEMPLAR, settings.resolution * settings.sr_factor, *EXEMPLAR_SHAPING)
     c = StylizeConfig()
     objective = c.objective if steps is None else replace(c.objective, min_step_index=steps[0], max_step_index=steps[1])
     keep_last = settings.iterations // settings.curve_every + 1 if settings.curve_every else 1
     cfg = replace(
         c,
-        model=replace(c.model, prior_image_size=profile.image_size),
+        model=replace(c.model, prior_image_size=profile.image_size, vae_dtype="fp32"),
+        cameras=replace(c.cameras, pivot=cameras.PIVOT),
+        regularisers=replace(c.regularisers, lpips=0.0),
         prompt=replace(c.prompt, prompt=style_prompt(style), source_prompt=UNSTYLED_PROMPT,
                        guidance_scale=float(settings.guidance)),
         objective=objective,
@@ -279,7 +286,7 @@ def _resumable(cfg: StylizeConfig) -> Path | None:
         checkpoint = checkpointing.resolve_checkpoint(cfg.run.out)
     except (FileNotFoundError, checkpointing.ResumeError):
         return None
-    saved = load_config(checkpoint / "config.toml")
+    saved = load_saved_config(checkpoint / "config.toml")
     return None if resume_differences(saved, cfg) else checkpoint
 
 
