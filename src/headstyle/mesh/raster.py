@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BUDGET = 1 << 22  # candidate pixel centres per chunk (about 200 MB of temporaries)
+BUDGET = 1 << 20  # candidate pixel centres per chunk (about 200 MB of temporaries)
 EDGE_TOLERANCE = 1e-9  # barycentric slack, so that centres on an edge are not lost to rounding
 
 
