@@ -35,8 +35,23 @@ def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, 
         raise UserError(f"--trim: {exc}") from None
 
 
-def check_mesh_flags(mesh: str, resolution: int) -> tuple[str, ...]:
-    """The formats of another command's --mesh option (and its --mesh-resolution), checked before models load."""
+def check_texture_options(formats: tuple[str, ...], faces: int, texture: int, prefix: str = "--") -> None:
+    """Raise UserError for a face budget or texture size that cannot work (``prefix``: "--" or "--mesh-")."""
+    from headstyle.mesh import MIN_FACES, TEXTURE_SIZES
+
+    if faces != 0 and faces < MIN_FACES:
+        raise UserError(f"{prefix}faces must be 0 (every face) or at least {MIN_FACES}, got {faces}")
+    if texture != 0 and texture not in TEXTURE_SIZES:
+        sizes = ", ".join(map(str, TEXTURE_SIZES))
+        raise UserError(f"{prefix}texture must be 0 (vertex colours) or one of {sizes} texels, got {texture}")
+    if texture and not {"glb", "obj"} & set(formats):
+        raise UserError(f"{prefix}texture is written in glb and obj files (ply keeps vertex colours): add glb or obj "
+                        "to the formats")
+
+
+def check_mesh_flags(mesh: str, resolution: int, faces: int = 0, texture: int = 0) -> tuple[str, ...]:
+    """The formats of another command's --mesh option (and its --mesh-resolution, --mesh-faces and
+    --mesh-texture), checked before models load."""
     from headstyle.mesh import parse_formats
 
     try:
@@ -45,6 +60,7 @@ def check_mesh_flags(mesh: str, resolution: int) -> tuple[str, ...]:
         raise UserError(f"--mesh: {exc}") from None
     if not 8 <= resolution <= MAX_RESOLUTION:
         raise UserError(f"--mesh-resolution must be between 8 and {MAX_RESOLUTION}, got {resolution}")
+    check_texture_options(formats, faces, texture, "--mesh-")
     return formats
 
 
@@ -55,13 +71,16 @@ def write_meshes(
     formats: tuple[str, ...],
     resolution: int,
     G_stylized: Generator | None = None,
+    faces: int = 0,
+    texture: int = 0,
 ) -> list[Path]:
-    """Another command's --mesh: each head's mesh at PanoHead's settings (and the stylised one beside it)."""
+    """Another command's --mesh: each head's mesh at PanoHead's settings (and the stylised one beside it),
+    decimated to ``faces`` and textured at ``texture`` texels when those are not 0."""
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes
 
+    settings = MeshSettings(resolution=resolution, faces=faces, texture=texture)
     try:
-        return export_meshes(G, latents, out, formats, G.box_warp,
-                             MeshSettings(resolution=resolution), G_stylized)  # fmt: skip
+        return export_meshes(G, latents, out, formats, G.box_warp, settings, G_stylized)
     except EmptySurfaceError as exc:
         raise UserError(f"{exc} with `headstyle mesh --level` (the other outputs are written)") from None
 
@@ -85,6 +104,11 @@ def mesh(
     smooth: int = typer.Option(0, help="Taubin smoothing steps (0 = the marching-cubes surface)."),
     batch_size: int = typer.Option(2**16, help="Points per field evaluation (bounds memory; larger may be faster "
                                    "on a GPU)."),
+    faces: int = typer.Option(0, help="Decimate to about this many faces (quadric collapse; a closed surface stays "
+                              "closed), e.g. 50000; 0 = every face marching cubes gives."),
+    texture: int = typer.Option(0, help="Bake a square texture of this many texels a side from the field (1024, "
+                                "2048; also 256, 512, 4096) into the glb and obj (+ .mtl, _texture.png) files, on "
+                                "an xatlas UV atlas; 0 = vertex colours (ply always has them)."),
     truncation: float = typer.Option(0.7, help="Truncation psi for seeds (1 = none)."),
     truncation_cutoff: int = typer.Option(14, help="Number of ws truncated."),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
@@ -102,6 +126,7 @@ def mesh(
     except ValueError as exc:
         raise UserError(f"--format: {exc}") from None
     check_mesh_options(resolution, level, trim, smooth, batch_size)
+    check_texture_options(formats, faces, texture)
     if not math.isfinite(truncation):
         raise UserError("--truncation must be a finite number")
     dev = pick_device(device)
@@ -116,7 +141,7 @@ def mesh(
                         f"{G.num_ws} of {G.w_dim}: give the stylised version of the same generator")
     latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     settings = MeshSettings(resolution=resolution, level=level, trim=trim, largest_component=largest_component,
-                            smooth_steps=smooth, batch_size=batch_size)
+                            smooth_steps=smooth, batch_size=batch_size, faces=faces, texture=texture)
     try:
         paths = export_meshes(G, latents, out, formats, G.box_warp, settings, G_stylized)
     except EmptySurfaceError as exc:

@@ -247,6 +247,9 @@ def photo(
     mesh: str | None = typer.Option(None, help="Also write the head's coloured mesh through the base and the "
                                     "stylised generator, side by side: glb, ply, obj, mrc, a list or all."),
     mesh_resolution: int = typer.Option(256, help="Lattice points per axis of the --mesh extraction cube."),
+    mesh_faces: int = typer.Option(0, help="Decimate the --mesh meshes to about this many faces (0 = all)."),
+    mesh_texture: int = typer.Option(0, help="Bake a texture of this many texels a side (1024, 2048) into the --mesh "
+                                     "glb and obj files (0 = vertex colours)."),
 ) -> None:
     """Stylise a real person: align the photo, project it with the base generator, render the stylised one."""
     import numpy as np
@@ -264,7 +267,7 @@ def photo(
     if turntable < 0 or not math.isfinite(pitch):
         raise UserError("--turntable must be >= 0 and --pitch a finite number")
     check_seed(seed)
-    mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
+    mesh_formats = check_mesh_flags(mesh, mesh_resolution, mesh_faces, mesh_texture) if mesh is not None else ()
     out_path = check_out_dir(out)
     for option, path in (("photo", image), ("--generator", generator), ("--stylized", stylized), ("--vgg16", vgg16),
                          ("--lpips-lin", lpips_lin)):
@@ -296,7 +299,7 @@ def photo(
     row = [np.asarray(Image.fromarray(p).resize((side, side), Image.LANCZOS)) for p in panels]
     save_image(np.concatenate(row, axis=1), out_path / "sheet.png")
     if mesh_formats:
-        write_meshes(G, [latent], out_path, mesh_formats, mesh_resolution, S)
+        write_meshes(G, [latent], out_path, mesh_formats, mesh_resolution, S, mesh_faces, mesh_texture)
     meshes = ", stylized_base/_stylized/_pair meshes" if mesh_formats else ""
     typer.echo(f"wrote {out}: sheet.png (photo | base reconstruction | stylised), stylized_*.png, "
                f"stylized_turntable, projected_w.npz{meshes}")

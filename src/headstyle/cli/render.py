@@ -33,6 +33,9 @@ def render(
     mesh: str | None = typer.Option(None, help="Also write each head's coloured mesh: glb, ply, obj, mrc, a list or "
                                     "all (PanoHead's extraction, level 10; `headstyle mesh` has every setting)."),
     mesh_resolution: int = typer.Option(256, help="Lattice points per axis of the --mesh extraction cube."),
+    mesh_faces: int = typer.Option(0, help="Decimate the --mesh meshes to about this many faces (0 = all)."),
+    mesh_texture: int = typer.Option(0, help="Bake a texture of this many texels a side (1024, 2048) into the --mesh "
+                                     "glb and obj files (0 = vertex colours)."),
 ) -> None:
     """Render heads (PNG per seed and view, a sheet per seed, optionally a turntable GIF/MP4)."""
     import math
@@ -60,13 +63,13 @@ def render(
         raise UserError("--truncation must be a finite number and --pitch degrees within [-360, 360]")
     dev = pick_device(device)
     check_out_dir(out)
-    mesh_formats = check_mesh_flags(mesh, mesh_resolution) if mesh is not None else ()
+    mesh_formats = check_mesh_flags(mesh, mesh_resolution, mesh_faces, mesh_texture) if mesh is not None else ()
 
     G = load_generator(generator, dev, config, neural_rendering_resolution, depth_samples)
     latents = heads(G, seed_list, w_npz, truncation, truncation_cutoff, dev)
     paths = export_renders(G, latents, out, yaw_list, math.radians(pitch), turntable, fps,
                            render_sr=not raw_only, depth=depth, lookat=lookat)
     if mesh_formats:
-        paths += write_meshes(G, latents, out, mesh_formats, mesh_resolution)
+        paths += write_meshes(G, latents, out, mesh_formats, mesh_resolution, None, mesh_faces, mesh_texture)
     typer.echo(f"wrote {len(paths)} files to {out}")
 

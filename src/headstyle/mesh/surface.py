@@ -6,6 +6,8 @@ as glTF expects), faces counter-clockwise seen from outside (positive volume).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import trimesh
@@ -67,8 +69,10 @@ def vertex_colours(
     vertices: np.ndarray,
     device: torch.device | str = "cpu",
     batch_size: int = DEFAULT_BATCH,
+    advance: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """uint8 RGB (V, 3) of the field's colour at each vertex (V, 3), mapped as the raw image is."""
+    """uint8 RGB (V, 3) of the field's colour at each point (V, 3) (vertices, texels' surface points), mapped as
+    the raw image is; ``advance(n)`` is called after each batch of n points."""
     out = np.empty((len(vertices), 3), dtype=np.float32)
     points = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32))
     with torch.no_grad():
@@ -76,4 +80,6 @@ def vertex_colours(
             chunk = points[start : start + batch_size]
             _, rgb = sampler(chunk.to(device).unsqueeze(0))
             out[start : start + len(chunk)] = rgb[0].to("cpu", torch.float32).numpy()
+            if advance is not None:
+                advance(len(chunk))
     return to_uint8_colours(out)
