@@ -167,6 +167,23 @@ def test_generate_on_the_lab_puts_base_and_style_side_by_side(cfg, tmp_path):
     assert pair.bounds[1, 0] - pair.bounds[0, 0] > base.box_warp
 
 
+def test_the_app_downloads_take_the_mesh_face_budget_and_texture(cfg, tmp_path):
+    """render.mesh_faces / mesh_texture reach the app's GLB downloads (decimated, UV-textured), and a budget
+    the decimation cannot meet is refused when the config loads."""
+    lab = Lab(cfg)
+    base, statue = lab.base(), lab.stylised("statue (ground truth)")
+    render = replace(lab.render, mesh_faces=400, mesh_texture=256)
+    meshes, notes = handlers._meshes(base, statue, latents_from_seeds(base, [0], 0.7), render, tmp_path, pair=False)
+    assert not notes
+    head = trimesh.load(meshes[0], force="mesh")
+    assert head.visual.kind == "texture" and head.visual.material.baseColorTexture.size == (256, 256)
+    assert abs(len(head.faces) - 400) <= 20
+    with pytest.raises(ConfigError, match="render: mesh_texture must be 0"):
+        load_app_config(None, ["render.mesh_texture=300"])
+    with pytest.raises(ConfigError, match="render: mesh_faces must be 0"):
+        load_app_config(None, ["render.mesh_faces=10"])
+
+
 @pytest.fixture(scope="module")
 def fixture_models(parity_dir, tmp_path_factory):
     """The parity fixture as the base (fast render settings) and a perturbed copy as the 'stylised' one."""

@@ -71,7 +71,8 @@ class PhotoSection:
 @dataclass
 class RenderSection:
     """How results are rendered: the paper's five views (yaws and pitch in degrees), the turntable, the mesh
-    (lattice points per axis of PanoHead's cube), raw (no super-resolution), and overrides of the generator's
+    (lattice points per axis of PanoHead's cube; its face budget and baked texture size as `headstyle mesh
+    --faces/--texture`, 0 = every face and vertex colours), raw (no super-resolution), and overrides of the generator's
     raw render size and samples per ray (0 = its own)."""
 
     yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
@@ -79,6 +80,8 @@ class RenderSection:
     turntable_frames: int = param(60, at_least=2)
     fps: float = param(24.0, positive=True)
     mesh_resolution: int = param(256, low=8, high=1024)
+    mesh_faces: int = param(0, at_least=0)
+    mesh_texture: int = param(0, at_least=0)
     raw: bool = False
     neural_rendering_resolution: int = 0
     depth_samples: int = 0
@@ -87,6 +90,11 @@ class RenderSection:
         if not self.yaws or any(abs(a) > 360 for a in (*self.yaws, self.pitch)):
             raise ValueError("yaws (at least one) and pitch are degrees within [-360, 360]")
         settings.check_fields(self)
+        from headstyle.mesh.heads import texture_options_problem  # the meshing libraries load only here
+
+        problem = texture_options_problem(("glb",), self.mesh_faces, self.mesh_texture, "render: mesh_")
+        if problem is not None:
+            raise ValueError(problem)
 
 
 @dataclass

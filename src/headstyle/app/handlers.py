@@ -202,7 +202,7 @@ def _meshes(base: Generator, stylised: Generator, latents: Sequence[Latent], ren
     first) plus each alone; else the stylised head alone. A head without a surface is noted, not fatal."""
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes
 
-    settings = MeshSettings(resolution=render.mesh_resolution)
+    settings = MeshSettings(resolution=render.mesh_resolution, faces=render.mesh_faces, texture=render.mesh_texture)
     box_warp = base.box_warp
     written, notes = [], []
     for latent in latents:

@@ -37,16 +37,11 @@ def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, 
 
 def check_texture_options(formats: tuple[str, ...], faces: int, texture: int, prefix: str = "--") -> None:
     """Raise UserError for a face budget or texture size that cannot work (``prefix``: "--" or "--mesh-")."""
-    from headstyle.mesh import MIN_FACES, TEXTURE_SIZES
+    from headstyle.mesh.heads import texture_options_problem
 
-    if faces != 0 and faces < MIN_FACES:
-        raise UserError(f"{prefix}faces must be 0 (every face) or at least {MIN_FACES}, got {faces}")
-    if texture != 0 and texture not in TEXTURE_SIZES:
-        sizes = ", ".join(map(str, TEXTURE_SIZES))
-        raise UserError(f"{prefix}texture must be 0 (vertex colours) or one of {sizes} texels, got {texture}")
-    if texture and not {"glb", "obj"} & set(formats):
-        raise UserError(f"{prefix}texture is written in glb and obj files (ply keeps vertex colours): add glb or obj "
-                        "to the formats")
+    problem = texture_options_problem(formats, faces, texture, prefix)
+    if problem is not None:
+        raise UserError(problem)
 
 
 def check_mesh_flags(mesh: str, resolution: int, faces: int = 0, texture: int = 0) -> tuple[str, ...]:

@@ -14,10 +14,10 @@ import trimesh
 
 from headstyle.generator.base import FieldSampler, Generator
 from headstyle.generator.latents import Latent
-from headstyle.mesh.decimate import decimate
+from headstyle.mesh.decimate import MIN_FACES, decimate
 from headstyle.mesh.files import MESH_FORMATS, obj_sidecars, side_by_side, write_mesh, write_mrc
 from headstyle.mesh.surface import PANOHEAD_LEVEL, isosurface, largest_component, smooth, vertex_colours
-from headstyle.mesh.texture import bake_texture, texel_coverage, textured_mesh, unwrap
+from headstyle.mesh.texture import TEXTURE_SIZES, bake_texture, texel_coverage, textured_mesh, unwrap
 from headstyle.mesh.volume import DEFAULT_BATCH, PANOHEAD_TRIM, Volume, extraction_cube, sample_volume
 from headstyle.progress import progress_bar
 
@@ -45,6 +45,20 @@ class MeshSettings:
     batch_size: int = DEFAULT_BATCH
     faces: int = 0
     texture: int = 0
+
+
+def texture_options_problem(formats: Sequence[str], faces: int, texture: int, prefix: str) -> str | None:
+    """What is wrong with a face budget and texture size for ``formats`` (None: nothing); ``prefix`` names the
+    options in the message (e.g. "--mesh-" for a command, "render: mesh_" for the app's config)."""
+    if faces != 0 and faces < MIN_FACES:
+        return f"{prefix}faces must be 0 (every face) or at least {MIN_FACES}, got {faces}"
+    if texture != 0 and texture not in TEXTURE_SIZES:
+        sizes = ", ".join(map(str, TEXTURE_SIZES))
+        return f"{prefix}texture must be 0 (vertex colours) or one of {sizes} texels, got {texture}"
+    if texture and not {"glb", "obj"} & set(formats):
+        return (f"{prefix}texture is written in glb and obj files (ply keeps vertex colours): add glb or obj to the "
+                "formats")
+    return None
 
 
 Track = Callable[[str, int], Callable[[int], None]]
