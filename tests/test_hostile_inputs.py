@@ -513,6 +513,9 @@ def budget_argv(command: list[str], files: Path, out: Path) -> list[str]:
         (["lab", "sfa-ablation", "--identities", "10001"], "eval_identities = 10001 lies outside [1, 10000]"),
         (["lab", "sfa-ablation", "--iterations", "1000001"], "iterations = 1000001"),
         (["demo", "--prior", "exemplar", "--iterations", str(10**11)], "--iterations 100000000000 lies outside"),
+        ([*EVAL, "--reference-steps", "1001"], "reference steps must lie in [1, 1000] (the diffusion schedule"),
+        (["stylize", "--generator", "{w}", "--prompt", "a statue", "--set", "objective.num_inference_steps=1001"],
+         "objective.num_inference_steps = 1001 lies outside [1, 1000]"),
     ],
 )
 def test_commands_refuse_work_past_their_budget(command, names, files, tmp_path, monkeypatch, capsys):
@@ -540,6 +543,7 @@ def test_budgets_at_and_past_their_maxima():
     from headstyle.app.config import PhotoSection
     from headstyle.attention.config import SamplingConfig
     from headstyle.cli.common import UserError, check_count
+    from headstyle.faces.projector import ProjectConfig
     from headstyle.sfa.dataset import DatasetSettings
     from headstyle.stylize.config import RunConfig
 
@@ -557,6 +561,8 @@ def test_budgets_at_and_past_their_maxima():
         with pytest.raises(ValueError, match="lies outside"):
             make()
     assert "lies outside [1, 1000000]: a million" in settings.field_problem(RunConfig(iterations=10**6 + 1))
+    with pytest.raises(ValueError, match=r"w_avg_samples = 1000000000 lies outside \[1, 1000000\]"):
+        ProjectConfig(w_avg_samples=10**9)  # the library's own check, for callers that skip the command line
 
 
 def test_a_code_file_past_its_count_is_refused_from_its_header(tmp_path):

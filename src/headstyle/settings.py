@@ -53,7 +53,7 @@ def seed_problem(name: str, seed: int) -> str | None:
 MAX_ITERATIONS = 1_000_000
 ITERATIONS_WHY = "a million iterations is weeks of training; the paper's recipes run 800 to 10,000"
 MAX_W_AVG_SAMPLES = 1_000_000
-W_AVG_WHY = "each sample maps a z, 10^6 hold ~4 GiB of z and w; PanoHead uses 10,000"
+W_AVG_WHY = "each sample maps a z; 10^6 already hold ~8 GiB of z and w; PanoHead uses 10,000"
 MAX_TURNTABLE_FRAMES = 3600
 TURNTABLE_WHY = "one frame per 0.1 degree; every frame is a full render"
 MAX_VIEWS = 360
@@ -111,8 +111,8 @@ def param(
     why: str = "",
 ) -> Any:
     """A dataclass field with ``default`` whose metadata holds its Spec (see Spec for the rest)."""
-    spec = Spec(low, high, at_least, positive, choices, unit, why)
-    return dataclasses.field(default=default, metadata={_SPEC: spec})
+    declared = Spec(low, high, at_least, positive, choices, unit, why)
+    return dataclasses.field(default=default, metadata={_SPEC: declared})
 
 
 def spec(f: dataclasses.Field) -> Spec:

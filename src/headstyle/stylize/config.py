@@ -26,7 +26,9 @@ from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, 
 from headstyle.io import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 from headstyle.settings import (
+    DDIM_STEPS_WHY,
     ITERATIONS_WHY,
+    MAX_DDIM_STEPS,
     MAX_ITERATIONS,
     MAX_TRUNCATION_CUTOFF,
     MAX_TURNTABLE_FRAMES,
@@ -111,7 +113,7 @@ class ObjectiveConfig:
 
     name: str = "ld"  # ld | sds | nfsd | dds | ids (distill/objectives.py)
     params: ObjectiveParams = field(default_factory=LDParams)
-    num_inference_steps: int = 50
+    num_inference_steps: int = param(50, at_least=1, high=MAX_DDIM_STEPS, why=DDIM_STEPS_WHY)
     min_step_index: int = 35
     max_step_index: int = 49
     # random: fresh eps; fixed: one eps per batch slot and rank; mv_nrs: multi-view noise resampling
