@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from headstyle.cli import main
+from headstyle.generator.latents import MAX_CODES
 from headstyle.input_files import MAX_PIXELS, InputError, depth_problem, parse_toml, pixel_problem, read_image
 from headstyle.io import content_digest
 from headstyle.lab.experiments.bench import LabSettings, _bench_record
 from headstyle.lab.prior import learned
+from headstyle.settings import MAX_IDENTITIES, MAX_VIEWS
 from headstyle.sfa import dataset as sfa_dataset
 from headstyle.sfa import module as sfa_module
 from headstyle.weight_files import WeightsError, read_config_json
@@ -451,3 +455,126 @@ def test_a_refusal_in_its_own_process(argv, files, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
     assert int(peak.read_text()) < PEAK_LIMIT and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- work budgets
+
+BIG_LIST = {"yaws": ",".join(["0"] * (MAX_VIEWS + 1)), "seeds": ",".join(map(str, range(MAX_IDENTITIES + 1)))}
+PROJECT = ["project", "--generator", "{w}", "--image", "{good}"]
+PHOTO = ["photo", "{good}", "--generator", "{w}", "--stylized", "{w}"]
+RENDER = ["render", "--generator", "{w}"]
+MESH = ["mesh", "--generator", "{w}"]
+EVAL = ["eval", "--base", "{w}", "--stylized", "{w}"]
+SFA_DATASET = ["sfa", "dataset", "--base", "{w}", "--stylized", "{w}"]
+STYLE_VIEWS = ["style-views", "--generator", "{w}", "--style-image", "{good}"]
+
+
+def budget_argv(command: list[str], files: Path, out: Path) -> list[str]:
+    values = {"w": files / "weights.pkl", "good": files / "good.png", "in": files, "npz": files / "codes.npz",
+              **BIG_LIST}
+    return [a.format(**values) for a in command] + ["--out", str(out)]
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [
+        ([*PROJECT, "--w-avg-samples", "1000000000"], "--w-avg-samples 1000000000 lies outside [1, 1000000]: each"),
+        ([*PHOTO, "--w-avg-samples", "1000001"], "--w-avg-samples"),
+        ([*PROJECT, "--steps", "1000001"], "--steps 1000001 lies outside [1, 1000000]: a million iterations"),
+        ([*PROJECT, "--pti", "1000001"], "--pti"),
+        ([*PHOTO, "--turntable", "3601"], "--turntable 3601 lies outside [0, 3600]: one frame per 0.1 degree"),
+        ([*RENDER, "--turntable", "3601"], "--turntable"),
+        ([*RENDER, "--yaws", "{yaws}"], "--yaws count 361 lies outside [0, 360]: one view per degree"),
+        ([*RENDER, "--seeds", "{seeds}"], "--seeds count 10001 lies outside [1, 10000]"),
+        ([*RENDER, "--truncation", "-2.5"], "--truncation -2.5 lies outside [-2.0, 2.0]: 1 = no truncation"),
+        ([*RENDER, "--truncation", "1e9"], "--truncation"),
+        ([*RENDER, "--truncation-cutoff", "-1"], "--truncation-cutoff -1 lies outside [0, 32]"),
+        ([*RENDER, "--w-npz", "{npz}"], "holds 1001 codes, more than the 1000"),
+        ([*MESH, "--truncation-cutoff", "33"], "--truncation-cutoff"),
+        ([*MESH, "--smooth", "10001"], "--smooth 10001 lies outside [0, 10000]: each Taubin step"),
+        ([*MESH, "--batch-size", str(2**24 + 1)], "--batch-size"),
+        ([*EVAL, "--ring", "361"], "--ring 361 lies outside [1, 360]"),
+        ([*EVAL, "--identities", "10001"], "--identities 10001 lies outside [1, 10000]"),
+        ([*EVAL, "--views", "{yaws}"], "--views count 361"),
+        ([*SFA_DATASET, "--views", "361"], "views = 361 lies outside [1, 360]: one view per degree"),
+        ([*SFA_DATASET, "--samples", "10001"], "samples = 10001 lies outside [1, 10000]"),
+        ([*SFA_DATASET, "--truncation", "-3"], "truncation_psi = -3.0 lies outside [-2.0, 2.0]"),
+        (["sfa", "train", "--data", "{in}", "--views", "361"], "train: views = 361 lies outside [1, 360]"),
+        (["sfa", "train", "--data", "{in}", "--iterations", "1000001"],
+         "train: iterations = 1000001 lies outside [0, 1000000]"),
+        (["stylize", "--generator", "{w}", "--prompt", "a statue", "--iterations", "1000001"],
+         "run.iterations = 1000001 lies outside [1, 1000000]: a million"),
+        (["stylize", "--generator", "{w}", "--prompt", "a statue", "--set", "latent.truncation_cutoff=-1"],
+         "latent.truncation_cutoff = -1 lies outside [0, 32]"),
+        ([*STYLE_VIEWS, "--steps", "100000000"],
+         "sampling: steps = 100000000 lies outside [1, 1000]: the diffusion schedule"),
+        ([*STYLE_VIEWS, "--truncation", "3"], "views: truncation_psi = 3.0 lies outside [-2.0, 2.0]"),
+        ([*STYLE_VIEWS, "--seeds", "{seeds}"], "at most 10000 seeds"),
+        (["lab", "sfa-ablation", "--identities", "10001"], "eval_identities = 10001 lies outside [1, 10000]"),
+        (["lab", "sfa-ablation", "--iterations", "1000001"], "iterations = 1000001"),
+        (["demo", "--prior", "exemplar", "--iterations", str(10**11)], "--iterations 100000000000 lies outside"),
+        ([*EVAL, "--reference-steps", "1001"], "reference steps must lie in [1, 1000] (the diffusion schedule"),
+        (["stylize", "--generator", "{w}", "--prompt", "a statue", "--set", "objective.num_inference_steps=1001"],
+         "objective.num_inference_steps = 1001 lies outside [1, 1000]"),
+    ],
+)
+def test_commands_refuse_work_past_their_budget(command, names, files, tmp_path, monkeypatch, capsys):
+    """Each count, size and iteration past its maximum: exit 2, one line naming the option, its range and the
+    reason, before any model loads (the generator is not a pickle at all)."""
+    no_prior_load(monkeypatch)
+    np.savez(files / "codes.npz", w=np.zeros((MAX_CODES + 1, 1, 512), np.float32))
+    out = tmp_path / "out"
+    refused(monkeypatch, capsys, budget_argv(command, files, out), names)
+    assert not out.exists()
+
+
+def test_render_at_its_budgets_gets_to_the_generator(files, tmp_path, monkeypatch, capsys):
+    """At every maximum the options pass: the refusal is the generator file's, not a budget's."""
+    np.savez(files / "codes.npz", w=np.zeros((MAX_CODES, 1, 512), np.float32))
+    yaws = ",".join(["0"] * MAX_VIEWS)
+    for extra in (["--turntable", "3600", "--yaws", yaws, "--truncation", "2", "--truncation-cutoff", "32",
+                   "--seeds", ",".join(map(str, range(MAX_IDENTITIES)))], ["--w-npz", "{npz}", "--truncation", "-2"]):
+        err = refused(monkeypatch, capsys, budget_argv([*RENDER, *extra], files, tmp_path / "out"), "weights.pkl")
+        assert "lies outside" not in err, err
+
+
+def test_budgets_at_and_past_their_maxima():
+    from headstyle import settings
+    from headstyle.app.config import PhotoSection
+    from headstyle.attention.config import SamplingConfig
+    from headstyle.cli.common import UserError, check_count
+    from headstyle.faces.projector import ProjectConfig
+    from headstyle.sfa.dataset import DatasetSettings
+    from headstyle.stylize.config import RunConfig
+
+    check_count("--n", 10, 0, 10, "why")
+    with pytest.raises(UserError, match=r"^--n 11 lies outside \[0, 10\]: why$"):
+        check_count("--n", 11, 0, 10, "why")
+    with pytest.raises(UserError):
+        check_count("--n", math.nan, 0, 10, "why")
+    SamplingConfig(steps=settings.MAX_DDIM_STEPS)
+    DatasetSettings(samples=MAX_IDENTITIES, views=MAX_VIEWS, truncation_psi=2.0, truncation_cutoff=32)
+    PhotoSection(steps=settings.MAX_ITERATIONS, w_avg_samples=settings.MAX_W_AVG_SAMPLES)
+    assert settings.field_problem(RunConfig(iterations=settings.MAX_ITERATIONS, turntable_frames=3600)) is None
+    for make in (lambda: SamplingConfig(steps=1001), lambda: DatasetSettings(truncation_cutoff=33),
+                 lambda: PhotoSection(w_avg_samples=10**9)):  # fmt: skip
+        with pytest.raises(ValueError, match="lies outside"):
+            make()
+    assert "lies outside [1, 1000000]: a million" in settings.field_problem(RunConfig(iterations=10**6 + 1))
+    with pytest.raises(ValueError, match=r"w_avg_samples = 1000000000 lies outside \[1, 1000000\]"):
+        ProjectConfig(w_avg_samples=10**9)  # the library's own check, for callers that skip the command line
+
+
+def test_a_code_file_past_its_count_is_refused_from_its_header(tmp_path):
+    from headstyle.generator.latents import CodeFileError, check_code_file, latents_from_npz
+
+    path = tmp_path / "codes.npz"
+    np.savez(path, w=np.zeros((MAX_CODES, 1, 512), np.float32))
+    check_code_file(path)
+    np.savez(path, w=np.zeros((MAX_CODES + 1, 1, 512), np.float32))
+    for check in (check_code_file, lambda p: latents_from_npz(p, 14)):
+        with pytest.raises(CodeFileError, match="holds 1001 codes"):
+            check(path)
+    path.write_bytes(b"PK not a zip")
+    with pytest.raises(CodeFileError, match="not a readable npz file"):
+        check_code_file(path)

@@ -47,6 +47,32 @@ def seed_problem(name: str, seed: int) -> str | None:
     return None if 0 <= seed < SEED_END else f"{name} must be an integer in [0, 2**32), got {seed}"
 
 
+# Work budgets: the most of each count, size and iteration a command accepts, far above any real use, checked
+# before any model loads (config fields declare them with ``param(high=..., why=...)``, the options that no field
+# backs through headstyle.cli.common.check_count). Each reason says what a larger value would cost.
+MAX_ITERATIONS = 1_000_000
+ITERATIONS_WHY = "a million iterations is weeks of training; the paper's recipes run 800 to 10,000"
+MAX_W_AVG_SAMPLES = 1_000_000
+W_AVG_WHY = "each sample maps a z; 10^6 already hold ~8 GiB of z and w; PanoHead uses 10,000"
+MAX_TURNTABLE_FRAMES = 3600
+TURNTABLE_WHY = "one frame per 0.1 degree; every frame is a full render"
+MAX_VIEWS = 360
+VIEWS_WHY = "one view per degree; every view is a full render"
+MAX_IDENTITIES = 10_000
+IDENTITIES_WHY = "every identity is rendered (and scored) for each view"
+MAX_DDIM_STEPS = 1000
+DDIM_STEPS_WHY = "the diffusion schedule has 1000 timesteps"
+MAX_SMOOTH_STEPS = 10_000
+SMOOTH_WHY = "each Taubin step passes over every vertex; 10 to 100 already flatten the surface"
+# PanoHead's truncation w_avg + psi (w - w_avg): 1 = none, 0 = the average head, negative = across it; past 2 the
+# ws leave the range the synthesis network was trained on.
+TRUNCATION_PSI = (-2.0, 2.0)
+TRUNCATION_PSI_WHY = "1 = no truncation, 0 = the average head; past |2| the ws leave the trained range"
+# The ws truncated, counted from the first; PanoHead has 14 and StyleGAN2 at 1024 px 18 (a larger cutoff is all).
+MAX_TRUNCATION_CUTOFF = 32
+TRUNCATION_CUTOFF_WHY = "the number of ws truncated; PanoHead has 14, no generator here more than 18"
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown field or holds a value of the wrong type."""
 
@@ -57,7 +83,7 @@ class Spec:
 
     low, high: a closed range (None: unbounded on that side); at_least: the least value of a count;
     positive: strictly positive and finite; choices: the strings it may hold; unit: printed beside the
-    field in a saved config and in its range message.
+    field in a saved config and in its range message; why: the reason for the range, in its message.
     """
 
     low: float | None = None
@@ -66,6 +92,7 @@ class Spec:
     positive: bool = False
     choices: tuple[str, ...] = ()
     unit: str = ""
+    why: str = ""
 
 
 _SPEC = "headstyle.settings.Spec"  # the key of a field's Spec in its metadata
@@ -81,9 +108,11 @@ def param(
     positive: bool = False,
     choices: tuple[str, ...] = (),
     unit: str = "",
+    why: str = "",
 ) -> Any:
     """A dataclass field with ``default`` whose metadata holds its Spec (see Spec for the rest)."""
-    return dataclasses.field(default=default, metadata={_SPEC: Spec(low, high, at_least, positive, choices, unit)})
+    declared = Spec(low, high, at_least, positive, choices, unit, why)
+    return dataclasses.field(default=default, metadata={_SPEC: declared})
 
 
 def spec(f: dataclasses.Field) -> Spec:
@@ -100,8 +129,9 @@ def value_problem(key: str, value: Any, s: Spec) -> str | None:
     if (s.low is not None or s.high is not None) and not (
         (s.low is None or value >= s.low) and (s.high is None or value <= s.high)
     ):  # written so that NaN lies outside every range
-        bounds = f"[{'-inf' if s.low is None else s.low}, {'inf' if s.high is None else s.high}]"
-        return f"{key} = {value} lies outside {bounds}{f' ({s.unit})' if s.unit else ''}"
+        low = s.at_least if s.low is None else s.low
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if s.high is None else s.high}]"
+        return f"{key} = {value} lies outside {bounds}{f' ({s.unit})' if s.unit else ''}{f': {s.why}' if s.why else ''}"
     if s.positive and not (math.isfinite(value) and value > 0):
         return f"{key} must be a positive number, got {value}"
     return None

@@ -26,7 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from headstyle import settings
-from headstyle.settings import ConfigError, param
+from headstyle.settings import (
+    IDENTITIES_WHY,
+    ITERATIONS_WHY,
+    MAX_IDENTITIES,
+    MAX_ITERATIONS,
+    MAX_TURNTABLE_FRAMES,
+    MAX_VIEWS,
+    MAX_W_AVG_SAMPLES,
+    TURNTABLE_WHY,
+    VIEWS_WHY,
+    W_AVG_WHY,
+    ConfigError,
+    param,
+)
 
 TAB_TITLES = {"photo": "Photo", "generate": "Generate", "style_image": "Style image", "train": "Train a style"}
 
@@ -58,9 +71,9 @@ class PhotoSection:
     """The projector (PanoHead's defaults): steps, W+ or W, w_avg samples; raw: fit the raw neural render
     (fast, low resolution); seed."""
 
-    steps: int = param(500, at_least=1)
+    steps: int = param(500, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
     space: str = param("w+", choices=("w", "w+"))
-    w_avg_samples: int = param(10_000, at_least=1)
+    w_avg_samples: int = param(10_000, at_least=1, high=MAX_W_AVG_SAMPLES, why=W_AVG_WHY)
     raw: bool = False
     seed: int = 303
 
@@ -77,7 +90,7 @@ class RenderSection:
 
     yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
     pitch: float = 10.0
-    turntable_frames: int = param(60, at_least=2)
+    turntable_frames: int = param(60, at_least=2, high=MAX_TURNTABLE_FRAMES, why=TURNTABLE_WHY)
     fps: float = param(24.0, positive=True)
     mesh_resolution: int = param(256, low=8, high=1024)
     mesh_faces: int = param(0, at_least=0)
@@ -89,6 +102,8 @@ class RenderSection:
     def __post_init__(self) -> None:
         if not self.yaws or any(abs(a) > 360 for a in (*self.yaws, self.pitch)):
             raise ValueError("yaws (at least one) and pitch are degrees within [-360, 360]")
+        if len(self.yaws) > MAX_VIEWS:
+            raise ValueError(f"yaws holds {len(self.yaws)} views, more than {MAX_VIEWS}: {VIEWS_WHY}")
         settings.check_fields(self)
         from headstyle.mesh.heads import texture_options_problem  # the meshing libraries load only here
 
@@ -105,13 +120,14 @@ class LabSection:
     train on: "" = the shipped learned lab prior, "exemplar" = the analytic exemplar prior, or an SD folder
     (headstyle.lab.prior.learned)."""
 
-    resolution: int = param(32, at_least=1)
-    sr_factor: int = param(2, at_least=1)
-    prior_identities: int = param(6, at_least=1)
-    prior_views: int = param(24, at_least=1)
-    iterations: int = param(100, at_least=1)
+    # the lab world renders on a CPU: its raw size and upsampling stay small (the lab's own is 32 x 2)
+    resolution: int = param(32, at_least=1, high=512, why="the lab renders on a CPU; its own size is 32")
+    sr_factor: int = param(2, at_least=1, high=16, why="the lab's upsampling; its own is 2")
+    prior_identities: int = param(6, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
+    prior_views: int = param(24, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
+    iterations: int = param(100, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
     lr: float = 0.002
-    turntable_frames: int = param(36, at_least=2)
+    turntable_frames: int = param(36, at_least=2, high=MAX_TURNTABLE_FRAMES, why=TURNTABLE_WHY)
     mesh_resolution: int = param(96, low=8, high=1024)
     style_module: str = ""
     prior: str = ""

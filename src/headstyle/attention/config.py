@@ -8,7 +8,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
-from headstyle.settings import seed_problem
+from headstyle.settings import (
+    DDIM_STEPS_WHY,
+    IDENTITIES_WHY,
+    MAX_DDIM_STEPS,
+    MAX_IDENTITIES,
+    MAX_TRUNCATION_CUTOFF,
+    MAX_VIEWS,
+    TRUNCATION_CUTOFF_WHY,
+    TRUNCATION_PSI,
+    TRUNCATION_PSI_WHY,
+    VIEWS_WHY,
+    check_fields,
+    param,
+    seed_problem,
+)
 
 Pairing = Literal["paper", "matched"]
 PAIRINGS: tuple[str, ...] = ("paper", "matched")
@@ -61,7 +75,8 @@ class SamplingConfig:
     ControlNet's scale and the seed of all noise."""
 
     strength: float = 0.6
-    steps: int = 30
+    # past the schedule's 1000 timesteps the DDIM scheduler fails with a traceback
+    steps: int = param(30, low=1, high=MAX_DDIM_STEPS, why=DDIM_STEPS_WHY)
     guidance_scale: float = 3.0
     prompt: str = ""
     negative_prompt: str = ""
@@ -71,6 +86,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must lie in (0, 1], got {self.strength}")
+        check_fields(self)
         if self.steps < 1 or int(self.steps * self.strength) < 1:
             raise ValueError(f"steps * strength must be at least 1 denoising step, got {self.steps} * {self.strength}")
         if not (math.isfinite(self.guidance_scale) and math.isfinite(self.control_scale)):
@@ -90,8 +106,8 @@ class ViewsConfig:
     seeds: tuple[int, ...] = (0,)
     yaws: tuple[float, ...] = (-90.0, -45.0, 0.0, 45.0, 90.0, 180.0)
     pitch: float = 0.0
-    truncation_psi: float = 0.7
-    truncation_cutoff: int = 14
+    truncation_psi: float = param(0.7, low=TRUNCATION_PSI[0], high=TRUNCATION_PSI[1], why=TRUNCATION_PSI_WHY)
+    truncation_cutoff: int = param(14, low=0, high=MAX_TRUNCATION_CUTOFF, why=TRUNCATION_CUTOFF_WHY)
     out: str = ""
     fps: float = 4.0
     render_sr: bool = True
@@ -107,8 +123,10 @@ class ViewsConfig:
             raise ValueError(f"yaws and pitch are degrees within [-360, 360], got {list(self.yaws)}, {self.pitch}")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be positive, got {self.fps}")
-        if not math.isfinite(self.truncation_psi):
-            raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
+        if len(self.seeds) > MAX_IDENTITIES or len(self.yaws) > MAX_VIEWS:
+            raise ValueError(f"at most {MAX_IDENTITIES} seeds ({IDENTITIES_WHY}) and {MAX_VIEWS} yaws ({VIEWS_WHY}), "
+                             f"got {len(self.seeds)} and {len(self.yaws)}")
+        check_fields(self)
 
 
 @dataclass

@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.settings import SEED_END, seed_problem
+from headstyle.settings import (
+    IDENTITIES_WHY,
+    MAX_IDENTITIES,
+    MAX_TRUNCATION_CUTOFF,
+    MAX_VIEWS,
+    SEED_END,
+    TRUNCATION_CUTOFF_WHY,
+    TRUNCATION_PSI,
+    TRUNCATION_PSI_WHY,
+    VIEWS_WHY,
+    seed_problem,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +57,20 @@ def rerun_hint(flag: str = "", *values: str) -> str:
     return "continue it with: " + shlex.join(argv)
 
 
+def check_count(option: str, value: int | float, low: float, high: float, why: str) -> None:
+    """A count, size or iteration option (or a number such as psi) within [low, high], checked before any model
+    loads: one line naming the option, the range and ``why`` it ends there (headstyle.settings' budgets)."""
+    if not low <= value <= high:  # written so that NaN lies outside
+        raise UserError(f"{option} {value} lies outside [{low}, {high}]: {why}")
+
+
+def check_truncation(psi: float, cutoff: int | None, option: str = "--truncation") -> None:
+    """Truncation psi and cutoff within headstyle.settings' ranges."""
+    check_count(option, psi, *TRUNCATION_PSI, TRUNCATION_PSI_WHY)
+    if cutoff is not None:
+        check_count(f"{option}-cutoff", cutoff, 0, MAX_TRUNCATION_CUTOFF, TRUNCATION_CUTOFF_WHY)
+
+
 def check_seed(seed: int, option: str = "--seed") -> int:
     """A seed in [0, SEED_END) (headstyle.settings.seed_problem), checked before any model loads."""
     if problem := seed_problem(option, seed):
@@ -61,6 +86,7 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
         raise UserError(f"{option} {text!r}: seeds are integers like 0,1") from None
     if not seeds or any(not 0 <= s < SEED_END for s in seeds):
         raise UserError(f"{option} must be integers in [0, 2**32), got {text!r}")
+    check_count(f"{option} count", len(seeds), 1, MAX_IDENTITIES, IDENTITIES_WHY)
     return seeds
 
 
@@ -80,9 +106,11 @@ def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
     from headstyle.cameras import parse_angles_degrees
 
     try:
-        return parse_angles_degrees(text)
+        yaws = parse_angles_degrees(text)
     except ValueError as exc:
         raise UserError(f"{option}: {exc}") from None
+    check_count(f"{option} count", len(yaws), 0, MAX_VIEWS, VIEWS_WHY)
+    return yaws
 
 
 def parse_pivot(text: str, option: str = "--pivot") -> tuple[float, float, float]:
@@ -172,8 +200,14 @@ def check_heads(seeds: str | None, w_npz: str | None) -> list[int]:
     if seeds is not None and w_npz is not None:
         raise UserError("give either --seeds or --w-npz, not both")
     if w_npz is not None:
+        from headstyle.generator.latents import CodeFileError, check_code_file
+
         if not Path(w_npz).is_file():
             raise UserError(f"--w-npz {w_npz}: no such file")
+        try:
+            check_code_file(w_npz)
+        except CodeFileError as exc:
+            raise UserError(f"--w-npz {exc}") from None
         return []
     return parse_seeds(seeds or "0")
 

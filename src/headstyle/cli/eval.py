@@ -96,9 +96,11 @@ def eval_command(
 ) -> None:
     """Score a stylised generator against its base: identity, CLIP, FID/KID, Delta D, multi-view consistency."""
     from headstyle.cli.common import (
+        check_count,
         check_out_dir,
         check_render_overrides,
         check_seed,
+        check_truncation,
         parse_seeds,
         parse_yaws,
         pick_device,
@@ -107,6 +109,7 @@ def eval_command(
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import WeightPaths, check_paths, load_scorers
     from headstyle.priors.loading import PriorSpec
+    from headstyle.settings import IDENTITIES_WHY, MAX_IDENTITIES, MAX_VIEWS, VIEWS_WHY
 
     # Every input is checked before a model loads.
     if (lab is None) == (base is None):
@@ -122,16 +125,15 @@ def eval_command(
         raise UserError(f"--base {base}: no such file or folder")
     if not Path(stylized).exists():
         raise UserError(f"--stylized {stylized}: no such file or folder")
-    if identities < 1:
-        raise UserError(f"--identities must be >= 1, got {identities}")
+    check_count("--identities", identities, 1, MAX_IDENTITIES, IDENTITIES_WHY)
     seed_list = parse_seeds(seeds) if seeds is not None else list(range(identities))
-    if ring < 1:
-        raise UserError(f"--ring must be >= 1 view, got {ring}")
+    check_count("--ring", ring, 1, MAX_VIEWS, VIEWS_WHY)
     yaws = parse_yaws(views, "--views") if views is not None else ring_yaws(ring)
     if not yaws:
         raise UserError("--views needs at least one yaw")
-    if not (math.isfinite(pitch) and abs(pitch) <= 360 and math.isfinite(truncation)):
-        raise UserError("--pitch must be degrees within [-360, 360] and --truncation a finite number")
+    if not (math.isfinite(pitch) and abs(pitch) <= 360):
+        raise UserError("--pitch must be degrees within [-360, 360]")
+    check_truncation(truncation, truncation_cutoff)
     check_render_overrides(neural_rendering_resolution, depth_samples)
     if lab is not None and (neural_rendering_resolution or depth_samples or raw_only):
         raise UserError("--raw-only and the render overrides are for PanoHead generators; the lab renders as its bench")

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from headstyle.cli.common import UserError, app, check_out_dir, check_seed, parse_numbers, parse_seeds, rerun_hint
+from headstyle.cli.common import (
+    UserError,
+    app,
+    check_count,
+    check_out_dir,
+    check_seed,
+    parse_numbers,
+    parse_seeds,
+    rerun_hint,
+)
+from headstyle.settings import ITERATIONS_WHY, MAX_ITERATIONS
 from headstyle.training.signals import resume_hint
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
@@ -70,8 +80,9 @@ def demo(
 
     if style not in STYLES:
         raise UserError(f"--style {style!r} is not a lab style; choose one of {', '.join(STYLES)}")
-    if iterations < 1 or threads < 0:
-        raise UserError("--iterations must be >= 1 and --threads >= 0")
+    check_count("--iterations", iterations, 1, MAX_ITERATIONS, ITERATIONS_WHY)
+    if threads < 0:
+        raise UserError("--threads must be >= 0")
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
     _check_range("--eval-views", eval_views, EVAL_VIEWS)
     _check_range("--turntable-frames", turntable_frames, TURNTABLE_FRAMES)
@@ -159,8 +170,9 @@ def lab_bench(
         window = parse_numbers(t_range, int, "--t-range")
         if len(window) != 2 or not 0 <= window[0] <= window[1] <= 999:
             raise UserError(f"--t-range {t_range!r}: give LOW,HIGH with 0 <= LOW <= HIGH <= 999, e.g. 1,281")
-    if iterations < 1 or threads < 0 or curve_every < 0 or not (math.isfinite(lr) and lr > 0):
-        raise UserError("--iterations must be >= 1, --threads >= 0, --curve-every >= 0 and --lr > 0")
+    check_count("--iterations", iterations, 1, MAX_ITERATIONS, ITERATIONS_WHY)
+    if threads < 0 or curve_every < 0 or not (math.isfinite(lr) and lr > 0):
+        raise UserError("--threads must be >= 0, --curve-every >= 0 and --lr > 0")
     if not (math.isfinite(guidance) and 0 <= guidance <= 100):
         raise UserError(f"--guidance {guidance}: give a weight within [0, 100] (7.5 is SD's)")
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)

@@ -8,13 +8,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from headstyle.cli.common import UserError, app
+from headstyle.cli.common import UserError, app, check_count, check_truncation
+from headstyle.settings import MAX_SMOOTH_STEPS, SMOOTH_WHY
 
 if TYPE_CHECKING:
     from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
 
 MAX_RESOLUTION = 1024  # 1024^3 float32 is a 4 GiB volume
+MAX_BATCH_SIZE = 2**24  # points per field evaluation: 16 M points of triplane features are several GiB
 
 
 def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, batch_size: int) -> None:
@@ -27,8 +29,9 @@ def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, 
         raise UserError(f"--resolution must be between 8 and {MAX_RESOLUTION} points per axis, got {resolution}")
     if not math.isfinite(level):
         raise UserError(f"--level must be a finite raw density (PanoHead uses 10), got {level}")
-    if smooth < 0 or batch_size < 1:
-        raise UserError(f"--smooth must be >= 0 and --batch-size >= 1, got {smooth} and {batch_size}")
+    check_count("--smooth", smooth, 0, MAX_SMOOTH_STEPS, SMOOTH_WHY)
+    check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE, "points per field evaluation; 2**24 already "
+                "take several GiB")  # fmt: skip
     try:
         extraction_cube(resolution, 1.0, trim)
     except ValueError as exc:
@@ -110,8 +113,6 @@ def mesh(
     config: str | None = typer.Option(None, help="Base config for a bare .pth (default: released PanoHead)."),
 ) -> None:
     """Extract each head's surface (marching cubes on the density, vertex colours as the raw render shows them)."""
-    import math
-
     from headstyle.cli.common import check_heads, check_out_dir, heads, load_generator, pick_device
     from headstyle.mesh import EmptySurfaceError, MeshSettings, export_meshes, parse_formats
 
@@ -122,8 +123,7 @@ def mesh(
         raise UserError(f"--format: {exc}") from None
     check_mesh_options(resolution, level, trim, smooth, batch_size)
     check_texture_options(formats, faces, texture)
-    if not math.isfinite(truncation):
-        raise UserError("--truncation must be a finite number")
+    check_truncation(truncation, truncation_cutoff)
     dev = pick_device(device)
     check_out_dir(out)
     if stylized is not None and not Path(stylized).exists():

@@ -13,6 +13,7 @@ import typer
 from headstyle.cli.common import (
     UserError,
     app,
+    check_count,
     check_image,
     check_out_dir,
     check_seed,
@@ -21,6 +22,14 @@ from headstyle.cli.common import (
     pick_device,
 )
 from headstyle.cli.mesh import check_mesh_flags, write_meshes
+from headstyle.settings import (
+    ITERATIONS_WHY,
+    MAX_ITERATIONS,
+    MAX_TURNTABLE_FRAMES,
+    MAX_W_AVG_SAMPLES,
+    TURNTABLE_WHY,
+    W_AVG_WHY,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,10 +45,13 @@ VGG_HELP = ("LPIPS-VGG16 weights: NVIDIA's TorchScript vgg16.pt (what PanoHead's
             "Laplacian-pyramid L1 distance instead of LPIPS and says so.")
 
 
-def _check_projection(space: str, **values: float | None) -> None:
-    """The projector's options (the space, and counts that must be at least 1), before anything loads."""
+def _check_projection(space: str, steps: int, w_avg_samples: int, **values: float | None) -> None:
+    """The projector's options (the space, its budgets, and counts that must be at least 1), before anything
+    loads."""
     if space not in ("w", "w+"):
         raise UserError(f"--space must be w or w+, got {space!r}")
+    check_count("--steps", steps, 1, MAX_ITERATIONS, ITERATIONS_WHY)
+    check_count("--w-avg-samples", w_avg_samples, 1, MAX_W_AVG_SAMPLES, W_AVG_WHY)
     for name, value in values.items():
         if value is not None and not (math.isfinite(value) and value >= 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -192,8 +204,7 @@ def project(
 
     _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
                       neural_rendering_resolution=neural_rendering_resolution)
-    if pti < 0:
-        raise UserError(f"--pti must be 0 (none) or a number of steps, got {pti}")
+    check_count("--pti", pti, 0, MAX_ITERATIONS, ITERATIONS_WHY)
     check_seed(seed)
     out_path = check_out_dir(out)
     for option, path in (("--image", image), ("--vgg16", vgg16), ("--lpips-lin", lpips_lin)):
@@ -264,8 +275,9 @@ def photo(
     _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
                       neural_rendering_resolution=neural_rendering_resolution)
     yaw_list = parse_yaws(yaws)
-    if turntable < 0 or not math.isfinite(pitch):
-        raise UserError("--turntable must be >= 0 and --pitch a finite number")
+    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES, TURNTABLE_WHY)
+    if not math.isfinite(pitch):
+        raise UserError("--pitch must be a finite number")
     check_seed(seed)
     mesh_formats = check_mesh_flags(mesh, mesh_resolution, mesh_faces, mesh_texture) if mesh is not None else ()
     out_path = check_out_dir(out)

@@ -41,8 +41,10 @@ def render(
     import math
 
     from headstyle.cli.common import (
+        check_count,
         check_heads,
         check_out_dir,
+        check_truncation,
         heads,
         load_generator,
         parse_pivot,
@@ -51,16 +53,19 @@ def render(
     )
     from headstyle.cli.mesh import check_mesh_flags, write_meshes
     from headstyle.export import export_renders
+    from headstyle.settings import MAX_TURNTABLE_FRAMES, TURNTABLE_WHY
 
     seed_list = check_heads(seeds, w_npz)
     yaw_list = parse_yaws(yaws)
     lookat = parse_pivot(pivot)
-    if turntable < 0 or (turntable == 0 and not yaw_list):
+    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES, TURNTABLE_WHY)
+    if turntable == 0 and not yaw_list:
         raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
     if not (math.isfinite(fps) and fps >= 1e-3):
         raise UserError(f"--fps must be at least 0.001, got {fps}")
-    if not (math.isfinite(truncation) and math.isfinite(pitch) and abs(pitch) <= 360):
-        raise UserError("--truncation must be a finite number and --pitch degrees within [-360, 360]")
+    if not (math.isfinite(pitch) and abs(pitch) <= 360):
+        raise UserError("--pitch must be degrees within [-360, 360]")
+    check_truncation(truncation, truncation_cutoff)
     dev = pick_device(device)
     check_out_dir(out)
     mesh_formats = check_mesh_flags(mesh, mesh_resolution, mesh_faces, mesh_texture) if mesh is not None else ()

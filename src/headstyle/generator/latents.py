@@ -58,18 +58,34 @@ class CodeFileError(ValueError):
 
 # 64 MiB of float32 is ~2,300 W+ codes of (14, 512); a larger 'w' is not a file of codes.
 MAX_CODE_BYTES = 64 << 20
+# Every code is a head rendered at each view (and turntable frame); PanoHead's projector writes one per file.
+MAX_CODES = 1000
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 
 
-def _read_w(path: Path) -> np.ndarray:
-    """The array 'w' of an npz, its .npy header checked before any of its data is read.
+def _unreadable(path: Path, exc: Exception) -> CodeFileError:
+    # zip, zlib and .npy parsing of untrusted bytes fail in many library-specific ways
+    return CodeFileError(f"{path}: not a readable npz file ({type(exc).__name__}: {str(exc)[:200]})")
 
-    An npz is a zip of .npy files: the header declares dtype and shape, so a tiny (or highly
-    compressed) file could otherwise make numpy allocate whatever it declares.
-    """
+
+def check_code_file(path: str | os.PathLike) -> None:
+    """CodeFileError unless the npz's 'w' header declares float codes within MAX_CODE_BYTES and MAX_CODES; reads
+    no data, so a command checks its --w-npz before any model loads."""
+    path = Path(path)
+    try:
+        _check_header(path)
+    except CodeFileError:
+        raise
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _check_header(path: Path) -> None:
+    """The npz's 'w' header checked: an npz is a zip of .npy files whose header declares dtype and shape, so a
+    tiny (or highly compressed) file could otherwise make numpy allocate whatever it declares."""
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
             raise CodeFileError(f"{path}: expected an npz archive holding 'w', found a bare .npy array; "
@@ -92,8 +108,18 @@ def _read_w(path: Path) -> np.ndarray:
                 f"{path}: 'w' declares shape {shape} of {dtype} ({declared} bytes), more than the "
                 f"{MAX_CODE_BYTES >> 20} MiB a file of W+ codes may hold; split it into smaller files"
             )
-        with zf.open("w.npy") as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
+        if len(shape) == 3 and shape[0] > MAX_CODES:
+            raise CodeFileError(
+                f"{path}: 'w' holds {shape[0]} codes, more than the {MAX_CODES} a file may hold (every code is a "
+                "head rendered at each view); split it into smaller files"
+            )
+
+
+def _read_w(path: Path) -> np.ndarray:
+    """The array 'w' of an npz, its .npy header checked (_check_header) before any of its data is read."""
+    _check_header(path)
+    with zipfile.ZipFile(path) as zf, zf.open("w.npy") as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def latents_from_npz(
@@ -113,8 +139,8 @@ def latents_from_npz(
         w = _read_w(path)
     except CodeFileError:
         raise
-    except Exception as exc:  # zip, zlib and .npy parsing of untrusted bytes fail in many library-specific ways
-        raise CodeFileError(f"{path}: not a readable npz file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
     if w.ndim not in (2, 3) or w.shape[-1] != w_dim or w.shape[0] == 0 or not np.issubdtype(w.dtype, np.floating):
         raise CodeFileError(f"{path}: 'w' must be float (N, {num_ws}, {w_dim}), got {w.dtype} {w.shape}")
     if w.ndim == 2 and len(w) > 1:

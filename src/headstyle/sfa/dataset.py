@@ -55,7 +55,19 @@ from headstyle.generator.latents import z_from_seed
 from headstyle.input_files import MiB, parse_json, read_image, read_text
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
-from headstyle.settings import seed_problem
+from headstyle.settings import (
+    IDENTITIES_WHY,
+    MAX_IDENTITIES,
+    MAX_TRUNCATION_CUTOFF,
+    MAX_VIEWS,
+    TRUNCATION_CUTOFF_WHY,
+    TRUNCATION_PSI,
+    TRUNCATION_PSI_WHY,
+    VIEWS_WHY,
+    check_fields,
+    param,
+    seed_problem,
+)
 from headstyle.training.lock import folder_lock
 from headstyle.training.signals import STOP
 
@@ -86,24 +98,21 @@ class DatasetSettings:
     first seed, the mapping's truncation, the views' pitch range in DEGREES (uniform in [-pitch, pitch]),
     the cameras' seed and whether views are the super-resolved image (else the raw render)."""
 
-    samples: int = 150
-    views: int = 16
+    samples: int = param(150, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
+    views: int = param(16, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
     first_seed: int = 100_000
-    truncation_psi: float = 0.7
-    truncation_cutoff: int = 14
+    truncation_psi: float = param(0.7, low=TRUNCATION_PSI[0], high=TRUNCATION_PSI[1], why=TRUNCATION_PSI_WHY)
+    truncation_cutoff: int = param(14, low=0, high=MAX_TRUNCATION_CUTOFF, why=TRUNCATION_CUTOFF_WHY)
     pitch: float = 20.0
     camera_seed: int = 0
     render_sr: bool = True
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.views < 1:
-            raise ValueError(f"samples and views must be at least 1, got {self.samples} and {self.views}")
+        check_fields(self)
         if not 0 <= self.first_seed < 2**32 - 2 * self.samples:
             raise ValueError(f"first_seed must leave room for 2 * samples seeds below 2**32, got {self.first_seed}")
         if not (math.isfinite(self.pitch) and 0 <= self.pitch <= 80):
             raise ValueError(f"pitch is a range in degrees within [0, 80], got {self.pitch}")
-        if not math.isfinite(self.truncation_psi):
-            raise ValueError(f"truncation_psi must be finite, got {self.truncation_psi}")
         if problem := seed_problem("camera_seed", self.camera_seed):
             raise ValueError(problem)
 

@@ -56,6 +56,16 @@ from headstyle.metrics.identity import colour_distance
 from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.priors.loading import load_prior
 from headstyle.progress import progress_bar
+from headstyle.settings import (
+    IDENTITIES_WHY,
+    ITERATIONS_WHY,
+    MAX_IDENTITIES,
+    MAX_ITERATIONS,
+    MAX_VIEWS,
+    VIEWS_WHY,
+    check_fields,
+    param,
+)
 from headstyle.sfa.config import SFATrainConfig
 from headstyle.sfa.dataset import DatasetSettings, SFADataset, check_no_leak, write_dataset
 from headstyle.sfa.module import StyleAppearanceModule, read_manifest
@@ -100,14 +110,14 @@ class AblationSettings:
     data: str = ""
     seen: tuple[str, ...] = ("statue", "zombie", "toon")
     unseen: str = "gold"
-    samples: int = 24
-    views: int = 8
-    iterations: int = 200
+    samples: int = param(24, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
+    views: int = param(8, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
+    iterations: int = param(200, at_least=0, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
     lr: float = 1e-4
-    train_views: int = 8
+    train_views: int = param(8, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
     held_out_per_style: int = 2
-    eval_identities: int = 4
-    eval_views: int = 8
+    eval_identities: int = param(4, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
+    eval_views: int = param(8, at_least=2, high=MAX_VIEWS, why="at least 2 for consistency; " + VIEWS_WHY)
     strength: float = 0.6
     steps: int = 25
     guidance: float = 3.0
@@ -123,13 +133,12 @@ class AblationSettings:
             raise ValueError(f"unknown lab styles {unknown}; choose from {', '.join(STYLES)}")
         if self.unseen in self.seen:
             raise ValueError(f"the unseen style {self.unseen!r} is among the training styles {list(self.seen)}")
-        if min(self.samples, self.views, self.train_views, self.eval_identities, len(self.seeds)) < 1:
-            raise ValueError("samples, views, train_views, eval_identities and seeds must be at least 1")
+        check_fields(self)
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed")
         if not self.data and self.samples <= self.held_out_per_style:
             raise ValueError(f"samples ({self.samples}) must exceed the {self.held_out_per_style} per style held out "
                              "for the validation loss, or nothing is left to train on")  # fmt: skip
-        if self.eval_views < 2 or self.iterations < 0:
-            raise ValueError("eval_views must be at least 2 (consistency) and iterations >= 0")
         if not self.taus or not all(math.isfinite(t) and t > 0 for t in (*self.taus, self.key_tau)):
             raise ValueError(f"taus and key_tau must be positive, got {list(self.taus)} and {self.key_tau}")
         SamplingConfig(strength=self.strength, steps=self.steps, guidance_scale=self.guidance)
