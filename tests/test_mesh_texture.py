@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from headstyle.lab.generator import LabGenerator
 from PIL import Image
 from skimage.draw import polygon
 from typer.testing import CliRunner
@@ -22,7 +21,8 @@ from headstyle import load_generator
 from headstyle.cameras import cameras
 from headstyle.cli import app, main
 from headstyle.generator.latents import latents_from_seeds
-from headstyle.lab.world import sample_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import sample_z
 from headstyle.mesh import MeshSettings, decimate, head_mesh, side_by_side, texel_coverage, write_mesh
 from headstyle.mesh.heads import bake_head, no_progress
 from headstyle.mesh.surface import to_uint8_colours, vertex_colours

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from headstyle.lab.generator import LabGenerator
 from PIL import Image
 
 from headstyle.cameras import cam2world_from_forward, camera_label
-from headstyle.lab.world import sample_z
+from headstyle.lab.world.generator import LabGenerator
+from headstyle.lab.world.heads import sample_z
 from headstyle.mesh import MeshSettings, head_mesh, write_mesh
 from mesh_views import render_mesh
 
