@@ -459,7 +459,7 @@ def test_a_refusal_in_its_own_process(argv, files, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- work budgets
 
-BIG_LIST = {"yaws": ",".join(["0"] * (MAX_VIEWS + 1)), "seeds": ",".join(map(str, range(MAX_IDENTITIES + 1)))}
+BIG_LIST = {"yaws": ",".join(["0"] * (MAX_VIEWS.high + 1)), "seeds": ",".join(map(str, range(MAX_IDENTITIES.high + 1)))}
 PROJECT = ["project", "--generator", "{w}", "--image", "{good}"]
 PHOTO = ["photo", "{good}", "--generator", "{w}", "--stylized", "{w}"]
 RENDER = ["render", "--generator", "{w}"]
@@ -531,9 +531,10 @@ def test_commands_refuse_work_past_their_budget(command, names, files, tmp_path,
 def test_render_at_its_budgets_gets_to_the_generator(files, tmp_path, monkeypatch, capsys):
     """At every maximum the options pass: the refusal is the generator file's, not a budget's."""
     np.savez(files / "codes.npz", w=np.zeros((MAX_CODES, 1, 512), np.float32))
-    yaws = ",".join(["0"] * MAX_VIEWS)
+    yaws = ",".join(["0"] * MAX_VIEWS.high)
+    seeds = ",".join(map(str, range(MAX_IDENTITIES.high)))
     for extra in (["--turntable", "3600", "--yaws", yaws, "--truncation", "2", "--truncation-cutoff", "32",
-                   "--seeds", ",".join(map(str, range(MAX_IDENTITIES)))], ["--w-npz", "{npz}", "--truncation", "-2"]):
+                   "--seeds", seeds], ["--w-npz", "{npz}", "--truncation", "-2"]):
         err = refused(monkeypatch, capsys, budget_argv([*RENDER, *extra], files, tmp_path / "out"), "weights.pkl")
         assert "lies outside" not in err, err
 
@@ -547,15 +548,16 @@ def test_budgets_at_and_past_their_maxima():
     from headstyle.sfa.dataset import DatasetSettings
     from headstyle.stylize.config import RunConfig
 
-    check_count("--n", 10, 0, 10, "why")
+    ten = settings.Budget(10, "why")
+    check_count("--n", 10, 0, ten)
     with pytest.raises(UserError, match=r"^--n 11 lies outside \[0, 10\]: why$"):
-        check_count("--n", 11, 0, 10, "why")
+        check_count("--n", 11, 0, ten)
     with pytest.raises(UserError):
-        check_count("--n", math.nan, 0, 10, "why")
-    SamplingConfig(steps=settings.MAX_DDIM_STEPS)
-    DatasetSettings(samples=MAX_IDENTITIES, views=MAX_VIEWS, truncation_psi=2.0, truncation_cutoff=32)
-    PhotoSection(steps=settings.MAX_ITERATIONS, w_avg_samples=settings.MAX_W_AVG_SAMPLES)
-    assert settings.field_problem(RunConfig(iterations=settings.MAX_ITERATIONS, turntable_frames=3600)) is None
+        check_count("--n", math.nan, 0, ten)
+    SamplingConfig(steps=settings.MAX_DDIM_STEPS.high)
+    DatasetSettings(samples=MAX_IDENTITIES.high, views=MAX_VIEWS.high, truncation_psi=2.0, truncation_cutoff=32)
+    PhotoSection(steps=settings.MAX_ITERATIONS.high, w_avg_samples=settings.MAX_W_AVG_SAMPLES.high)
+    assert settings.field_problem(RunConfig(iterations=settings.MAX_ITERATIONS.high, turntable_frames=3600)) is None
     for make in (lambda: SamplingConfig(steps=1001), lambda: DatasetSettings(truncation_cutoff=33),
                  lambda: PhotoSection(w_avg_samples=10**9)):  # fmt: skip
         with pytest.raises(ValueError, match="lies outside"):

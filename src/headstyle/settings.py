@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import tomli_w
 
@@ -48,29 +48,30 @@ def seed_problem(name: str, seed: int) -> str | None:
 
 
 # Work budgets: the most of each count, size and iteration a command accepts, far above any real use, checked
-# before any model loads (config fields declare them with ``param(high=..., why=...)``, the options that no field
+# before any model loads (config fields declare them with ``param(budget=...)``, the options that no field
 # backs through headstyle.cli.common.check_count). Each reason says what a larger value would cost.
-MAX_ITERATIONS = 1_000_000
-ITERATIONS_WHY = "a million iterations is weeks of training; the paper's recipes run 800 to 10,000"
-MAX_W_AVG_SAMPLES = 1_000_000
-W_AVG_WHY = "each sample maps a z; 10^6 already hold ~8 GiB of z and w; PanoHead uses 10,000"
-MAX_TURNTABLE_FRAMES = 3600
-TURNTABLE_WHY = "one frame per 0.1 degree; every frame is a full render"
-MAX_VIEWS = 360
-VIEWS_WHY = "one view per degree; every view is a full render"
-MAX_IDENTITIES = 10_000
-IDENTITIES_WHY = "every identity is rendered (and scored) for each view"
-MAX_DDIM_STEPS = 1000
-DDIM_STEPS_WHY = "the diffusion schedule has 1000 timesteps"
-MAX_SMOOTH_STEPS = 10_000
-SMOOTH_WHY = "each Taubin step passes over every vertex; 10 to 100 already flatten the surface"
+class Budget(NamedTuple):
+    """The most a count, size or iteration may be (``high``; a range from ``low`` where one is declared) and why it
+    ends there: far above any real use, so that absurd work is refused before it starts."""
+
+    high: float
+    why: str
+    low: float | None = None
+
+
+MAX_ITERATIONS = Budget(1_000_000, "a million iterations is weeks of training; the paper's recipes run 800 to 10,000")
+MAX_W_AVG_SAMPLES = Budget(1_000_000, "each sample maps a z; 10^6 already hold ~8 GiB of z and w; PanoHead uses 10,000")
+MAX_TURNTABLE_FRAMES = Budget(3600, "one frame per 0.1 degree; every frame is a full render")
+MAX_VIEWS = Budget(360, "one view per degree; every view is a full render")
+MAX_IDENTITIES = Budget(10_000, "every identity is rendered (and scored) for each view")
+MAX_DDIM_STEPS = Budget(1000, "the diffusion schedule has 1000 timesteps")
+MAX_SMOOTH_STEPS = Budget(10_000, "each Taubin step passes over every vertex; 10 to 100 already flatten the surface")
 # PanoHead's truncation w_avg + psi (w - w_avg): 1 = none, 0 = the average head, negative = across it; past 2 the
 # ws leave the range the synthesis network was trained on.
-TRUNCATION_PSI = (-2.0, 2.0)
-TRUNCATION_PSI_WHY = "1 = no truncation, 0 = the average head; past |2| the ws leave the trained range"
+TRUNCATION_PSI = Budget(2.0, "1 = no truncation, 0 = the average head; past |2| the ws leave the trained range",
+                        low=-2.0)
 # The ws truncated, counted from the first; PanoHead has 14 and StyleGAN2 at 1024 px 18 (a larger cutoff is all).
-MAX_TRUNCATION_CUTOFF = 32
-TRUNCATION_CUTOFF_WHY = "the number of ws truncated; PanoHead has 14, no generator here more than 18"
+MAX_TRUNCATION_CUTOFF = Budget(32, "the number of ws truncated; PanoHead has 14, no generator here more than 18")
 
 
 class ConfigError(ValueError):
@@ -109,8 +110,12 @@ def param(
     choices: tuple[str, ...] = (),
     unit: str = "",
     why: str = "",
+    budget: Budget | None = None,
 ) -> Any:
-    """A dataclass field with ``default`` whose metadata holds its Spec (see Spec for the rest)."""
+    """A dataclass field with ``default`` whose metadata holds its Spec (see Spec for the rest); ``budget`` gives
+    its high end, reason and (where it declares one) low end."""
+    if budget is not None:
+        low, high, why = budget.low if low is None else low, budget.high, budget.why
     declared = Spec(low, high, at_least, positive, choices, unit, why)
     return dataclasses.field(default=default, metadata={_SPEC: declared})
 

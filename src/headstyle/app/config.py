@@ -27,16 +27,11 @@ from typing import Any
 
 from headstyle import settings
 from headstyle.settings import (
-    IDENTITIES_WHY,
-    ITERATIONS_WHY,
     MAX_IDENTITIES,
     MAX_ITERATIONS,
     MAX_TURNTABLE_FRAMES,
     MAX_VIEWS,
     MAX_W_AVG_SAMPLES,
-    TURNTABLE_WHY,
-    VIEWS_WHY,
-    W_AVG_WHY,
     ConfigError,
     param,
 )
@@ -71,9 +66,9 @@ class PhotoSection:
     """The projector (PanoHead's defaults): steps, W+ or W, w_avg samples; raw: fit the raw neural render
     (fast, low resolution); seed."""
 
-    steps: int = param(500, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    steps: int = param(500, at_least=1, budget=MAX_ITERATIONS)
     space: str = param("w+", choices=("w", "w+"))
-    w_avg_samples: int = param(10_000, at_least=1, high=MAX_W_AVG_SAMPLES, why=W_AVG_WHY)
+    w_avg_samples: int = param(10_000, at_least=1, budget=MAX_W_AVG_SAMPLES)
     raw: bool = False
     seed: int = 303
 
@@ -90,7 +85,7 @@ class RenderSection:
 
     yaws: tuple[float, ...] = (-90.0, -30.0, 0.0, 30.0, 90.0)
     pitch: float = 10.0
-    turntable_frames: int = param(60, at_least=2, high=MAX_TURNTABLE_FRAMES, why=TURNTABLE_WHY)
+    turntable_frames: int = param(60, at_least=2, budget=MAX_TURNTABLE_FRAMES)
     fps: float = param(24.0, positive=True)
     mesh_resolution: int = param(256, low=8, high=1024)
     mesh_faces: int = param(0, at_least=0)
@@ -102,8 +97,8 @@ class RenderSection:
     def __post_init__(self) -> None:
         if not self.yaws or any(abs(a) > 360 for a in (*self.yaws, self.pitch)):
             raise ValueError("yaws (at least one) and pitch are degrees within [-360, 360]")
-        if len(self.yaws) > MAX_VIEWS:
-            raise ValueError(f"yaws holds {len(self.yaws)} views, more than {MAX_VIEWS}: {VIEWS_WHY}")
+        if len(self.yaws) > MAX_VIEWS.high:
+            raise ValueError(f"yaws holds {len(self.yaws)} views, more than {MAX_VIEWS.high}: {MAX_VIEWS.why}")
         settings.check_fields(self)
         from headstyle.mesh.heads import texture_options_problem  # the meshing libraries load only here
 
@@ -123,11 +118,11 @@ class LabSection:
     # the lab world renders on a CPU: its raw size and upsampling stay small (the lab's own is 32 x 2)
     resolution: int = param(32, at_least=1, high=512, why="the lab renders on a CPU; its own size is 32")
     sr_factor: int = param(2, at_least=1, high=16, why="the lab's upsampling; its own is 2")
-    prior_identities: int = param(6, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
-    prior_views: int = param(24, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
-    iterations: int = param(100, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    prior_identities: int = param(6, at_least=1, budget=MAX_IDENTITIES)
+    prior_views: int = param(24, at_least=1, budget=MAX_VIEWS)
+    iterations: int = param(100, at_least=1, budget=MAX_ITERATIONS)
     lr: float = 0.002
-    turntable_frames: int = param(36, at_least=2, high=MAX_TURNTABLE_FRAMES, why=TURNTABLE_WHY)
+    turntable_frames: int = param(36, at_least=2, budget=MAX_TURNTABLE_FRAMES)
     mesh_resolution: int = param(96, low=8, high=1024)
     style_module: str = ""
     prior: str = ""

@@ -9,16 +9,11 @@ from typing import Literal
 
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 from headstyle.settings import (
-    DDIM_STEPS_WHY,
-    IDENTITIES_WHY,
     MAX_DDIM_STEPS,
     MAX_IDENTITIES,
     MAX_TRUNCATION_CUTOFF,
     MAX_VIEWS,
-    TRUNCATION_CUTOFF_WHY,
     TRUNCATION_PSI,
-    TRUNCATION_PSI_WHY,
-    VIEWS_WHY,
     check_fields,
     param,
     seed_problem,
@@ -76,7 +71,7 @@ class SamplingConfig:
 
     strength: float = 0.6
     # past the schedule's 1000 timesteps the DDIM scheduler fails with a traceback
-    steps: int = param(30, low=1, high=MAX_DDIM_STEPS, why=DDIM_STEPS_WHY)
+    steps: int = param(30, low=1, budget=MAX_DDIM_STEPS)
     guidance_scale: float = 3.0
     prompt: str = ""
     negative_prompt: str = ""
@@ -106,8 +101,8 @@ class ViewsConfig:
     seeds: tuple[int, ...] = (0,)
     yaws: tuple[float, ...] = (-90.0, -45.0, 0.0, 45.0, 90.0, 180.0)
     pitch: float = 0.0
-    truncation_psi: float = param(0.7, low=TRUNCATION_PSI[0], high=TRUNCATION_PSI[1], why=TRUNCATION_PSI_WHY)
-    truncation_cutoff: int = param(14, low=0, high=MAX_TRUNCATION_CUTOFF, why=TRUNCATION_CUTOFF_WHY)
+    truncation_psi: float = param(0.7, budget=TRUNCATION_PSI)
+    truncation_cutoff: int = param(14, low=0, budget=MAX_TRUNCATION_CUTOFF)
     out: str = ""
     fps: float = 4.0
     render_sr: bool = True
@@ -123,9 +118,9 @@ class ViewsConfig:
             raise ValueError(f"yaws and pitch are degrees within [-360, 360], got {list(self.yaws)}, {self.pitch}")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be positive, got {self.fps}")
-        if len(self.seeds) > MAX_IDENTITIES or len(self.yaws) > MAX_VIEWS:
-            raise ValueError(f"at most {MAX_IDENTITIES} seeds ({IDENTITIES_WHY}) and {MAX_VIEWS} yaws ({VIEWS_WHY}), "
-                             f"got {len(self.seeds)} and {len(self.yaws)}")
+        if len(self.seeds) > MAX_IDENTITIES.high or len(self.yaws) > MAX_VIEWS.high:
+            raise ValueError(f"at most {MAX_IDENTITIES.high} seeds ({MAX_IDENTITIES.why}) and {MAX_VIEWS.high} yaws "
+                             f"({MAX_VIEWS.why}), got {len(self.seeds)} and {len(self.yaws)}")
         check_fields(self)
 
 

@@ -13,15 +13,12 @@ from typing import TYPE_CHECKING
 import typer
 
 from headstyle.settings import (
-    IDENTITIES_WHY,
     MAX_IDENTITIES,
     MAX_TRUNCATION_CUTOFF,
     MAX_VIEWS,
     SEED_END,
-    TRUNCATION_CUTOFF_WHY,
     TRUNCATION_PSI,
-    TRUNCATION_PSI_WHY,
-    VIEWS_WHY,
+    Budget,
     seed_problem,
 )
 
@@ -57,18 +54,18 @@ def rerun_hint(flag: str = "", *values: str) -> str:
     return "continue it with: " + shlex.join(argv)
 
 
-def check_count(option: str, value: int | float, low: float, high: float, why: str) -> None:
-    """A count, size or iteration option (or a number such as psi) within [low, high], checked before any model
-    loads: one line naming the option, the range and ``why`` it ends there (headstyle.settings' budgets)."""
-    if not low <= value <= high:  # written so that NaN lies outside
-        raise UserError(f"{option} {value} lies outside [{low}, {high}]: {why}")
+def check_count(option: str, value: int | float, low: float, budget: Budget) -> None:
+    """A count, size or iteration option (or a number such as psi) within [low, budget.high], checked before any
+    model loads: one line naming the option, the range and why it ends there (headstyle.settings' budgets)."""
+    if not low <= value <= budget.high:  # written so that NaN lies outside
+        raise UserError(f"{option} {value} lies outside [{low}, {budget.high}]: {budget.why}")
 
 
 def check_truncation(psi: float, cutoff: int | None, option: str = "--truncation") -> None:
     """Truncation psi and cutoff within headstyle.settings' ranges."""
-    check_count(option, psi, *TRUNCATION_PSI, TRUNCATION_PSI_WHY)
+    check_count(option, psi, TRUNCATION_PSI.low, TRUNCATION_PSI)
     if cutoff is not None:
-        check_count(f"{option}-cutoff", cutoff, 0, MAX_TRUNCATION_CUTOFF, TRUNCATION_CUTOFF_WHY)
+        check_count(f"{option}-cutoff", cutoff, 0, MAX_TRUNCATION_CUTOFF)
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
@@ -86,7 +83,7 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
         raise UserError(f"{option} {text!r}: seeds are integers like 0,1") from None
     if not seeds or any(not 0 <= s < SEED_END for s in seeds):
         raise UserError(f"{option} must be integers in [0, 2**32), got {text!r}")
-    check_count(f"{option} count", len(seeds), 1, MAX_IDENTITIES, IDENTITIES_WHY)
+    check_count(f"{option} count", len(seeds), 1, MAX_IDENTITIES)
     return seeds
 
 
@@ -109,7 +106,7 @@ def parse_yaws(text: str, option: str = "--yaws") -> list[float]:
         yaws = parse_angles_degrees(text)
     except ValueError as exc:
         raise UserError(f"{option}: {exc}") from None
-    check_count(f"{option} count", len(yaws), 0, MAX_VIEWS, VIEWS_WHY)
+    check_count(f"{option} count", len(yaws), 0, MAX_VIEWS)
     return yaws
 
 

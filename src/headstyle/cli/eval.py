@@ -109,7 +109,7 @@ def eval_command(
     from headstyle.metrics.reference import ReferenceSettings
     from headstyle.metrics.suite import WeightPaths, check_paths, load_scorers
     from headstyle.priors.loading import PriorSpec
-    from headstyle.settings import IDENTITIES_WHY, MAX_IDENTITIES, MAX_VIEWS, VIEWS_WHY
+    from headstyle.settings import MAX_IDENTITIES, MAX_VIEWS
 
     # Every input is checked before a model loads.
     if (lab is None) == (base is None):
@@ -125,9 +125,9 @@ def eval_command(
         raise UserError(f"--base {base}: no such file or folder")
     if not Path(stylized).exists():
         raise UserError(f"--stylized {stylized}: no such file or folder")
-    check_count("--identities", identities, 1, MAX_IDENTITIES, IDENTITIES_WHY)
+    check_count("--identities", identities, 1, MAX_IDENTITIES)
     seed_list = parse_seeds(seeds) if seeds is not None else list(range(identities))
-    check_count("--ring", ring, 1, MAX_VIEWS, VIEWS_WHY)
+    check_count("--ring", ring, 1, MAX_VIEWS)
     yaws = parse_yaws(views, "--views") if views is not None else ring_yaws(ring)
     if not yaws:
         raise UserError("--views needs at least one yaw")

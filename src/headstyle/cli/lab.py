@@ -14,7 +14,7 @@ from headstyle.cli.common import (
     parse_seeds,
     rerun_hint,
 )
-from headstyle.settings import ITERATIONS_WHY, MAX_ITERATIONS
+from headstyle.settings import MAX_ITERATIONS
 from headstyle.training.signals import resume_hint
 
 PRIOR_HELP = ("The prior: '' = the shipped learned lab prior (an SD folder, through DiffusersPrior), 'exemplar' = "
@@ -80,7 +80,7 @@ def demo(
 
     if style not in STYLES:
         raise UserError(f"--style {style!r} is not a lab style; choose one of {', '.join(STYLES)}")
-    check_count("--iterations", iterations, 1, MAX_ITERATIONS, ITERATIONS_WHY)
+    check_count("--iterations", iterations, 1, MAX_ITERATIONS)
     if threads < 0:
         raise UserError("--threads must be >= 0")
     _check_range("--eval-identities", eval_identities, EVAL_IDENTITIES)
@@ -170,7 +170,7 @@ def lab_bench(
         window = parse_numbers(t_range, int, "--t-range")
         if len(window) != 2 or not 0 <= window[0] <= window[1] <= 999:
             raise UserError(f"--t-range {t_range!r}: give LOW,HIGH with 0 <= LOW <= HIGH <= 999, e.g. 1,281")
-    check_count("--iterations", iterations, 1, MAX_ITERATIONS, ITERATIONS_WHY)
+    check_count("--iterations", iterations, 1, MAX_ITERATIONS)
     if threads < 0 or curve_every < 0 or not (math.isfinite(lr) and lr > 0):
         raise UserError("--threads must be >= 0, --curve-every >= 0 and --lr > 0")
     if not (math.isfinite(guidance) and 0 <= guidance <= 100):

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import typer
 
 from headstyle.cli.common import UserError, app, check_count, check_truncation
-from headstyle.settings import MAX_SMOOTH_STEPS, SMOOTH_WHY
+from headstyle.settings import MAX_SMOOTH_STEPS, Budget
 
 if TYPE_CHECKING:
     from headstyle.generator.base import Generator
     from headstyle.generator.latents import Latent
 
 MAX_RESOLUTION = 1024  # 1024^3 float32 is a 4 GiB volume
-MAX_BATCH_SIZE = 2**24  # points per field evaluation: 16 M points of triplane features are several GiB
+MAX_BATCH_SIZE = Budget(2**24, "points per field evaluation; 2**24 already take several GiB")
 
 
 def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, batch_size: int) -> None:
@@ -29,9 +29,8 @@ def check_mesh_options(resolution: int, level: float, trim: float, smooth: int, 
         raise UserError(f"--resolution must be between 8 and {MAX_RESOLUTION} points per axis, got {resolution}")
     if not math.isfinite(level):
         raise UserError(f"--level must be a finite raw density (PanoHead uses 10), got {level}")
-    check_count("--smooth", smooth, 0, MAX_SMOOTH_STEPS, SMOOTH_WHY)
-    check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE, "points per field evaluation; 2**24 already "
-                "take several GiB")  # fmt: skip
+    check_count("--smooth", smooth, 0, MAX_SMOOTH_STEPS)
+    check_count("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
     try:
         extraction_cube(resolution, 1.0, trim)
     except ValueError as exc:

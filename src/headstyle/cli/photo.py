@@ -23,12 +23,9 @@ from headstyle.cli.common import (
 )
 from headstyle.cli.mesh import check_mesh_flags, write_meshes
 from headstyle.settings import (
-    ITERATIONS_WHY,
     MAX_ITERATIONS,
     MAX_TURNTABLE_FRAMES,
     MAX_W_AVG_SAMPLES,
-    TURNTABLE_WHY,
-    W_AVG_WHY,
 )
 
 if TYPE_CHECKING:
@@ -50,8 +47,8 @@ def _check_projection(space: str, steps: int, w_avg_samples: int, **values: floa
     loads."""
     if space not in ("w", "w+"):
         raise UserError(f"--space must be w or w+, got {space!r}")
-    check_count("--steps", steps, 1, MAX_ITERATIONS, ITERATIONS_WHY)
-    check_count("--w-avg-samples", w_avg_samples, 1, MAX_W_AVG_SAMPLES, W_AVG_WHY)
+    check_count("--steps", steps, 1, MAX_ITERATIONS)
+    check_count("--w-avg-samples", w_avg_samples, 1, MAX_W_AVG_SAMPLES)
     for name, value in values.items():
         if value is not None and not (math.isfinite(value) and value >= 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -204,7 +201,7 @@ def project(
 
     _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
                       neural_rendering_resolution=neural_rendering_resolution)
-    check_count("--pti", pti, 0, MAX_ITERATIONS, ITERATIONS_WHY)
+    check_count("--pti", pti, 0, MAX_ITERATIONS)
     check_seed(seed)
     out_path = check_out_dir(out)
     for option, path in (("--image", image), ("--vgg16", vgg16), ("--lpips-lin", lpips_lin)):
@@ -275,7 +272,7 @@ def photo(
     _check_projection(space, steps=steps, w_avg_samples=w_avg_samples, fps=fps, depth_samples=depth_samples,
                       neural_rendering_resolution=neural_rendering_resolution)
     yaw_list = parse_yaws(yaws)
-    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES, TURNTABLE_WHY)
+    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES)
     if not math.isfinite(pitch):
         raise UserError("--pitch must be a finite number")
     check_seed(seed)

@@ -53,12 +53,12 @@ def render(
     )
     from headstyle.cli.mesh import check_mesh_flags, write_meshes
     from headstyle.export import export_renders
-    from headstyle.settings import MAX_TURNTABLE_FRAMES, TURNTABLE_WHY
+    from headstyle.settings import MAX_TURNTABLE_FRAMES
 
     seed_list = check_heads(seeds, w_npz)
     yaw_list = parse_yaws(yaws)
     lookat = parse_pivot(pivot)
-    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES, TURNTABLE_WHY)
+    check_count("--turntable", turntable, 0, MAX_TURNTABLE_FRAMES)
     if turntable == 0 and not yaw_list:
         raise UserError("nothing to render: give --yaws and/or --turntable N with N > 0")
     if not (math.isfinite(fps) and fps >= 1e-3):

@@ -26,7 +26,7 @@ from headstyle.cameras import camera_label, look_at_pose
 from headstyle.faces.perceptual import PerceptualDistance
 from headstyle.generator.base import Generator
 from headstyle.progress import progress_bar
-from headstyle.settings import ITERATIONS_WHY, MAX_ITERATIONS, MAX_W_AVG_SAMPLES, W_AVG_WHY, check_fields, param
+from headstyle.settings import MAX_ITERATIONS, MAX_W_AVG_SAMPLES, check_fields, param
 
 # PanoHead computes w_avg at LookAtPoseSampler.sample(3.14 / 2, 3.14 / 2, lookat (0, 0, 0)).
 W_AVG_YAW = W_AVG_PITCH = 3.14 / 2 - math.pi / 2
@@ -38,9 +38,9 @@ class ProjectConfig:
     """PanoHead's projector defaults (its command line runs 500 steps); steps and w_avg samples within the budgets
     of headstyle.settings."""
 
-    steps: int = param(500, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    steps: int = param(500, at_least=1, budget=MAX_ITERATIONS)
     space: Literal["w", "w+"] = "w+"
-    w_avg_samples: int = param(10_000, at_least=1, high=MAX_W_AVG_SAMPLES, why=W_AVG_WHY)
+    w_avg_samples: int = param(10_000, at_least=1, budget=MAX_W_AVG_SAMPLES)
     initial_learning_rate: float = 0.1
     initial_noise_factor: float = 0.05
     lr_rampdown_length: float = 0.25
@@ -61,7 +61,7 @@ class ProjectConfig:
 class PTIConfig:
     """PanoHead's project_pti: all generator parameters, Adam 3e-4 (no ramp), 0.1 * MSE + d, 350 steps."""
 
-    steps: int = param(350, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    steps: int = param(350, at_least=1, budget=MAX_ITERATIONS)
     learning_rate: float = 3e-4
     mse_weight: float = 0.1
     frame_every: int = 10

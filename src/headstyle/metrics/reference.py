@@ -34,7 +34,7 @@ from headstyle.input_files import InputError, read_image, read_json_object
 from headstyle.io import atomic_dir
 from headstyle.priors.base import NoiseQuery
 from headstyle.priors.diffusers_prior import DiffusersPrior
-from headstyle.settings import DDIM_STEPS_WHY, MAX_DDIM_STEPS
+from headstyle.settings import MAX_DDIM_STEPS
 
 CONFIG_SUFFIXES = (".json", ".txt", ".yaml", ".yml")
 MANIFEST = "reference.json"
@@ -52,8 +52,9 @@ class ReferenceSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= MAX_DDIM_STEPS:
-            raise ValueError(f"reference steps must lie in [1, {MAX_DDIM_STEPS}] ({DDIM_STEPS_WHY}), got {self.steps}")
+        if not 1 <= self.steps <= MAX_DDIM_STEPS.high:
+            raise ValueError(f"reference steps must lie in [1, {MAX_DDIM_STEPS.high}] ({MAX_DDIM_STEPS.why}), "
+                             f"got {self.steps}")
         if not 0 <= self.start < self.steps:
             raise ValueError(f"reference start step must lie in [0, {self.steps}), got {self.start}")
         if not math.isfinite(self.guidance_scale):

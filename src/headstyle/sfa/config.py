@@ -14,7 +14,7 @@ from typing import Literal
 from headstyle import settings
 from headstyle.attention.config import StyleFusionConfig
 from headstyle.priors.defaults import DEFAULT_MODEL
-from headstyle.settings import ITERATIONS_WHY, MAX_ITERATIONS, MAX_VIEWS, VIEWS_WHY, param
+from headstyle.settings import MAX_ITERATIONS, MAX_VIEWS, param
 from headstyle.sfa.module import MAX_LORA_RANK
 
 
@@ -50,10 +50,10 @@ class TrainSection:
 
     role: Literal["style", "shared"] = "style"
     lora_rank: int = param(0, low=0, high=MAX_LORA_RANK)
-    iterations: int = param(800, at_least=0, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    iterations: int = param(800, at_least=0, budget=MAX_ITERATIONS)
     lr: float = param(1e-5, positive=True)
     weight_decay: float = 1e-2
-    views: int = param(16, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
+    views: int = param(16, at_least=1, budget=MAX_VIEWS)
     prompt: str = ""
     control_scale: float = 1.0
     seed: int = 0

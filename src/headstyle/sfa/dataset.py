@@ -56,14 +56,10 @@ from headstyle.input_files import MiB, parse_json, read_image, read_text
 from headstyle.io import atomic_path, atomic_write_text, read_format_manifest
 from headstyle.progress import progress_bar
 from headstyle.settings import (
-    IDENTITIES_WHY,
     MAX_IDENTITIES,
     MAX_TRUNCATION_CUTOFF,
     MAX_VIEWS,
-    TRUNCATION_CUTOFF_WHY,
     TRUNCATION_PSI,
-    TRUNCATION_PSI_WHY,
-    VIEWS_WHY,
     check_fields,
     param,
     seed_problem,
@@ -98,11 +94,11 @@ class DatasetSettings:
     first seed, the mapping's truncation, the views' pitch range in DEGREES (uniform in [-pitch, pitch]),
     the cameras' seed and whether views are the super-resolved image (else the raw render)."""
 
-    samples: int = param(150, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
-    views: int = param(16, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
+    samples: int = param(150, at_least=1, budget=MAX_IDENTITIES)
+    views: int = param(16, at_least=1, budget=MAX_VIEWS)
     first_seed: int = 100_000
-    truncation_psi: float = param(0.7, low=TRUNCATION_PSI[0], high=TRUNCATION_PSI[1], why=TRUNCATION_PSI_WHY)
-    truncation_cutoff: int = param(14, low=0, high=MAX_TRUNCATION_CUTOFF, why=TRUNCATION_CUTOFF_WHY)
+    truncation_psi: float = param(0.7, budget=TRUNCATION_PSI)
+    truncation_cutoff: int = param(14, low=0, budget=MAX_TRUNCATION_CUTOFF)
     pitch: float = 20.0
     camera_seed: int = 0
     render_sr: bool = True

@@ -26,19 +26,13 @@ from headstyle.distill.objectives import OBJECTIVES, LDParams, ObjectiveParams, 
 from headstyle.io import atomic_write_text
 from headstyle.priors.defaults import DEFAULT_CONTROLNETS, DEFAULT_MODEL
 from headstyle.settings import (
-    DDIM_STEPS_WHY,
-    ITERATIONS_WHY,
     MAX_DDIM_STEPS,
     MAX_ITERATIONS,
     MAX_TRUNCATION_CUTOFF,
     MAX_TURNTABLE_FRAMES,
     MAX_VIEWS,
     SEED_END,
-    TRUNCATION_CUTOFF_WHY,
     TRUNCATION_PSI,
-    TRUNCATION_PSI_WHY,
-    TURNTABLE_WHY,
-    VIEWS_WHY,
     ConfigError,
     param,
 )
@@ -96,8 +90,8 @@ class CameraConfig:
 class LatentConfig:
     """z ~ N(0, I) -> ws through the frozen mapping, conditioned on a fixed camera."""
 
-    truncation_psi: float = param(0.75, low=TRUNCATION_PSI[0], high=TRUNCATION_PSI[1], why=TRUNCATION_PSI_WHY)
-    truncation_cutoff: int = param(14, low=0, high=MAX_TRUNCATION_CUTOFF, why=TRUNCATION_CUTOFF_WHY)
+    truncation_psi: float = param(0.75, budget=TRUNCATION_PSI)
+    truncation_cutoff: int = param(14, low=0, budget=MAX_TRUNCATION_CUTOFF)
     cond_yaw: float = param(0.0, low=-180.0, high=180.0, unit="degrees, 0 = front")
     cond_pitch: float = param(math.degrees(0.2), low=-90.0, high=90.0, unit="degrees")  # the script's 0.2 rad
 
@@ -113,7 +107,7 @@ class ObjectiveConfig:
 
     name: str = "ld"  # ld | sds | nfsd | dds | ids (distill/objectives.py)
     params: ObjectiveParams = field(default_factory=LDParams)
-    num_inference_steps: int = param(50, at_least=1, high=MAX_DDIM_STEPS, why=DDIM_STEPS_WHY)
+    num_inference_steps: int = param(50, at_least=1, budget=MAX_DDIM_STEPS)
     min_step_index: int = 35
     max_step_index: int = 49
     # random: fresh eps; fixed: one eps per batch slot and rank; mv_nrs: multi-view noise resampling
@@ -213,7 +207,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     out: str = ""  # "" = a fresh folder runs/stylize-<date>-<time> (presets: runs/<preset>)
-    iterations: int = param(10_000, at_least=1, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    iterations: int = param(10_000, at_least=1, budget=MAX_ITERATIONS)
     # identities per process per iteration; each one holds a full render and its gradients in memory
     batch_size: int = param(1, at_least=1, high=64, why="identities per iteration, each a full render in memory")
     # numpy's SeedSequence (each process's seed) refuses a negative one
@@ -227,7 +221,7 @@ class RunConfig:
     turntable_identities: int = param(2, low=0, high=64, why="each is a turntable of every frame per preview")
     # Previews and turntables through the super-resolution (slow on CPU); false shows the raw renders.
     preview_sr: bool = True
-    turntable_frames: int = param(36, low=0, high=MAX_TURNTABLE_FRAMES, why=TURNTABLE_WHY)
+    turntable_frames: int = param(36, low=0, budget=MAX_TURNTABLE_FRAMES)
     mixed_precision: str = param("no", choices=("no", "fp16", "bf16"))
     max_nonfinite_in_row: int = param(10, at_least=1)
     log_every: int = 1
@@ -369,8 +363,9 @@ def validate(cfg: StylizeConfig) -> None:
         )
     if not all(math.isfinite(y) and abs(y) <= 360 for y in cfg.run.sample_yaws):
         raise ConfigError(f"run.sample_yaws are degrees within [-360, 360], got {list(cfg.run.sample_yaws)}")
-    if len(cfg.run.sample_yaws) > MAX_VIEWS:
-        raise ConfigError(f"run.sample_yaws holds {len(cfg.run.sample_yaws)} yaws, more than {MAX_VIEWS}: {VIEWS_WHY}")
+    if len(cfg.run.sample_yaws) > MAX_VIEWS.high:
+        raise ConfigError(f"run.sample_yaws holds {len(cfg.run.sample_yaws)} yaws, more than {MAX_VIEWS.high}: "
+                          f"{MAX_VIEWS.why}")
     if cfg.optim.sgd_step > 0 and cfg.optim.name != "sgd":
         raise ConfigError(f"optim.sgd_step sets SGD's learning rate: set optim.name=sgd (got {cfg.optim.name})")
     if not cfg.optim.train_modules:

@@ -57,12 +57,9 @@ from headstyle.priors.diffusers_prior import DiffusersPrior
 from headstyle.priors.loading import load_prior
 from headstyle.progress import progress_bar
 from headstyle.settings import (
-    IDENTITIES_WHY,
-    ITERATIONS_WHY,
     MAX_IDENTITIES,
     MAX_ITERATIONS,
     MAX_VIEWS,
-    VIEWS_WHY,
     check_fields,
     param,
 )
@@ -110,14 +107,14 @@ class AblationSettings:
     data: str = ""
     seen: tuple[str, ...] = ("statue", "zombie", "toon")
     unseen: str = "gold"
-    samples: int = param(24, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
-    views: int = param(8, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
-    iterations: int = param(200, at_least=0, high=MAX_ITERATIONS, why=ITERATIONS_WHY)
+    samples: int = param(24, at_least=1, budget=MAX_IDENTITIES)
+    views: int = param(8, at_least=1, budget=MAX_VIEWS)
+    iterations: int = param(200, at_least=0, budget=MAX_ITERATIONS)
     lr: float = 1e-4
-    train_views: int = param(8, at_least=1, high=MAX_VIEWS, why=VIEWS_WHY)
+    train_views: int = param(8, at_least=1, budget=MAX_VIEWS)
     held_out_per_style: int = 2
-    eval_identities: int = param(4, at_least=1, high=MAX_IDENTITIES, why=IDENTITIES_WHY)
-    eval_views: int = param(8, at_least=2, high=MAX_VIEWS, why="at least 2 for consistency; " + VIEWS_WHY)
+    eval_identities: int = param(4, at_least=1, budget=MAX_IDENTITIES)
+    eval_views: int = param(8, at_least=2, high=MAX_VIEWS.high, why="at least 2 for consistency; " + MAX_VIEWS.why)
     strength: float = 0.6
     steps: int = 25
     guidance: float = 3.0
