@@ -35,6 +35,7 @@ FAST_RUN = [
     "run.sample_yaws=[0.0, 1.0]",
     "run.turntable_identities=0",
     "run.preview_sr=false",
+    "optim.stop_probes=2",  # the classifier margin at every checkpoint: 2 probe views, not 8, in tests
 ]
 
 
