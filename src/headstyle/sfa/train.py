@@ -164,10 +164,6 @@ class SFATrainer(runner.Task):
         self.val_loss: float | None = None
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def param_names(self) -> list[str]:
         return list(self.weights)
 
@@ -239,7 +235,7 @@ class SFATrainer(runner.Task):
         plan = runner.RunPlan(self.run_dir, cfg.train.iterations, "sfa train", dumps(cfg), cfg.run.checkpoint_every,
                               keep_last=cfg.run.keep_last, log_every=cfg.run.log_every)  # fmt: skip
         end = runner.run(self, plan, self.processes, resume, progress)
-        module = self.run_dir / MODULE_DIR if self.is_main and not end.interrupted else None
+        module = self.run_dir / MODULE_DIR if self.processes.is_main and not end.interrupted else None
         return TrainResult(end.iteration, end.checkpoint, module, self.val_loss, end.interrupted)
 
 

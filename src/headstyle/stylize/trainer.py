@@ -194,10 +194,6 @@ class Stylizer(runner.Task):
         )
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def skipped(self) -> int:
         return self.update.skipped
 
@@ -431,6 +427,6 @@ class Stylizer(runner.Task):
         plan = runner.RunPlan(self.run_dir, cfg.run.iterations, "stylize", dumps(cfg), cfg.run.checkpoint_every,
                               keep_last=cfg.run.keep_last, log_every=cfg.run.log_every)  # fmt: skip
         end = runner.run(self, plan, self.processes, resume, progress)
-        finished = not end.interrupted and self.is_main
+        finished = not end.interrupted and self.processes.is_main
         return TrainResult(end.iteration, end.interrupted, end.checkpoint, self.generator_path if finished else None,
                            self.skipped, end.signal, self.stop_triggered_at)  # fmt: skip
